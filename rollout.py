@@ -5,6 +5,8 @@ Two things live here, and both must agree with the trainer to the last bit:
     and records each token's log-probability, and applies Forced Rethinking (Section 3.2).
   * `logprobs` is the teacher-forced forward the trainer differentiates. Sampling and training use
     one definition of the distribution (`_log_softmax`), so `logprobs` reproduces the recorded ones.
+`split_rows` and `collate` take a rollout apart into one row per response (what the replay buffer
+stores) and put any rows back together into a batch for `logprobs`.
 
 Qwen2.5-VL details that matter (transformers 5.x):
   * Positions are 3-D ("mrope": time, height, width). The prompt's come from
@@ -117,7 +119,7 @@ def _pick(logits, temperature: float, top_p: float, banned: list[int], generator
     probs = _log_softmax(logits, temperature, banned).exp()
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before already reach top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
@@ -181,15 +183,16 @@ class Rollout:
 
 @torch.no_grad()
 def sample(model, processor, records, g: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           generator=None, score=None, rethink: RethinkConfig | None = None) -> Rollout:
+           generator=None, score=None, rethink: RethinkConfig | None = None, stop_tokens=STOP_TOKENS) -> Rollout:
     """G responses for each record; with `rethink` (and `score(text, record) -> reward`), Forced
-    Rethinking is applied to the low-accuracy groups. temperature 0 is greedy decoding."""
+    Rethinking is applied to the low-accuracy groups. temperature 0 is greedy decoding.
+    `stop_tokens=()` decodes exactly max_new_tokens per response (bench.py times it so)."""
     from data import encode_prompts
 
     tok = processor.tokenizer
     dev = next(model.parameters()).device
     ids = {"banned": special_ids(tok, VISION_TOKENS), "pad": tok.pad_token_id,
-           "stop": torch.tensor(special_ids(tok, STOP_TOKENS), device=dev)}
+           "stop": torch.tensor(special_ids(tok, stop_tokens), dtype=torch.long, device=dev)}
     lp_temp = temperature if temperature > 0 else 1.0
     batch = {k: v.to(dev) for k, v in encode_prompts(processor, records).items()}
     pos = positions(model, batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], batch["attention_mask"])
@@ -221,8 +224,8 @@ def sample(model, processor, records, g: int, max_new_tokens: int, temperature: 
                    rethought=rethought, first_texts=first_texts, rethink_fixed=fixed, stats=stats)
 
 
-def _pad(seqs, value) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=value)
+def _pad(seqs, value, side: str = "right") -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=value, padding_side=side)
 
 
 def cut_point(tokenizer, body: list[int]) -> int:
@@ -234,12 +237,18 @@ def cut_point(tokenizer, body: list[int]) -> int:
         at = text.lower().rfind("answer")
     if at < 0:
         return len(body)
-    chars = 0
-    for k, t in enumerate(body):  # the first token that reaches into the answer
-        chars += len(tokenizer.decode([t]))
-        if chars > at:
-            return k
-    return len(body)
+    # The first token that reaches into the answer: the shortest prefix whose text is longer than
+    # `at`. Prefixes are decoded whole, not token by token: a character split over several byte
+    # tokens (CJK, "°", "√") decodes to one "\ufffd" per token alone, and counting those would
+    # cut too early. Prefix length never shrinks as tokens are added, so bisect.
+    lo, hi = 0, len(body)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(body[:mid + 1])) > at:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, records, g, score, cfg,
@@ -310,3 +319,41 @@ def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, record
             rows[i] = (new_ids, new_lp, new_loss)
             texts[i] = text
     return fixed, {"rethink_triggered": len(sel), "rethink_kept": kept}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: one response each, for Selective Sample Replay (ssr.py) and micro-batches
+# ---------------------------------------------------------------------------------------------
+
+def split_rows(ro: Rollout) -> list[dict]:
+    """One dict per response, with its padding removed and its own image patches, so that rows of
+    different steps can be mixed in one batch by `collate`. The tensors are copies, not views: a
+    row kept in the replay buffer must not keep its whole step's rollout alive."""
+    p = ro.prompts
+    patches = torch.split(p["pixel_values"], p["image_grid_thw"].prod(-1).tolist())  # one block per image
+    rows, first = [], 0
+    for i, n in enumerate(images_per_prompt(p)):
+        real, t = p["attention_mask"][i].bool(), int(ro.response_mask[i].sum())
+        rows.append({"prompt_ids": p["input_ids"][i][real], "mm_token_type_ids": p["mm_token_type_ids"][i][real],
+                     "pixel_values": torch.cat(patches[first:first + n]),
+                     "image_grid_thw": p["image_grid_thw"][first:first + n].clone(),
+                     "response_ids": ro.response_ids[i, :t].clone(), "logp": ro.logp[i, :t].clone(),
+                     "loss_mask": ro.loss_mask[i, :t].clone()})
+        first += n
+    return rows
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Rows back into one batch, laid out as `sample` lays out a Rollout: prompts left-padded,
+    responses right-padded, images in row order."""
+    prompt_ids = [r["prompt_ids"] for r in rows]
+    resp = [r["response_ids"] for r in rows]
+    prompts = {"input_ids": _pad(prompt_ids, pad_id, "left"),
+               "attention_mask": _pad([torch.ones_like(x) for x in prompt_ids], 0, "left"),
+               "mm_token_type_ids": _pad([r["mm_token_type_ids"] for r in rows], 0, "left"),
+               "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
+               "image_grid_thw": torch.cat([r["image_grid_thw"] for r in rows])}
+    return {"prompts": prompts, "response_ids": _pad(resp, pad_id),
+            "response_mask": _pad([torch.ones_like(x) for x in resp], 0),
+            "logp": _pad([r["logp"] for r in rows], 0.0), "loss_mask": _pad([r["loss_mask"] for r in rows], 0.0)}
+

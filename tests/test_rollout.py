@@ -1,0 +1,344 @@
+"""rollout.py: the sampler's recorded log-probs, Forced Rethinking, masks, and rows for replay.
+
+Every recorded log-prob is checked against two computations: the trainer's `logprobs` on the
+padded batch, and a plain reference that encodes each prompt alone (no padding, no repeated
+images) and runs one full forward without a cache, the model computing its own positions."""
+import itertools
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import rollout
+
+TOL = 1e-5  # fp32
+
+
+def picture(size, colour):
+    img = Image.new("RGB", size, (255, 255, 255))
+    ImageDraw.Draw(img).ellipse((8, 8, size[0] - 8, size[1] - 8), fill=colour)
+    return img
+
+
+# Different image sizes (16 and 6 image tokens), one or two images, plain and multiple-choice
+# questions: prompts of different lengths, so the batch is left-padded by different amounts.
+RECORDS = [
+    data.Record("plain-112", [picture((112, 112), (220, 40, 40))], "What colour is the shape?", "red"),
+    data.Record("mc-56x84", [picture((56, 84), (40, 80, 220))], "Which shape is in the image?", "A",
+                choices=["circle", "square", "triangle"]),
+    data.Record("two-images", [picture((112, 112), (40, 170, 60)), picture((56, 84), (235, 210, 40))],
+                "How many shapes are in the images?", "2"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread while this module runs: as fast on the tiny model, and a shared 2-core
+    machine cannot stall it 10x the way it stalls two threads that wait on each other at every op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def always_right(text, record):
+    return 1.0
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return tiny_model[1].tokenizer
+
+
+@pytest.fixture(scope="module")
+def banned(tok):
+    return rollout.special_ids(tok, rollout.VISION_TOKENS)
+
+
+def reference_logprobs(model, processor, rec, response_ids, temperature):
+    """Log-probs of one response the plain way (see the module docstring)."""
+    enc = data.encode_prompts(processor, [rec])
+    n = enc["input_ids"].shape[1]
+    ids = torch.cat([enc["input_ids"][0], response_ids])[None]
+    mm = torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(response_ids)])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, mm_token_type_ids=mm, pixel_values=enc["pixel_values"],
+                       image_grid_thw=enc["image_grid_thw"], use_cache=False).logits[0, n - 1:-1] / temperature
+    logits[:, rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)] = float("-inf")
+    return logits.log_softmax(-1).gather(1, response_ids[:, None])[:, 0]
+
+
+def check_logprobs(model, processor, ro, records, g, temperature, banned):
+    """Recorded log-probs == trainer's forward == reference, on every real token of every row."""
+    with torch.no_grad():
+        trained = rollout.logprobs(model, ro.prompts, ro.response_ids, ro.response_mask, temperature, banned)
+    assert (trained - ro.logp).abs().max() <= TOL
+    for i in range(len(ro.texts)):
+        n = int(ro.response_mask[i].sum())
+        ref = reference_logprobs(model, processor, records[i // g], ro.response_ids[i, :n], temperature)
+        assert (ref - ro.logp[i, :n]).abs().max() <= TOL, i
+
+
+def is_stop(tok, t):
+    return int(t) in rollout.special_ids(tok, rollout.STOP_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt batches
+# ---------------------------------------------------------------------------------------------
+
+def test_repeat_prompts_pairs_every_copy_with_its_own_images(tiny_model):
+    processor, g = tiny_model[1], 3
+    recs = [RECORDS[2], RECORDS[1], RECORDS[0]]  # two images first: a wrong stride would shift the rest
+    rep = rollout.repeat_prompts(data.encode_prompts(processor, recs), g)
+    assert rep["input_ids"].shape[0] == len(recs) * g
+    patches = torch.split(rep["pixel_values"], rep["image_grid_thw"].prod(-1).tolist())
+    assert len(patches) == g * sum(len(r.images) for r in recs)
+    image = 0
+    for row in range(len(recs) * g):
+        alone = data.encode_prompts(processor, [recs[row // g]])
+        real = rep["attention_mask"][row].bool()
+        assert torch.equal(rep["input_ids"][row][real], alone["input_ids"][0])
+        assert torch.equal(rep["mm_token_type_ids"][row][real], alone["mm_token_type_ids"][0])
+        n = len(recs[row // g].images)
+        assert torch.equal(rep["image_grid_thw"][image:image + n], alone["image_grid_thw"])
+        assert torch.equal(torch.cat(patches[image:image + n]), alone["pixel_values"])
+        image += n
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sampled(tiny_model):
+    """Two responses per record at temperature 1.3, top-p 0.95; 16 tokens stops some, truncates others."""
+    model, processor = tiny_model
+    ro = rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=16, temperature=1.3, top_p=0.95,
+                        generator=torch.Generator().manual_seed(0))
+    return ro
+
+
+def test_sampled_logprobs_match_training_forward(tiny_model, sampled, banned):
+    model, processor = tiny_model
+    check_logprobs(model, processor, sampled, RECORDS, 2, 1.3, banned)
+    # the temperature is part of the distribution: at T = 1 the same tokens score differently
+    with torch.no_grad():
+        at_one = rollout.logprobs(model, sampled.prompts, sampled.response_ids, sampled.response_mask, 1.0, banned)
+    assert (at_one - sampled.logp).abs().max() > 1e-2
+
+
+def test_masks_cover_exactly_the_tokens_up_to_the_stop(tok, sampled):
+    ro = sampled
+    assert ro.truncated.any() and not ro.truncated.all(), "want both kinds of row"
+    width = ro.response_ids.shape[1]
+    for i in range(len(ro.texts)):
+        n = int(ro.response_mask[i].sum())
+        assert ro.response_mask[i].tolist() == [1] * n + [0] * (width - n)
+        assert ro.loss_mask[i].tolist() == [1.0] * n + [0.0] * (width - n)
+        assert not any(is_stop(tok, t) for t in ro.response_ids[i, :n - 1])
+        assert is_stop(tok, ro.response_ids[i, n - 1]) != bool(ro.truncated[i])
+        assert n == 16 or not ro.truncated[i]
+        assert (ro.response_ids[i, n:] == tok.pad_token_id).all() and (ro.logp[i, n:] == 0).all()
+        assert ro.texts[i] == tok.decode(ro.response_ids[i, :n], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny_model):
+    model, processor = tiny_model
+    return rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=20, temperature=0)
+
+
+def test_greedy_equals_generate(tiny_model, greedy, tok, banned):
+    model, processor = tiny_model
+    batch = data.encode_prompts(processor, RECORDS)
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=20, suppress_tokens=banned,
+                             eos_token_id=rollout.special_ids(tok, rollout.STOP_TOKENS), pad_token_id=tok.pad_token_id)
+    gen = out[:, batch["input_ids"].shape[1]:]
+    ours = greedy.response_ids
+    width = max(gen.shape[1], ours.shape[1])
+    gen = torch.nn.functional.pad(gen, (0, width - gen.shape[1]), value=tok.pad_token_id)
+    ours = torch.nn.functional.pad(ours, (0, width - ours.shape[1]), value=tok.pad_token_id)
+    assert torch.equal(ours[0::2], gen) and torch.equal(ours[1::2], gen)
+
+
+def test_a_row_decoded_alone_equals_the_row_in_a_batch(tiny_model, greedy, banned):
+    model, processor = tiny_model
+    check_logprobs(model, processor, greedy, RECORDS, 2, 1.0, banned)
+    for p, rec in enumerate(RECORDS):
+        alone = rollout.sample(model, processor, [rec], g=1, max_new_tokens=20, temperature=0)
+        n = alone.response_ids.shape[1]
+        assert int(greedy.response_mask[2 * p].sum()) == n
+        assert torch.equal(alone.response_ids[0], greedy.response_ids[2 * p, :n])
+        assert (alone.logp[0] - greedy.logp[2 * p, :n]).abs().max() <= TOL
+
+
+def test_vision_tokens_are_never_sampled(tiny_model, banned):
+    import tiny
+
+    processor = tiny_model[1]
+    model = tiny.build_model(processor.tokenizer).eval()  # untrained, and pushed towards vision tokens:
+    boost = lambda module, args, out: out.index_add(-1, torch.tensor(banned), torch.full_like(out[..., :len(banned)], 5.0))
+    model.lm_head.register_forward_hook(boost)
+    batch = data.encode_prompts(processor, RECORDS[:1])
+    with torch.no_grad():
+        first = model(**batch).logits[0, -1]
+    assert first.softmax(-1)[banned].sum() > 0.3  # without the ban, a third of all draws or more
+    assert int(first.argmax()) in banned  # and greedy would pick one
+    for temperature, top_p, n in ((2.0, 1.0, 48), (1.0, 0.9, 16), (0, 1.0, 8)):
+        ro = rollout.sample(model, processor, RECORDS[:2], g=2, max_new_tokens=n, temperature=temperature,
+                            top_p=top_p, generator=torch.Generator().manual_seed(1))
+        real = ro.response_ids[ro.response_mask.bool()]
+        assert real.numel() >= 2 * n and not torch.isin(real, torch.tensor(banned)).any()
+        assert torch.isfinite(ro.logp).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    logits = probs.log().expand(20_000, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = rollout._pick(logits, 1.0, 0.75, [], gen)  # {0, 1} reaches 0.75 exactly: token 2 is out
+    assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean() - 2 / 3) < 0.02
+    draws = rollout._pick(logits, 1.0, 0.8, [], gen)
+    assert set(draws.tolist()) == {0, 1, 2} and abs((draws == 2).float().mean() - 0.125 / 0.875) < 0.02
+    draws = rollout._pick(logits, 0.5, 1.0, [3], gen)  # T = 0.5 squares the probabilities; 3 banned
+    expect = torch.tensor([0.25, 0.0625, 0.015625]) / 0.328125
+    assert set(draws.tolist()) <= {0, 1, 2} and abs((draws == 1).float().mean() - expect[1]) < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# Forced Rethinking
+# ---------------------------------------------------------------------------------------------
+
+def cut_text(tok, body):
+    """Independent statement of the cut: the kept text ends before the last "\\boxed"."""
+    text = tok.decode(body)
+    at = text.rfind("\\boxed")
+    k = next(k for k in range(len(body) + 1) if k == len(body) or len(tok.decode(body[:k + 1])) > at)
+    return k
+
+
+def rethink_rollout(tiny_model, cut, train_trigger):
+    """Every stopped response triggered (score 1.0 makes every group eligible and every rethought
+    response right) and kept; records each first response and where `cut` cut it."""
+    model, processor = tiny_model
+    cuts = []
+
+    def recording_cut(tokenizer, body):
+        cuts.append((list(body), cut(tokenizer, body)))
+        return cuts[-1][1]
+
+    cfg = rollout.RethinkConfig(max_group_acc=1.0, frac=1.0, cut_prob=1.0, max_waits=100, max_replace=2,
+                                train_trigger=train_trigger)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout, "cut_point", recording_cut)
+        ro = rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=24, temperature=1.0,
+                            generator=torch.Generator().manual_seed(3), score=always_right, rethink=cfg)
+    return ro, cuts
+
+
+def check_rethought(tok, ro, cuts, train_trigger):
+    """Each rethought response is: the first response's body cut at k + a trigger + a continuation
+    that stopped; loss mask 0 exactly on the trigger when it is not trained."""
+    triggers = [tok.encode(t, add_special_tokens=False) for t in rollout.TRIGGERS]
+    triggered = ro.triggered.nonzero().flatten().tolist()
+    assert len(triggered) == len(cuts) == int((~ro.truncated).sum()) and ro.rethought.equal(ro.triggered)
+    for i, (body, k) in zip(triggered, cuts):
+        n = int(ro.response_mask[i].sum())
+        ids = ro.response_ids[i, :n].tolist()
+        assert ro.first_texts[i] == tok.decode(body, skip_special_tokens=True)
+        assert ids[:k] == body[:k]
+        trig = max((t for t in triggers if ids[k:k + len(t)] == t), key=len)  # "\n\nWait" begins them all
+        m = len(trig)
+        assert is_stop(tok, ids[-1]) and not any(is_stop(tok, t) for t in ids[:-1])
+        expect_loss = [1.0] * k + [float(train_trigger)] * m + [1.0] * (n - k - m)
+        assert ro.loss_mask[i, :n].tolist() == expect_loss and (ro.loss_mask[i, n:] == 0).all()
+        trig_text = rollout.TRIGGERS[triggers.index(trig)]
+        assert ro.texts[i] == (tok.decode(body[:k], skip_special_tokens=True) + trig_text
+                               + tok.decode(ids[k + m:], skip_special_tokens=True))
+
+
+@pytest.fixture(scope="module")
+def rethought(tiny_model):
+    """Cut by the real rule; trigger tokens not trained."""
+    return rethink_rollout(tiny_model, rollout.cut_point, train_trigger=False)
+
+
+def test_rethought_responses_cut_before_the_answer(tiny_model, tok, banned, rethought):
+    ro, cuts = rethought
+    assert len(cuts) >= 4
+    check_rethought(tok, ro, cuts, train_trigger=False)
+    for body, k in cuts:
+        assert k == cut_text(tok, body) < len(body)  # the toy responses all end in \boxed{...}
+        assert tok.decode(body[k:]).lstrip().startswith("\\boxed")
+    check_logprobs(*tiny_model, ro, RECORDS, 2, 1.0, banned)
+
+
+def test_rethought_logprobs_at_any_cut(tiny_model, tok, banned):
+    """Cuts at 0 (the trigger right after the prompt), 1, the middle and the end (nothing cut):
+    the reused KV cache must mask exactly the dropped tail."""
+    ks = itertools.cycle([0, 1, None, -1])
+
+    def cut(tokenizer, body):
+        k = next(ks)
+        return len(body) // 2 if k is None else len(body) if k == -1 else k
+
+    ro, cuts = rethink_rollout(tiny_model, cut, train_trigger=True)
+    assert {k for _, k in cuts} >= {0, 1} and any(k == len(b) for b, k in cuts)
+    check_rethought(tok, ro, cuts, train_trigger=True)
+    check_logprobs(*tiny_model, ro, RECORDS, 2, 1.0, banned)
+
+
+def test_cut_point(tok):
+    def kept(text):
+        body = tok.encode(text, add_special_tokens=False)
+        k = rollout.cut_point(tok, body)
+        if "\\boxed" in text:
+            assert k == cut_text(tok, body)
+        return tok.decode(body[:k])
+
+    assert kept("I look at the image. The answer is \\boxed{red}.").rstrip() == "I look at the image. The answer is"
+    assert kept("\\boxed{1} or rather \\boxed{2}").rstrip() == "\\boxed{1} or rather"
+    # characters split over several byte tokens: the cut still falls just before the answer
+    assert kept("所以答案是 \\boxed{5}.").rstrip() == "所以答案是"
+    assert kept("So the Answer: 5").rstrip() == "So the"
+    assert kept("no final answer here").rstrip() == "no final"
+    assert kept("nothing to cut") == "nothing to cut"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows for Selective Sample Replay
+# ---------------------------------------------------------------------------------------------
+
+def test_split_rows_and_collate_round_trip(tiny_model, tok, banned, rethought):
+    model, processor = tiny_model
+    ro, _ = rethought
+    rows = rollout.split_rows(ro)
+    assert len(rows) == len(ro.texts)
+    for i, r in enumerate(rows):  # each row holds its own prompt and images, without padding
+        alone = data.encode_prompts(processor, [RECORDS[i // 2]])
+        assert torch.equal(r["prompt_ids"], alone["input_ids"][0])
+        assert torch.equal(r["mm_token_type_ids"], alone["mm_token_type_ids"][0])
+        assert torch.equal(r["pixel_values"], alone["pixel_values"])
+        assert torch.equal(r["image_grid_thw"], alone["image_grid_thw"])
+        n = int(ro.response_mask[i].sum())
+        assert len(r["response_ids"]) == len(r["logp"]) == len(r["loss_mask"]) == n
+    assert rows[0]["logp"].untyped_storage().data_ptr() != ro.logp.untyped_storage().data_ptr()
+
+    batch = rollout.collate(rows, tok.pad_token_id)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert torch.equal(batch["prompts"][key], ro.prompts[key]), key
+    for key in ("response_ids", "response_mask", "logp", "loss_mask"):
+        assert torch.equal(batch[key], getattr(ro, key)), key
+
+    # any rows in any order, e.g. a replayed mix: padding and images re-laid out consistently
+    order = [5, 0, 3]
+    mb = rollout.collate([rows[i] for i in order], tok.pad_token_id)
+    with torch.no_grad():
+        lp = rollout.logprobs(model, mb["prompts"], mb["response_ids"], mb["response_mask"], 1.0, banned)
+    assert (lp - mb["logp"]).abs().max() <= TOL
+    for j, i in enumerate(order):
+        n = len(rows[i]["logp"])
+        assert torch.equal(mb["logp"][j, :n], ro.logp[i, :n]) and (mb["loss_mask"][j, n:] == 0).all()
