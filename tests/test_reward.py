@@ -1,0 +1,257 @@
+"""reward.py: answer extraction, grading across the benchmarks' answer conventions, and hostile input."""
+import signal
+import threading
+import time
+
+import pytest
+
+import reward
+
+
+def boxed(answer: str) -> str:
+    return f"Looking at the figure step by step, we get the result. So the answer is \\boxed{{{answer}}}."
+
+
+RETHOUGHT = "The colour is \\boxed{{{}}}.\n\nWait, let's double check. Looking again at the image, \\boxed{{{}}}."
+
+# (response, gold answer, expected accuracy)
+NUMBERS = [
+    (boxed("1,000"), "1000", 1.0),
+    (boxed("1000.0"), "1000", 1.0),
+    (boxed(".4"), "0.4", 1.0),
+    (boxed("0.40"), ".4", 1.0),
+    (boxed(r"\frac{1}{2}"), "0.5", 1.0),
+    (boxed(r"\dfrac{1}{2}"), r"\frac{1}{2}", 1.0),
+    (boxed(r"\tfrac{3}{4}"), "0.75", 1.0),
+    (boxed(r"\frac12"), "0.5", 1.0),
+    (boxed(r"50\%"), "50", 1.0),
+    (boxed("50%"), "50", 1.0),
+    (boxed(r"90^\circ"), "90", 1.0),
+    (boxed(r"90^{\circ}"), "90", 1.0),
+    (boxed("90°"), r"90^\circ", 1.0),
+    (boxed(r"12\text{ cm}"), "12", 1.0),
+    (boxed(r"12 \text{cm}^2"), "12", 1.0),
+    (boxed("12 cm"), "12", 1.0),
+    (boxed("3 square units"), "3", 1.0),
+    (boxed("x = 5"), "5", 1.0),
+    (boxed("y=-2"), "-2", 1.0),
+    (boxed(r"\$12"), "12", 1.0),
+    (boxed("1,234,567"), "1234567", 1.0),
+    (boxed("−3"), "-3", 1.0),  # a unicode minus
+    (boxed(r"\angle ABC = 30^\circ"), "30", 1.0),
+    (boxed(r"\sqrt{3}"), "1.73", 1.0),  # a gold rounded to two decimals accepts the exact value
+    (boxed(r"\frac{1}{3}"), "0.33", 1.0),
+    (boxed(r"\pi"), "3.14", 1.0),
+    (boxed(r"$\frac{\sqrt{3}}{2}$"), "0.866", 1.0),
+    (boxed("0.333333"), r"\frac{1}{3}", 1.0),  # within REL_TOL
+    (boxed("1.7"), "1.73", 0.0),  # a decimal answer must agree within REL_TOL, not to the gold's rounding
+    (boxed("0.33"), r"\frac{1}{3}", 0.0),
+    (boxed("3"), "2", 0.0),
+    (boxed("12"), "1.2", 0.0),
+    (boxed("1,000"), "1", 0.0),
+    (boxed("2x"), "2", 0.0),  # a variable is not a unit
+    (boxed("5!"), "120", 1.0),
+    (boxed("2^{10}"), "1024", 1.0),
+    (boxed(r"1.2 \times 10^{3}"), "1200", 1.0),
+    (boxed("0.0"), "0", 1.0),
+]
+EXPRESSIONS = [
+    (boxed(r"2\sqrt{3}"), r"\sqrt{12}", 1.0),
+    (boxed(r"\frac{x}{7}+\frac{2}{7}"), r"\frac{x+2}{7}", 1.0),
+    (boxed("x^2+2x+1"), "(x+1)^{2}", 1.0),
+    (boxed("(x+1)^2"), "x^2+1", 0.0),
+    (boxed(r"\frac{\sqrt{2}}{2}"), r"\frac{1}{\sqrt{2}}", 1.0),
+    (boxed(r"2\pi r"), r"2 r \pi", 1.0),
+    (boxed(r"\sin(x)^2 + \cos(x)^2"), "1", 1.0),
+    (boxed(r"\log_{2} 8"), "3", 1.0),
+    (boxed(r"\ln(e^{2})"), "2", 1.0),
+    (boxed(r"\sqrt[3]{27}"), "3", 1.0),
+    (boxed("x_1 + x_2"), "x_{2}+x_{1}", 1.0),
+    (boxed(r"3\sqrt{2}"), r"\sqrt{18}", 1.0),
+    (boxed(r"2\sqrt{3}"), r"3\sqrt{2}", 0.0),
+    (boxed(r"\frac{a+b}{2}"), r"\frac{a}{2}+\frac{b}{2}", 1.0),
+    (boxed(r"\frac{a}{b}"), r"\frac{b}{a}", 0.0),
+    (boxed("y = 2x + 1"), "2x+1", 1.0),
+    (boxed(r"4\pi"), "12.57", 1.0),
+    (boxed(r"\theta + \alpha"), r"\alpha+\theta", 1.0),
+    (boxed("e^{x}"), r"\exp(x)", 1.0),
+    (boxed(r"x \cdot y"), "yx", 0.0),  # "yx" is text, not math: only single letters are variables
+]
+LISTS = [
+    (boxed("(1, 2)"), "(1,2)", 1.0),
+    (boxed("(2, 1)"), "(1,2)", 0.0),  # tuples are ordered
+    (boxed(r"(\frac{1}{2}, 3)"), "(0.5, 3)", 1.0),
+    (boxed("[1, 3)"), "[1,3)", 1.0),
+    (boxed("(1, 3)"), "[1,3)", 0.0),  # an open interval is not a half-open one
+    (boxed(r"(-\infty, 2]"), r"(-\infty,2]", 1.0),
+    (boxed(r"1 \pm \sqrt{2}"), r"1+\sqrt{2}, 1-\sqrt{2}", 1.0),
+    (boxed(r"x = \pm 3"), "3, -3", 1.0),
+    (boxed("-3, 3"), r"\pm 3", 1.0),
+    (boxed("3"), r"\pm 3", 0.0),
+    (boxed("2, 3"), "3, 2", 1.0),  # a bare list of solutions is unordered
+    (boxed(r"\{1, 2\}"), "1, 2", 1.0),
+]
+CHOICE_LETTERS = [
+    (boxed("B"), "B", 1.0),
+    (boxed("(B)"), "B", 1.0),
+    (boxed("B."), "B", 1.0),
+    (boxed("B. 12"), "B", 1.0),
+    (boxed(r"\text{B}"), "B", 1.0),
+    (boxed("b"), "B", 1.0),
+    (boxed("B:"), "B", 1.0),
+    (boxed("B"), "(B)", 1.0),
+    (boxed("(C)"), "B", 0.0),
+    (boxed("Blue"), "B", 0.0),
+    (boxed("A"), "B", 0.0),
+]
+TEXT = [
+    (boxed("Yes"), "yes", 1.0),
+    (boxed("no"), "Yes", 0.0),
+    (boxed(r"\text{red}"), "red", 1.0),
+    (boxed("Red."), "red", 1.0),
+    (boxed("a circle"), "circle", 1.0),
+    (boxed("circle"), "square", 0.0),
+    (boxed("light blue"), "Light Blue", 1.0),
+    (boxed("red"), "der", 0.0),  # words are never products of letters
+    (boxed(r"\textbf{Triangle}"), "triangle", 1.0),
+]
+EXTRACTION = [
+    (RETHOUGHT.format("red", "blue"), "blue", 1.0),  # the rethought (last) answer counts
+    (RETHOUGHT.format("red", "blue"), "red", 0.0),
+    (RETHOUGHT.format("3", r"\frac{6}{2}"), "3", 1.0),
+    ("The answer is 5.", "5", 0.0),  # no box, no answer
+    ("So \\boxed{5}. Wait, let's double check: \\boxed{6", "5", 1.0),  # the last *complete* box
+    ("\\boxed{\\boxed{5}}", "5", 1.0),
+    ("\\boxed {5}", "5", 1.0),
+    ("\\boxed{}", "5", 0.0),
+    ("\\boxed{5}" + " " * 10_000, "5", 1.0),
+]
+CASES = NUMBERS + EXPRESSIONS + LISTS + CHOICE_LETTERS + TEXT + EXTRACTION
+
+COLOURS = ["red", "green", "blue", "yellow"]
+# (response, gold answer, choices, expected accuracy): options make a letter and a text interchangeable
+CHOICE_TEXTS = [
+    (boxed("green"), "B", COLOURS, 1.0),
+    (boxed("Green"), "B", COLOURS, 1.0),
+    (boxed("red"), "B", COLOURS, 0.0),
+    (boxed("A. green"), "B", COLOURS, 0.0),  # a wrong letter is wrong whatever text follows it
+    (boxed("B"), "green", COLOURS, 1.0),  # gold given as the option's text
+    (boxed("C"), "green", COLOURS, 0.0),
+    (boxed("1"), "B", ["3", "1", "5", "2"], 1.0),
+    (boxed("0.5"), "A", [r"\frac{1}{2}", r"\frac{1}{3}"], 1.0),
+    (RETHOUGHT.format("green", "blue"), "C", COLOURS, 1.0),
+    (RETHOUGHT.format("blue", "green"), "C", COLOURS, 0.0),
+]
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) + len(CHOICE_TEXTS) >= 80
+
+
+@pytest.mark.parametrize("response,answer,expected", CASES)
+def test_accuracy(response, answer, expected):
+    assert reward.accuracy(response, answer) == expected
+
+
+@pytest.mark.parametrize("response,answer,choices,expected", CHOICE_TEXTS)
+def test_accuracy_with_choices(response, answer, choices, expected):
+    assert reward.accuracy(response, answer, choices) == expected
+
+
+def test_extract_answer():
+    assert reward.extract_answer(r"first \boxed{1}, then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert reward.extract_answer(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"  # escaped braces are text
+    assert reward.extract_answer(r"\boxed{ red }") == "red"
+    assert reward.extract_answer("no box here") is None
+    assert reward.extract_answer(r"\boxed{unclosed") is None
+    assert reward.extract_answer(None) is None
+    assert reward.has_boxed(r"so \boxed{B}") and not reward.has_boxed(r"so B, \boxed{B")
+
+
+def test_reward_is_accuracy_unless_a_format_coefficient_is_given():
+    assert reward.reward(boxed("green"), "B", COLOURS) == 1.0
+    assert reward.reward(boxed("red"), "B", COLOURS) == 0.0
+    assert reward.reward("The answer is B.", "B", COLOURS) == 0.0
+    assert reward.reward("The answer is B.", "B", COLOURS, format_coef=0.1) == -0.1
+    assert reward.reward(boxed("red"), "B", COLOURS, format_coef=0.1) == 0.0
+    assert reward.reward(boxed("B"), "B", COLOURS, format_coef=0.1) == 1.0
+
+
+HOSTILE = [
+    r"\boxed{9^{9^{9^{9}}}}",
+    r"\boxed{100000!}",
+    r"\boxed{(99!)!}",
+    r"\boxed{2^{10000}}",
+    r"\boxed{10^{10^{10}}}",
+    r"\boxed{(10^{300})^{300}}",
+    r"\boxed{(2^{999})^{999}}",
+    r"\boxed{((((x^{999})^{999})^{999})^{999})}",
+    r"\boxed{x^{x^{x^{x}}}}",
+    r"\boxed{e^{e^{e^{e^{e}}}}}",
+    r"\boxed{\sin(10^{999})}",
+    r"\boxed{\tan(\frac{\pi}{2})}",
+    r"\boxed{1/0}",
+    "\\boxed{" + "2^{999}" * 40 + "}",
+    "\\boxed{" + "9" * 100_000 + "}",
+    "9" * 100_000,
+    "\\boxed{" + "{" * 50_000 + "1" + "}" * 50_000 + "}",
+    "\\boxed{" + "(" * 140 + "1" + ")" * 140 + "}",
+    "\\boxed{" + "\\sqrt{" * 40 + "2" + "}" * 40 + "}",
+    "\\boxed{" + "\\frac{1}{" * 40 + "2" + "}" * 40 + "}",
+    "\\boxed{" * 50_000,
+    "\\boxed{{}" * 30_000 + "}",
+    "\\boxed{" + "-" * 250 + "2}",
+    r"\boxed{__import__('os').system('touch pwned')}",
+    r"\boxed{open('pwned', 'w').write('x')}",
+    r"\boxed{exec(\"open('pwned', 'w')\")}",
+    r"\boxed{eval(compile('import os', 'x', 'exec'))}",
+    r"\boxed{().__class__.__bases__[0].__subclasses__()}",
+    r"\boxed{\input{/etc/passwd}}",
+    r"\boxed{\write18{touch pwned}}",
+]
+
+
+@pytest.mark.parametrize("response", HOSTILE, ids=[f"hostile{i}" for i in range(len(HOSTILE))])
+def test_hostile_input_scores_zero_quickly_and_touches_nothing(response, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    assert reward.accuracy(response, "1") == 0.0
+    assert reward.reward(response, "1", format_coef=0.1) in (0.0, -0.1)
+    assert time.perf_counter() - start < 1.0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timer_is_a_backstop_and_leaves_nothing_armed(monkeypatch):
+    def spin(*args):
+        while True:
+            pass
+
+    monkeypatch.setattr(reward, "_matches", spin)
+    before = signal.getsignal(signal.SIGALRM)
+    start = time.perf_counter()
+    assert reward.accuracy(boxed("1"), "1") == 0.0
+    assert time.perf_counter() - start < 1.0
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is before
+
+
+def test_an_armed_timer_is_left_alone():
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 100.0)
+    try:
+        assert reward.accuracy(boxed(r"\frac{x+2}{7}"), r"\frac{x}{7}+\frac{2}{7}") == 1.0
+        assert 99.0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert fired == []
+
+
+def test_works_off_the_main_thread():
+    results = []
+    worker = threading.Thread(target=lambda: results.extend(
+        [reward.accuracy(boxed(r"2\sqrt{3}"), r"\sqrt{12}"), reward.accuracy(HOSTILE[0], "1")]))
+    worker.start()
+    worker.join(timeout=5)
+    assert results == [1.0, 0.0]
