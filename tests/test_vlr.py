@@ -1,0 +1,171 @@
+"""vlr.py: the GRPO loss and advantages against hand computations; the trainer end to end
+(kill and resume, DDP on gloo, the ablation switches)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlr
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference_loss(logp, old, adv, mask, eps_low, eps_high, agg):
+    """Eq. 1 written out token by token, in plain Python floats."""
+    terms, per_seq = 0.0, []
+    n_tok = 0
+    for i in range(logp.shape[0]):
+        seq, n = 0.0, 0
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                rho = float(torch.exp(logp[i, t] - old[i, t]))
+                a = float(adv[i])
+                seq += -min(rho * a, min(max(rho, 1 - eps_low), 1 + eps_high) * a)
+                n += 1
+        terms += seq
+        n_tok += n
+        per_seq.append(seq / max(n, 1))
+    return terms / n_tok if agg == "token" else sum(per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("agg", ["token", "seq"])
+@pytest.mark.parametrize("eps_high", [None, 0.35])
+def test_grpo_loss_value_and_gradient_match_an_independent_formula(agg, eps_high):
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(5, 7, generator=g) * 3).double().requires_grad_()
+    old = (logp.detach() + 0.4 * torch.randn(5, 7, generator=g, dtype=torch.float64))
+    adv = torch.randn(5, generator=g, dtype=torch.float64)
+    mask = (torch.rand(5, 7, generator=g) > 0.3).double()
+    loss, _ = vlr.grpo_loss(logp, old, adv, mask, 0.2, agg, clip_eps_high=eps_high)
+    high = 0.2 if eps_high is None else eps_high
+    assert loss.item() == pytest.approx(reference_loss(logp.detach(), old, adv, mask, 0.2, high, agg), rel=1e-12)
+    loss.backward()
+    # finite differences of the reference, token by token
+    num = torch.zeros_like(logp)
+    for i in range(5):
+        for t in range(7):
+            d = torch.zeros_like(logp)
+            d[i, t] = 1e-6
+            up = reference_loss(logp.detach() + d, old, adv, mask, 0.2, high, agg)
+            down = reference_loss(logp.detach() - d, old, adv, mask, 0.2, high, agg)
+            num[i, t] = (up - down) / 2e-6
+    assert torch.allclose(logp.grad, num, atol=1e-6)
+
+
+def test_on_policy_loss_is_minus_the_mean_advantage_per_token():
+    logp = torch.randn(3, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss, st = vlr.grpo_loss(logp, logp.clone(), adv, mask)
+    assert loss.item() == pytest.approx(-(4 * 1.0 + 2 * -2.0 + 1 * 0.5) / 7)
+    seq, _ = vlr.grpo_loss(logp, logp.clone(), adv, mask, agg="seq")
+    assert seq.item() == pytest.approx(-(1.0 - 2.0 + 0.5) / 3)
+    assert st["clip_frac"] == 0.0
+
+
+def test_clipping_stops_the_gradient_outside_the_trust_region():
+    old = torch.zeros(4, 1)
+    # ratio 1.5 with A > 0 and ratio 0.5 with A < 0: clipped; ratio 1.1 / 0.9: inside
+    logp = torch.log(torch.tensor([[1.5], [0.5], [1.1], [0.9]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, st = vlr.grpo_loss(logp, old, adv, torch.ones(4, 1), clip_eps=0.2)
+    loss.backward()
+    assert logp.grad[0].item() == 0 and logp.grad[1].item() == 0
+    assert logp.grad[2].item() == pytest.approx(-1.1 / 4) and logp.grad[3].item() == pytest.approx(0.9 / 4)
+    assert st["clip_frac"] == 0.5
+    # the other side of the region is not clipped: a bad token's ratio below 1 - eps with A > 0 still learns
+    lp = torch.log(torch.tensor([[0.5]])).requires_grad_()
+    vlr.grpo_loss(lp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1))[0].backward()
+    assert lp.grad.item() == pytest.approx(-0.5)
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0, 0, 0, 0.7, 0.7, 0.7, 0.7, 0, 0, 0, 0])
+    adv = vlr.group_advantages(r, 4)
+    assert torch.equal(adv[4:], torch.zeros(8))  # all-equal groups: exactly zero, even 0.7s
+    g = r[:4]
+    expect = (g - g.mean()) / (g.std() + 1e-6)
+    assert torch.allclose(adv[:4], expect)
+    assert adv[0].item() == pytest.approx(1.5, rel=1e-5)  # (1 - 0.25) / 0.5
+
+
+def test_prompts_for_step_is_a_pure_function_covering_each_epoch():
+    seen = []
+    for step in range(5):
+        a = vlr.prompts_for_step(20, step, 4, 0, 2, seed=3) + vlr.prompts_for_step(20, step, 4, 1, 2, seed=3)
+        assert a == vlr.prompts_for_step(20, step, 4, 0, 2, seed=3) + vlr.prompts_for_step(20, step, 4, 1, 2, seed=3)
+        seen += a
+    assert sorted(seen) == list(range(20))  # 5 steps x 4 prompts = one epoch, no repeats
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer, end to end (small: 4 prompts x 4 responses, 24 tokens)
+# ---------------------------------------------------------------------------------------------
+
+SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "24", "--eval-every", "0",
+         "--micro-batch", "8", "--save-every", "2"]
+TIMINGS = {"step_s", "tokens_per_s"}
+
+
+def run(args, out, **kw):
+    return subprocess.run([sys.executable, "vlr.py", *SMALL, "--out", str(out), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def metrics(out):
+    return [{k: v for k, v in json.loads(l).items() if k not in TIMINGS}
+            for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    steps = ["--steps", "6"]
+    a = run(steps, tmp_path / "a")
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "vlr.py", *SMALL, "--out", str(b), *steps], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill it after step 4 started: the checkpoint holds step 4
+        if (b / "metrics.jsonl").exists() and len((b / "metrics.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics(b)) < 6, "killed too late to test anything"
+    resumed = run(steps + ["--resume"], b)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metrics(b) == metrics(tmp_path / "a")
+    assert (b / "final" / "model.safetensors").exists()
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    first = run(["--steps", "2"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run(["--steps", "4", "--resume", "--lr", "0.5"], tmp_path)
+    assert again.returncode != 0 and "lr: saved 0.001, now 0.5" in again.stderr
+
+
+def test_ablation_switches(tmp_path):
+    plain = run(["--steps", "2", "--no-ssr", "--no-rethink"], tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    for m in metrics(tmp_path / "plain"):
+        assert m["ssr_buffer"] == 0 and m["ssr_replayed"] == 0 and m["rethink_frac"] == 0
+        assert m["logp_drift_max"] < 1e-4
+
+
+def test_ddp_with_two_gloo_processes_keeps_identical_weights(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "vlr.py", *SMALL, "--steps", "2", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    state = torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=False)
+    assert len(state["checksums"]) == 2 and state["checksums"][0] == state["checksums"][1]
+    assert len(state["generators"]) == 2 and not torch.equal(state["generators"][0], state["generators"][1])
+    assert len(metrics(tmp_path)) == 2

@@ -1,0 +1,447 @@
+"""vlr: VL-Rethinker from scratch. GRPO + Selective Sample Replay + Forced Rethinking.
+
+    python vlr.py                      # the toy lab: tiny Qwen2.5-VL, synthetic task, CPU, ~10 min
+    torchrun --nproc_per_node 8 vlr.py --model Qwen/Qwen2.5-VL-3B-Instruct --data virl39k.jsonl \
+        --bf16 --grad-checkpointing --freeze-vision      # the real thing (see README)
+
+One step (paper, Algorithm 1): sample prompts -> G responses each (rollout.sample, with Forced
+Rethinking) -> rewards (reward.reward) -> group advantages (Eq. 2) -> Selective Sample Replay
+(ssr.select_batch) -> clipped policy-gradient loss (Eq. 1) -> optimizer step -> metrics.
+"""
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Config:
+    model: str = "tiny"  # "tiny", a local folder, or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct
+    data: str = "toy"  # "toy" or a ViRL39K-style .jsonl
+    toy_tiers: str = "colour,shape"  # toy tiers trained on (the test split always has all four)
+    skip_bad: bool = False  # drop bad data lines (they are listed) instead of stopping
+    out: str = ""  # run folder; default runs/<data>-s<seed>
+    steps: int = 300
+    prompts_per_step: int = 16  # over all processes
+    group_size: int = 8  # G responses per prompt
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.2  # upper clip; the published code uses 0.35 ("clip-higher")
+    kl_coef: float = 0.0  # the published runs use no KL term
+    agg: str = "token"  # "token": mean over all tokens of the batch (DAPO); "seq": per-sequence mean
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    rethink: bool = True  # Forced Rethinking (--no-rethink turns it off)
+    rethink_frac: float = 0.5  # share of a low-accuracy group's responses that get a trigger
+    ssr: bool = True  # Selective Sample Replay (--no-ssr: plain GRPO)
+    ssr_alpha: float = 1.0  # replay probability ~ |advantage|^alpha
+    micro_batch: int = 64  # responses per forward/backward (memory knob, no effect on the math)
+    eval_every: int = 25  # in-loop eval on the toy test split (0: never)
+    save_every: int = 50
+    resume: bool = False
+    seed: int = 0
+    bf16: bool = False  # autocast to bfloat16 (fp32 master weights and optimizer)
+    grad_checkpointing: bool = False
+    freeze_vision: bool = False
+    min_format_rate: float = 0.2  # stop when fewer responses than this have a \boxed{} answer ...
+    collapse_patience: int = 20  # ... for this many steps in a row: a collapsed run teaches nothing
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool and f.default:  # on by default: --no-x turns it off
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+        elif f.type is bool:
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=f.type, default=f.default)
+    return Config(**vars(p.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO (paper, Section 2)
+# ---------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 2: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one value per response.
+    A group whose rewards are all equal gets all zeros: the "vanishing advantages" of Section 3.1."""
+    r = rewards.view(-1, group_size).float()
+    std = r.std(1, keepdim=True)
+    adv = (r - r.mean(1, keepdim=True)) / (std + eps)
+    # exactly zero for equal rewards: float round-off in r - mean would otherwise make a fake signal
+    return torch.where(std > 0, adv, torch.zeros_like(adv)).view(-1)
+
+
+def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", ref_logp=None, kl_coef=0.0, denom=None,
+              clip_eps_high=None):
+    """Eq. 1, the clipped surrogate: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) per token,
+    rho = exp(logp - old_logp), with the sequence's advantage A on every token. `clip_eps_high`
+    sets a different upper bound 1 + eps_high ("clip-higher", as DAPO and the published
+    VL-Rethinker code, which uses 0.2 / 0.35); None keeps the symmetric clip of Eq. 1.
+
+    agg="token" averages over all unmasked tokens of the batch (as DAPO), agg="seq" averages each
+    sequence first (the original GRPO). `denom` replaces the batch's own count of tokens (or
+    sequences) when the batch is one micro-batch of a larger one. With kl_coef > 0 a k3 estimate
+    of KL(pi || pi_ref) = exp(ref - logp) - (ref - logp) - 1 is added per token.
+    Returns (loss, stats)."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv)
+    if kl_coef:
+        d = ref_logp - logp
+        per_token = per_token + kl_coef * (torch.exp(d) - d - 1)
+    per_token = per_token * mask
+    if agg == "token":
+        loss = per_token.sum() / (denom if denom is not None else mask.sum().clamp(min=1))
+    elif agg == "seq":
+        per_seq = per_token.sum(1) / mask.sum(1).clamp(min=1)
+        loss = per_seq.sum() / (denom if denom is not None else per_seq.numel())
+    else:
+        raise ValueError(f"agg must be 'token' or 'seq', not {agg!r}")
+    with torch.no_grad():  # tokens whose gradient the clip switched off
+        clipped = ((adv > 0) & (ratio > 1 + high)) | ((adv < 0) & (ratio < 1 - clip_eps))
+        stats = {"clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1)).item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: processes, model, data
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE: then NCCL on GPUs, gloo on CPU. Plain `python`: one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def load_policy(cfg: Config, path: str, device):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    import tiny
+
+    src = tiny.resolve(path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32).to(device)
+    processor = AutoProcessor.from_pretrained(src)
+    if cfg.freeze_vision:  # also keeps DDP from waiting for gradients that never come
+        model.model.visual.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def load_data(cfg: Config, rank: int):
+    """(train records, eval records or None). Bad lines stop the run before any training."""
+    import data
+
+    if cfg.data == "toy":
+        tiers = cfg.toy_tiers.split(",")
+        return data.ToyTask("train", tiers), data.ToyTask("test")
+    records, skipped = data.load_jsonl(cfg.data, skip_bad=cfg.skip_bad)
+    if skipped and rank == 0:
+        print(f"skipped {skipped} bad line(s) of {cfg.data}")
+    return records, None
+
+
+def prompts_for_step(n_data: int, step: int, per_step: int, rank: int, world: int, seed: int) -> list[int]:
+    """This rank's prompt indices at `step`: epochs of seeded shuffles, cut into steps. A pure
+    function of the step, so a resumed run sees exactly the prompts it would have seen."""
+    per_rank = per_step // world
+    first = step * per_step + rank * per_rank
+    out = []
+    for i in range(first, first + per_rank):
+        epoch, k = divmod(i, n_data)
+        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[k]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, resumed exactly
+# ---------------------------------------------------------------------------------------------
+
+def param_checksum(model) -> float:
+    """One number per process; DDP keeps weights identical, so every rank must agree exactly."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def save_checkpoint(out: Path, model, processor, state: dict):
+    """Model folder + training state into out/ckpt, via a temporary folder and renames: a run
+    killed at any moment leaves the previous checkpoint or the new one, never half of one."""
+    tmp, ckpt, old = out / ".ckpt-tmp", out / "ckpt", out / ".ckpt-old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    torch.save(state, tmp / "train_state.pt")
+    if ckpt.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """The newest complete checkpoint (a kill between the two renames leaves only .ckpt-old)."""
+    for name in ("ckpt", ".ckpt-old"):
+        if (out / name / "train_state.pt").exists():
+            return out / name
+    raise SystemExit(f"--resume: no checkpoint in {out}/ckpt")
+
+
+RESUMABLE = {"steps", "resume", "save_every", "eval_every", "out"}  # may differ on resume
+
+
+def check_resume_config(out: Path, cfg: Config):
+    saved = json.loads((out / "config.json").read_text())
+    diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v}
+    if diff:
+        raise SystemExit(f"--resume with a different configuration than {out}/config.json: "
+                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+
+
+def gather(obj, world):
+    """Every rank's `obj`, in rank order (a list of one without torchrun)."""
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad_id, device, world) -> dict:
+    """One optimizer step of Eq. 1 on the batch's rows, in micro-batches (gradients accumulate).
+
+    The loss is the token-level mean over the whole batch of all processes: each process divides
+    its sum by (all tokens / processes), since DDP averages gradients over processes. `current`
+    marks the rows sampled this step: for them the training forward must reproduce the sampler's
+    log-probs before the update (`logp_drift_max`, a live check that rollout and training agree).
+    A non-finite loss or gradient skips the update instead of corrupting the weights."""
+    import rollout
+
+    model = getattr(ddp, "module", ddp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_tok = torch.tensor(float(sum(r["loss_mask"].sum() for r in batch)), device=device)
+    if world > 1:
+        dist.all_reduce(n_tok)
+    denom = n_tok / world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss_sum, drift, clip = 0.0, 0.0, []
+    for c0 in range(0, len(batch), cfg.micro_batch):
+        part = slice(c0, c0 + cfg.micro_batch)
+        mb = rollout.collate(batch[part], pad_id)
+        mb = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in mb.items()}
+        last = c0 + cfg.micro_batch >= len(batch)
+        sync = contextlib.nullcontext() if last or world == 1 else ddp.no_sync()  # all-reduce once, at the end
+        with sync, autocast(cfg, device):
+            logp = rollout.logprobs(ddp, mb["prompts"], mb["response_ids"], mb["response_mask"], cfg.temperature, banned)
+            loss, st = grpo_loss(logp, mb["logp"], advantages[part].to(device), mb["loss_mask"], cfg.clip_eps,
+                                 cfg.agg, denom=denom, clip_eps_high=cfg.clip_eps_high)
+            loss.backward()
+        loss_sum += loss.item()
+        clip.append(st["clip_frac"])
+        now = torch.tensor(current[part], device=device)[:, None]
+        drift = max(drift, ((logp.detach() - mb["logp"]).abs() * mb["response_mask"] * now).max().item())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    skipped = not torch.isfinite(grad_norm).item()
+    if skipped:
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step()
+    model.eval()
+    return {"loss": loss_sum, "grad_norm": grad_norm.item(), "clip_frac": sum(clip) / len(clip),
+            "logp_drift_max": drift, "skipped": int(skipped)}
+
+
+def autocast(cfg: Config, device):
+    """bf16 compute with fp32 weights (--bf16); a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: Config):
+    import eval as evaluation
+    import reward
+    import rollout
+    import ssr
+    from tqdm import tqdm
+
+    rank, world, device = setup_distributed()
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
+    out = Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
+    train_set, test_set = load_data(cfg, rank)
+    state = None
+    if cfg.resume:
+        check_resume_config(out, cfg)
+        ckpt = checkpoint_dir(out)
+        state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, device)
+    tok = processor.tokenizer
+    banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    # All toy and jsonl records have images, so every parameter gets a gradient each step.
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # sampling and replay draws
+    n_rows = cfg.prompts_per_step // world * cfg.group_size  # responses per process per step
+    # Section 3.1: the buffer keeps recent non-zero-advantage samples, about half a batch.
+    buffer = ssr.ReplayBuffer(capacity=max(1, n_rows // 2), alpha=cfg.ssr_alpha)
+    rethink_cfg = rollout.RethinkConfig(frac=cfg.rethink_frac) if cfg.rethink else None
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generators"][rank])
+        buffer.load_state_dict(state["buffers"][rank])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        start = state["step"]
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        if state:  # drop lines past the checkpoint: those steps run again, identically
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] < start))
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    log = open(metrics_path, "a") if rank == 0 else None
+
+    def score(text, rec):
+        return reward.reward(text, rec.answer, rec.choices)
+
+    def run_eval():
+        """Greedy accuracy on this rank's shard of the toy test split, summed over ranks."""
+        recs = [test_set[i] for i in range(rank, len(test_set), world)]
+        with autocast(cfg, device):
+            rows = evaluation.evaluate(model, processor, recs, max_new_tokens=cfg.max_new_tokens)
+        per_rank = gather([(r["category"], r["correct"]) for r in rows], world)
+        allrows = [x for part in per_rank for x in part]
+        cats = sorted({c for c, _ in allrows})
+        res = {"eval_acc": sum(c for _, c in allrows) / len(allrows)}
+        for cat in cats:
+            hits = [c for k, c in allrows if k == cat]
+            res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
+        return res
+
+    low_format_steps = 0
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        recs = [train_set[i] for i in prompts_for_step(len(train_set), step, cfg.prompts_per_step, rank, world, cfg.seed)]
+        with autocast(cfg, device):
+            ro = rollout.sample(model, processor, recs, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                                cfg.top_p, gen, score=score, rethink=rethink_cfg)
+        g = cfg.group_size
+        rewards = torch.tensor([score(t, recs[i // g]) for i, t in enumerate(ro.texts)])
+        correct = torch.tensor([reward.accuracy(t, recs[i // g].answer, recs[i // g].choices) for i, t in enumerate(ro.texts)])
+        adv = group_advantages(rewards, g)
+        rows = rollout.split_rows(ro)
+        for r in rows:
+            r["step"] = step
+        if cfg.ssr:  # Section 3.1: drop zero-advantage samples, refill from the current ones and the buffer
+            batch, batch_adv, n_replayed = ssr.select_batch(rows, adv, buffer, n_rows, generator=gen)
+        else:
+            batch, batch_adv, n_replayed = rows, adv, 0
+        if len(batch) < n_rows:  # nothing to learn from anywhere: pad with zero-advantage rows, so that
+            pad = n_rows - len(batch)  # every process runs the same backward passes (DDP)
+            batch = list(batch) + rows[:pad]
+            batch_adv = torch.cat([torch.as_tensor(batch_adv, dtype=torch.float32), torch.zeros(pad)])
+        batch_adv = torch.as_tensor(batch_adv, dtype=torch.float32)
+
+        current = [r["step"] == step for r in batch]
+        up = policy_update(ddp, opt, batch, batch_adv, current, cfg, banned, tok.pad_token_id, device, world)
+        if up["skipped"]:
+            tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
+        sched.step()
+
+        # Metrics, summed over processes.
+        n_groups = len(recs)
+        zero_groups = int((rewards.view(-1, g).std(1) == 0).sum())
+        resp_len = ro.response_mask.sum(1).float()
+        sums = torch.tensor([float(len(ro.texts)), rewards.sum(), correct.sum(), n_groups, zero_groups,
+                             sum(reward.has_boxed(t) for t in ro.texts), float(ro.truncated.sum()),
+                             float(ro.triggered.sum()), float(ro.rethought.sum()), float(ro.rethink_fixed),
+                             resp_len.sum(), float(len(buffer)), float(n_replayed), up["loss"]], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+            d = torch.tensor(up["logp_drift_max"])
+            dist.all_reduce(d, op=dist.ReduceOp.MAX)
+            up["logp_drift_max"] = d.item()
+        (n, rsum, csum, ng, zg, boxed, trunc, trig, kept, fixed, lsum, buf, rep, lossum) = sums.tolist()
+        dt = time.time() - t0
+        m = {"step": step, "reward_mean": rsum / n, "acc_mean": csum / n, "zero_adv_frac": zg / ng,
+             "format_rate": boxed / n, "truncated_frac": trunc / n, "ssr_buffer": int(buf), "ssr_replayed": int(rep),
+             "rethink_frac": trig / n, "rethink_kept": kept / trig if trig else 0.0,
+             "rethink_fixed": fixed / trig if trig else 0.0, "resp_len_mean": lsum / n,
+             "loss": lossum / world, "grad_norm": up["grad_norm"], "clip_frac": up["clip_frac"],
+             "logp_drift_max": up["logp_drift_max"], "lr": sched.get_last_lr()[0], "skipped": up["skipped"]}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if test_set is not None:
+                m.update(run_eval())
+        m.update(step_s=time.time() - t0, tokens_per_s=lsum / dt)
+        if rank == 0:
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            bar.set_postfix(reward=f"{m['reward_mean']:.2f}", zero_adv=f"{m['zero_adv_frac']:.2f}",
+                            fmt=f"{m['format_rate']:.2f}", eval=f"{m.get('eval_acc', float('nan')):.2f}")
+
+        # A policy that stopped producing answers gets zero reward everywhere: every group has zero
+        # advantage and nothing can bring it back. Say so and stop, instead of burning compute.
+        low_format_steps = low_format_steps + 1 if m["format_rate"] < cfg.min_format_rate else 0
+        if low_format_steps >= cfg.collapse_patience:
+            raise SystemExit(f"step {step}: format collapse: fewer than {cfg.min_format_rate:.0%} of responses had a "
+                             f"\\boxed{{}} answer for {cfg.collapse_patience} steps (truncated: {m['truncated_frac']:.0%}). "
+                             "Lower --lr, or raise --max-new-tokens; see metrics.jsonl.")
+
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            sums = gather(param_checksum(model), world)
+            if len(set(sums)) != 1:
+                raise SystemExit(f"step {step}: processes disagree on the weights (checksums {sums}); not saving")
+            train_state = {"step": step + 1, "checksums": sums, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                           "generators": gather(gen.get_state(), world), "buffers": gather(buffer.state_dict(), world),
+                           "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+            if rank == 0:
+                save_checkpoint(out, model, processor, train_state)
+    if rank == 0:
+        model.save_pretrained(out / "final")
+        processor.save_pretrained(out / "final")
+        log.close()
+        print(f"done: {out}/final, metrics in {metrics_path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from data import DataError
+
+    try:
+        train(parse_args())
+    except DataError as e:  # bad input: say which file, line and field, and train nothing
+        raise SystemExit(str(e))
