@@ -79,8 +79,9 @@ def repeat_prompts(batch: dict, g: int) -> dict:
 
 def positions(model, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.Tensor:
     """3-D mrope positions (3, batch, length) of left- or right-padded sequences; padding gets 0."""
-    pos, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
-                                        image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    inner = getattr(model, "module", model).model  # under DDP the trainer passes the wrapper
+    pos, _ = inner.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
+                                  image_grid_thw=image_grid_thw, attention_mask=attention_mask)
     return pos
 
 
@@ -155,10 +156,11 @@ def _decode(model, cache, logits, attn, start, max_new, temperature, logp_temper
 class RethinkConfig:
     """Forced Rethinking (Section 3.2), as the published implementation applies it."""
     max_group_acc: float = 0.6  # only prompts whose group accuracy is at most this
-    frac: float = 1.0  # share of those prompts' responses that get a trigger
+    only_wrong: bool = True  # only responses whose first answer is wrong (the published "append_wait" mode)
+    frac: float = 1.0  # share of the eligible responses that get a trigger
     cut_prob: float = 0.5  # chance to cut the first response just before its final answer
     temperature: float = 0.9  # sampling temperature of the continuation
-    max_new_tokens: int = 64  # length budget of the continuation
+    max_new_tokens: int = 64  # length budget of the continuation (the whole response must fit the rollout's cap)
     max_waits: int = 3  # more "wait"s than this is degenerate: not kept
     max_replace: int = 2  # at most this many rethought responses replace originals per prompt
     train_trigger: bool = True  # the trigger tokens are trained on: the policy learns to say them
@@ -215,7 +217,7 @@ def sample(model, processor, records, g: int, max_new_tokens: int, temperature: 
     first_texts, fixed, stats = [None] * n, 0, {}
     if rethink is not None and score is not None:
         fixed, stats = _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, records, g, score,
-                                rethink, lp_temp, top_p, ids, generator, triggered, rethought, first_texts)
+                                rethink, max_new_tokens, lp_temp, top_p, ids, generator, triggered, rethought, first_texts)
     resp_ids = _pad([r[0] for r in rows], ids["pad"])
     return Rollout(prompts=repeat_prompts(batch, g), response_ids=resp_ids,
                    response_mask=_pad([torch.ones_like(r[0]) for r in rows], 0),
@@ -251,7 +253,7 @@ def cut_point(tokenizer, body: list[int]) -> int:
     return lo
 
 
-def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, records, g, score, cfg,
+def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, records, g, score, cfg, max_len,
              lp_temp, top_p, ids, generator, triggered, rethought, first_texts):
     """Forced Rethinking (Section 3.2): first response (maybe cut before its answer) + trigger +
     a sampled continuation, kept in place of the first response only if its answer is right.
@@ -259,14 +261,18 @@ def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, record
     The KV cache of the first pass is reused, not recomputed: the cut-off tail of a response is
     masked out of attention, and the last kept token is fed again with the trigger, so that its
     logits (which predict the trigger's first token) are computed afresh. Positions continue from
-    the last kept token, so the final sequence has the same positions as a contiguous one."""
+    the last kept token, so the final sequence has the same positions as a contiguous one.
+
+    A rethought response is kept only if it fits in `max_len` tokens, the response cap of the
+    rollout: the policy is then trained only on responses it could have produced itself within
+    the cap. (Training on longer ones teaches it to run into the cap, where it gets cut off.)"""
     dev = start.device
     first_reward = [score(texts[i], records[i // g]) for i in range(len(rows))]
     group_acc = [sum(first_reward[p * g:(p + 1) * g]) / g for p in range(len(records))]
     rand = torch.rand(len(rows), 3, generator=generator, device=dev).cpu()
     # Eligible: a low-accuracy group, a response that stopped by itself (a truncated one has no answer)
     sel = [i for i in range(len(rows)) if group_acc[i // g] <= cfg.max_group_acc and bool(stopped[i])
-           and rand[i, 0] < cfg.frac]
+           and not (cfg.only_wrong and first_reward[i] >= 1.0) and rand[i, 0] < cfg.frac]
     if not sel:
         return 0, {"rethink_triggered": 0, "rethink_kept": 0}
     plen = batch["input_ids"].shape[1]
@@ -309,7 +315,7 @@ def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, record
         text = tok.decode(new_ids, skip_special_tokens=True)
         right = score(text, records[i // g]) >= 1.0
         fixed += int(right and first_reward[i] < 1.0)
-        sane = bool(cont_stopped[j]) and text.lower().count("wait") <= cfg.max_waits
+        sane = bool(cont_stopped[j]) and text.lower().count("wait") <= cfg.max_waits and len(new_ids) <= max_len
         triggered[i] = True
         if right and sane and replaced[i // g] < cfg.max_replace:
             replaced[i // g] += 1

@@ -220,7 +220,7 @@ def cut_text(tok, body):
     return k
 
 
-def rethink_rollout(tiny_model, cut, train_trigger):
+def rethink_rollout(tiny_model, cut, train_trigger, max_new_tokens=64):
     """Every stopped response triggered (score 1.0 makes every group eligible and every rethought
     response right) and kept; records each first response and where `cut` cut it."""
     model, processor = tiny_model
@@ -230,11 +230,11 @@ def rethink_rollout(tiny_model, cut, train_trigger):
         cuts.append((list(body), cut(tokenizer, body)))
         return cuts[-1][1]
 
-    cfg = rollout.RethinkConfig(max_group_acc=1.0, frac=1.0, cut_prob=1.0, max_waits=100, max_replace=2,
+    cfg = rollout.RethinkConfig(max_group_acc=1.0, only_wrong=False, frac=1.0, cut_prob=1.0, max_waits=100, max_replace=2,
                                 train_trigger=train_trigger)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rollout, "cut_point", recording_cut)
-        ro = rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=24, temperature=1.0,
+        ro = rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=max_new_tokens, temperature=1.0,
                             generator=torch.Generator().manual_seed(3), score=always_right, rethink=cfg)
     return ro, cuts
 
@@ -289,6 +289,18 @@ def test_rethought_logprobs_at_any_cut(tiny_model, tok, banned):
     assert {k for _, k in cuts} >= {0, 1} and any(k == len(b) for b, k in cuts)
     check_rethought(tok, ro, cuts, train_trigger=True)
     check_logprobs(*tiny_model, ro, RECORDS, 2, 1.0, banned)
+
+
+def test_rethought_responses_longer_than_the_cap_are_not_kept(tiny_model):
+    """The cap holds for every final response. With the whole first response kept (no cut), most
+    rethought responses cannot fit in 20 tokens: those keep their first response. (At a cap of 64
+    every triggered response of this rollout is kept: see check_rethought.)"""
+    ro, cuts = rethink_rollout(tiny_model, lambda tokenizer, body: len(body), train_trigger=True, max_new_tokens=20)
+    assert len(cuts) >= 4 and int(ro.triggered.sum()) == len(cuts)
+    assert (ro.response_mask.sum(1) <= 20).all()
+    assert int(ro.rethought.sum()) < len(cuts)  # the rule bit
+    for i in (ro.triggered & ~ro.rethought).nonzero().flatten().tolist():
+        assert ro.first_texts[i] is None and not any(t.strip() in ro.texts[i] for t in rollout.TRIGGERS)
 
 
 def test_cut_point(tok):
