@@ -55,6 +55,7 @@ MAX_VALUES = 8  # items of a list like "1, 2, 3", with both signs of each \pm
 REL_TOL = 1e-4  # "1.0000" is 1 and "0.33333" is 1/3, but "0.33" is not 1/3 (see _equivalent for golds like 0.33)
 N_POINTS = 3  # random points an expression with variables is evaluated at
 TIME_LIMIT_S = 0.5
+MAX_WAITS = 5  # a valid response says "wait" at most this often (the published rule)
 
 
 def extract_answer(response: str) -> str | None:
@@ -96,17 +97,26 @@ def accuracy(response: str, answer: str, choices: list[str] | None = None) -> fl
         return 0.0
 
 
-def reward(response: str, answer: str, choices: list[str] | None = None, format_coef: float = 0.0) -> float:
-    """The trainer's reward for one response: its accuracy, or -format_coef when it has no box."""
+def is_valid(response: str, finished: bool = True) -> bool:
+    """A well-formed response: it ended by itself (`finished`: a stop token, not the length cap),
+    has a \\boxed{} answer, and says "wait" at most MAX_WAITS times (more is a rethinking loop)."""
+    return finished and has_boxed(response) and response.lower().count("wait") <= MAX_WAITS
+
+
+def reward(response: str, answer: str, choices: list[str] | None = None, finished: bool = True,
+           invalid_penalty: float = 0.0) -> float:
+    """The trainer's reward for one response: its accuracy, or -invalid_penalty when not `is_valid`."""
     # VL-Rethinker's reward is binary correctness with no format term: "a simple binary reward
     # signal is used to indicate the correctness of a response" (paper, Section 3.1). The released
     # code (TIGER-AI-Lab/VL-Rethinker, experience_maker.py) has its format bonuses commented out
     # ("not using fmt reward") but scores -0.1 instead of 0 for an invalid response: no end-of-text
-    # token, no \boxed, or more than five "wait"s. format_coef=0.1 reproduces that for a missing box;
-    # the default 0.0 is the paper. (That code also nudges correct rewards by the number of "wait"s
-    # in a response, which the paper does not describe; it is left out here.)
-    if format_coef and not has_boxed(response):
-        return -format_coef
+    # token, no \boxed, or more than five "wait"s. invalid_penalty=0.1 reproduces that; 0.0 is the
+    # paper's text. The penalty matters: without it a response that rambles to the length cap
+    # scores the same 0 as a wrong answer, nothing pushes the policy to stop, and on the toy task
+    # responses grow until the format is gone (see README, "the reward"). (That code also nudges
+    # correct rewards by the number of "wait"s, which the paper does not describe; left out here.)
+    if invalid_penalty and not is_valid(response, finished):
+        return -invalid_penalty
     return accuracy(response, answer, choices)
 
 

@@ -172,9 +172,15 @@ def test_reward_is_accuracy_unless_a_format_coefficient_is_given():
     assert reward.reward(boxed("green"), "B", COLOURS) == 1.0
     assert reward.reward(boxed("red"), "B", COLOURS) == 0.0
     assert reward.reward("The answer is B.", "B", COLOURS) == 0.0
-    assert reward.reward("The answer is B.", "B", COLOURS, format_coef=0.1) == -0.1
-    assert reward.reward(boxed("red"), "B", COLOURS, format_coef=0.1) == 0.0
-    assert reward.reward(boxed("B"), "B", COLOURS, format_coef=0.1) == 1.0
+    assert reward.reward("The answer is B.", "B", COLOURS, invalid_penalty=0.1) == -0.1
+    assert reward.reward(boxed("red"), "B", COLOURS, invalid_penalty=0.1) == 0.0
+    assert reward.reward(boxed("B"), "B", COLOURS, invalid_penalty=0.1) == 1.0
+    # cut off by the length cap: invalid even with a right box in it
+    assert reward.reward(boxed("B"), "B", COLOURS, finished=False, invalid_penalty=0.1) == -0.1
+    assert reward.reward(boxed("B"), "B", COLOURS, finished=False) == 1.0  # the paper's plain reward
+    looping = "Wait. " * 6 + boxed("B")
+    assert reward.reward(looping, "B", COLOURS, invalid_penalty=0.1) == -0.1
+    assert reward.reward("Wait. " * 5 + boxed("B"), "B", COLOURS, invalid_penalty=0.1) == 1.0
 
 
 HOSTILE = [
@@ -216,7 +222,7 @@ def test_hostile_input_scores_zero_quickly_and_touches_nothing(response, tmp_pat
     monkeypatch.chdir(tmp_path)
     start = time.perf_counter()
     assert reward.accuracy(response, "1") == 0.0
-    assert reward.reward(response, "1", format_coef=0.1) in (0.0, -0.1)
+    assert reward.reward(response, "1", invalid_penalty=0.1) in (0.0, -0.1)
     assert time.perf_counter() - start < 1.0
     assert list(tmp_path.iterdir()) == []
 
