@@ -157,10 +157,14 @@ TIERS = {  # tier -> (question, answer space); easiest first
     "shape": ("Which shape is in the image?", list(SHAPES)),
     "count": ("How many shapes are in the image?", ["1", "2", "3", "4", "5"]),
     "largest": ("What colour is the largest shape?", list(COLOURS)),
+    # Multiple choice: the colour question with four lettered options, answered by a letter. It is
+    # its own tier, the hardest: besides the colour the model must find it among the options and
+    # answer with that option's letter. (Measured: supervised training on true answers takes the
+    # tiny model's free-form colour accuracy to 1.0 in 200 steps while its letters stay at chance.)
+    "choice": ("What colour is the shape?", list(COLOURS)),
 }
 TEST_SEED, TRAIN_SEED = 1_000_003, 7  # two disjoint random streams
-TOY_TEST_SIZE = 240  # the fixed test split: 60 questions of each tier
-MC_FRAC = 0.25  # share of multiple-choice questions (up to four options, answer a letter)
+TOY_TEST_SIZE = 300  # the fixed test split: 60 questions of each tier
 
 
 def _draw(shapes) -> Image.Image:
@@ -179,7 +183,7 @@ def _draw(shapes) -> Image.Image:
 
 def _scene(tier: str, rng: random.Random):
     """Random shapes (kind, colour, centre x, centre y, half-size) for one question of `tier`."""
-    if tier in ("colour", "shape"):  # one big shape anywhere
+    if tier in ("colour", "shape", "choice"):  # one big shape anywhere
         r = rng.randint(22, 40)
         return ((rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.randint(r, SIZE - r), rng.randint(r, SIZE - r), r),)
     n = rng.randint(1, 5) if tier == "count" else rng.randint(2, 3)
@@ -194,7 +198,7 @@ def _scene(tier: str, rng: random.Random):
 
 
 def _answer(tier: str, shapes) -> str:
-    if tier == "colour":
+    if tier in ("colour", "choice"):
         return shapes[0][1]
     if tier == "shape":
         return shapes[0][0]
@@ -245,7 +249,7 @@ def _stream(seed: int, tiers: list, n: int):
     rng = random.Random(seed)
     for i in range(n):
         tier = tiers[i % len(tiers)]
-        yield (i, tier, _scene(tier, rng), rng.random() < MC_FRAC, rng.randrange(2**31))
+        yield (i, tier, _scene(tier, rng), tier == "choice", rng.randrange(2**31))
 
 
 def _key(spec) -> str:

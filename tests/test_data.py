@@ -81,20 +81,23 @@ def test_toy_answers_follow_from_the_picture():
     for i in range(len(test)):
         rec = test[i]
         _, space = data.TIERS[rec.category]
+        assert bool(rec.choices) == (rec.category == "choice")  # multiple choice is a tier of its own
         if rec.choices:
-            assert rec.answer in data.LETTERS[:len(rec.choices)]
+            assert len(rec.choices) == 4 and rec.answer in data.LETTERS[:4]
             assert set(rec.choices) <= set(space) and len(set(rec.choices)) == len(rec.choices)
         else:
             assert rec.answer in space
-    # colour tier: the answer is the colour of most non-white pixels
+    assert {t: sum(test[i].category == t for i in range(len(test))) for t in data.TIERS} == {t: 60 for t in data.TIERS}
+    # colour and choice tiers: the answer is the colour of most non-white pixels
     for i in range(len(test)):
         rec = test[i]
-        if rec.category == "colour" and not rec.choices:
+        if rec.category in ("colour", "choice"):
             raw = rec.images[0].tobytes()
             pixels = [raw[k:k + 3] for k in range(0, len(raw), 3)]
             pixels = [tuple(p) for p in pixels if p != b"\xff\xff\xff"]
             top = max(set(pixels), key=pixels.count)
-            assert top == data.COLOURS[rec.answer]
+            colour = rec.choices[data.LETTERS.index(rec.answer)] if rec.choices else rec.answer
+            assert top == data.COLOURS[colour]
 
 
 def test_toy_chance_groups_often_have_equal_rewards():
