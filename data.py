@@ -147,8 +147,11 @@ def load_jsonl(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
 # probability (5/6)^8 = 0.23; counting and "largest" questions have five and six answers: the
 # vanishing-advantage situation that Selective Sample Replay exists for (paper, Section 3.1).
 
+# Six colours far apart in RGB. (With orange in place of black, plain GRPO learned every colour
+# but orange, which it kept calling yellow: once no sample of a group is right, its advantages
+# vanish and nothing corrects the mistake. Telling such colours apart is a job for a bigger model.)
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-           "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
+           "yellow": (235, 210, 40), "purple": (140, 60, 180), "black": (30, 30, 30)}
 SHAPES = ("circle", "square", "triangle")
 SIZE = 112  # pixels; with 14-pixel patches merged 2x2 this is 4x4 = 16 image tokens
 
