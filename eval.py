@@ -4,7 +4,7 @@
     python eval.py --model runs/toy-s0/final --bench toy --limit 40
     python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --bench mathvista --data testmini.parquet
     torchrun --nproc_per_node 8 eval.py --model ... --bench mathverse --data testmini.parquet
-    python eval.py --compare runs/toy-s0 runs/no-ssr --out compare.png   # reward, zero-adv, eval acc
+    python eval.py --compare runs/lab/* --out lab.png   # a table (seeds pooled) and a plot of the runs
 
 As the paper evaluates: greedy decoding, the training prompt, no rethinking trigger;
 a response is right when its last \\boxed{} answer matches (reward.accuracy). Multiple-choice
@@ -304,6 +304,45 @@ def read_metrics(run_dir: str) -> list[dict]:
     return [m for _, m in rows]
 
 
+def _run_name(run_dir: str) -> str:
+    """runs/lab/ssr-s2 -> ssr: the seeds of one configuration are pooled."""
+    return re.sub(r"-s\d+$", "", Path(run_dir).name)
+
+
+def _mean_std(xs: list) -> str:
+    if not xs:
+        return "-"
+    mean = sum(xs) / len(xs)
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
+    """A markdown table of runs, seeds pooled: folders named NAME-s<seed> are one row, NAME.
+
+    Per row: final eval accuracy (mean ± sample std over seeds), the share of zero-advantage groups
+    over all steps, the first eval step at which eval accuracy reached `target` (mean over the seeds
+    that reached it, and how many did), the reflection rate of the last eval, and rethink_fixed (the
+    share of triggered responses that rethinking turned from wrong to right), averaged over steps."""
+    groups = {}
+    for d in run_dirs:
+        groups.setdefault(_run_name(d), []).append(read_metrics(d))
+    lines = ["| run | seeds | final eval acc | zero-adv share | steps to %.1f | reflection rate | rethink_fixed |" % target,
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in groups.items():
+        evals = [[m for m in rows if "eval_acc" in m] for rows in runs]
+        final = [e[-1]["eval_acc"] for e in evals if e]
+        reached = [next((m["step"] + 1 for m in e if m["eval_acc"] >= target), None) for e in evals]
+        hit = [r for r in reached if r is not None]
+        steps = f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(runs)})" if hit else f"never (0/{len(runs)})"
+        zero = [sum(m["zero_adv_frac"] for m in rows) / len(rows) for rows in runs]
+        reflect = [e[-1]["eval_reflect"] for e in evals if e and "eval_reflect" in e[-1]]
+        fixed = [sum(m.get("rethink_fixed", 0.0) for m in rows) / len(rows) for rows in runs]
+        lines.append(f"| {name} | {len(runs)} | {_mean_std(final)} | {_mean_std(zero)} | {steps} | "
+                     f"{_mean_std(reflect)} | {_mean_std(fixed)} |")
+    return "\n".join(lines)
+
+
 def plot(run_dirs: list[str], out: str) -> str:
     """One panel per metric, one colour per run: the raw curve faint, its running average solid
     (rewards of a few prompts per step are noisy); eval accuracy is sparse, so as points."""
@@ -316,18 +355,24 @@ def plot(run_dirs: list[str], out: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 3.8))
-    for (d, rows), colour in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+    names = list(dict.fromkeys(_run_name(d) for d in runs))  # seeds of one run share a colour
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    labelled = set()
+    for d, rows in runs.items():
+        colour, name = palette[names.index(_run_name(d))], _run_name(d)
+        label = None if name in labelled else name
+        labelled.add(name)
         for ax, (key, _) in zip(axes, PLOTTED):
             pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
             if not pts:
                 continue
             steps, vals = zip(*pts)
             if key == "eval_acc":
-                ax.plot(steps, vals, "o-", color=colour, label=Path(d).name)
+                ax.plot(steps, vals, "o-", color=colour, label=label)
                 continue
             ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=0.8)
             ax.plot(steps, list(itertools.accumulate(vals, lambda avg, v: 0.9 * avg + 0.1 * v)), color=colour,
-                    label=Path(d).name)
+                    label=label)
     for ax, (_, title) in zip(axes, PLOTTED):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -358,6 +403,7 @@ def main(argv=None):
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="plot these runs' metrics.jsonl instead")
     args = p.parse_args(argv)
     if args.compare:
+        print(compare_table(args.compare))
         print(f"wrote {plot(args.compare, args.out or 'compare.png')}")
         return
     if not args.bench:

@@ -259,7 +259,7 @@ def test_two_gloo_processes_give_the_same_results_as_one(tmp_path):
     two, rows2 = run_cli(tmp_path, "two", torchrun)
     summary = json.loads(one[-1])
     assert summary == ev.summarize(rows1, "toy") and summary["n"] == 10
-    assert list(summary["categories"]) == ["colour", "shape", "count", "largest"]  # the tiers, in order
+    assert list(summary["categories"]) == ["colour", "shape", "count", "largest", "choice"]  # the tiers, in order
     assert json.loads(two[-1]) == summary
     assert [(r["id"], r["response"], r["correct"]) for r in rows2] == [
         (r["id"], r["response"], r["correct"]) for r in rows1]
@@ -287,3 +287,23 @@ def test_compare_plots_runs_and_rejects_bad_metrics(tmp_path):
                 [{"step": 0, "reward_mean": 0.1, "zero_adv_frac": 0.5}, {"step": 1}])
     with pytest.raises(data.DataError, match=r"bad/metrics.jsonl:2: missing reward_mean, zero_adv_frac"):
         ev.plot([str(tmp_path / "bad")], str(tmp_path / "x.png"))
+
+
+def test_compare_table_pools_seeds_and_matches_hand_counts(tmp_path):
+    def run(name, evals, zero, fixed):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "reward_mean": 0.0, "zero_adv_frac": z, "rethink_fixed": f} for s, (z, f) in enumerate(zip(zero, fixed))]
+        for step, acc, reflect in evals:
+            rows[step].update(eval_acc=acc, eval_reflect=reflect)
+        write_jsonl(tmp_path / name / "metrics.jsonl", rows)
+        return str(tmp_path / name)
+
+    runs = [run("full-s0", [(1, 0.5, 0.0), (3, 0.9, 0.2)], [0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.2, 0.0]),
+            run("full-s1", [(1, 0.8, 0.1), (3, 0.7, 0.4)], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),
+            run("plain-s0", [(3, 0.3, 0.0)], [0.25, 0.25, 0.25, 0.25], [0.0] * 4)]
+    lines = ev.compare_table(runs).splitlines()
+    assert len(lines) == 4
+    # full: final acc 0.9 and 0.7 -> 0.8 +- 0.1414; zero-adv 0.25 and 0.25; steps to 0.8: 4 (s0) and 2 (s1) -> 3;
+    # reflection 0.2 and 0.4 -> 0.3 +- 0.1414; rethink_fixed 0.1 and 0.0 -> 0.05 +- 0.0707
+    assert lines[2] == "| full | 2 | 0.800 ± 0.141 | 0.250 ± 0.000 | 3 (2/2) | 0.300 ± 0.141 | 0.050 ± 0.071 |"
+    assert lines[3] == "| plain | 1 | 0.300 ± 0.000 | 0.250 ± 0.000 | never (0/1) | 0.000 ± 0.000 | 0.000 ± 0.000 |"
