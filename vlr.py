@@ -11,6 +11,7 @@ Rethinking) -> rewards (reward.reward) -> group advantages (Eq. 2) -> Selective 
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -26,11 +27,11 @@ import torch.distributed as dist
 class Config:
     model: str = "tiny"  # "tiny", a local folder, or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct
     data: str = "toy"  # "toy" or a ViRL39K-style .jsonl
-    toy_tiers: str = "colour,shape"  # toy tiers trained on (the test split always has all four)
+    toy_tiers: str = "colour"  # toy tiers trained on; the in-loop eval covers all tiers (eval_acc: the trained ones)
     skip_bad: bool = False  # drop bad data lines (they are listed) instead of stopping
     out: str = ""  # run folder; default runs/<data>-s<seed>
-    steps: int = 300
-    prompts_per_step: int = 16  # over all processes
+    steps: int = 200
+    prompts_per_step: int = 32  # over all processes
     group_size: int = 8  # G responses per prompt
     lr: float = 1e-3
     warmup_steps: int = 10
@@ -41,13 +42,19 @@ class Config:
     grad_clip: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 32
+    max_new_tokens: int = 48  # response cap; a rethought response must fit in it too
+    invalid_penalty: float = 0.1  # reward of a response cut by the length cap, without a box, or looping (reward.py)
     rethink: bool = True  # Forced Rethinking (--no-rethink turns it off)
-    rethink_frac: float = 0.5  # share of a low-accuracy group's responses that get a trigger
+    rethink_frac: float = 0.5  # share of a low-accuracy group's wrong responses that get a trigger
+    # The published code trains the trigger tokens too. But a rethought response is kept only when
+    # right, so its trigger only ever gets a positive advantage: the policy learns to say "Wait"
+    # whatever it saw. The tiny model then loops on it and its accuracy falls to chance or below
+    # (README, "Forced Rethinking"). Off here; --rethink-train-trigger as published.
+    rethink_train_trigger: bool = False
     ssr: bool = True  # Selective Sample Replay (--no-ssr: plain GRPO)
     ssr_alpha: float = 1.0  # replay probability ~ |advantage|^alpha
     micro_batch: int = 64  # responses per forward/backward (memory knob, no effect on the math)
-    eval_every: int = 25  # in-loop eval on the toy test split (0: never)
+    eval_every: int = 20  # in-loop eval on the toy test split (0: never)
     save_every: int = 50
     resume: bool = False
     seed: int = 0
@@ -209,7 +216,7 @@ def checkpoint_dir(out: Path) -> Path:
     raise SystemExit(f"--resume: no checkpoint in {out}/ckpt")
 
 
-RESUMABLE = {"steps", "resume", "save_every", "eval_every", "out"}  # may differ on resume
+RESUMABLE = {"resume", "save_every", "eval_every", "out"}  # may differ on resume (--steps shapes the lr schedule)
 
 
 def check_resume_config(out: Path, cfg: Config):
@@ -274,6 +281,14 @@ def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad
             "logp_drift_max": drift, "skipped": int(skipped)}
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 0 at the last step (the published runs use a cosine
+    schedule too). The late, small steps let the policy settle instead of drifting on noise."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def autocast(cfg: Config, device):
     """bf16 compute with fp32 weights (--bf16); a no-op otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -305,14 +320,14 @@ def train(cfg: Config):
     banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     # All toy and jsonl records have images, so every parameter gets a gradient each step.
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # sampling and replay draws
     n_rows = cfg.prompts_per_step // world * cfg.group_size  # responses per process per step
     # Section 3.1: the buffer keeps recent non-zero-advantage samples, about half a batch.
     buffer = ssr.ReplayBuffer(capacity=max(1, n_rows // 2), alpha=cfg.ssr_alpha)
-    rethink_cfg = rollout.RethinkConfig(frac=cfg.rethink_frac) if cfg.rethink else None
+    rethink_cfg = rollout.RethinkConfig(frac=cfg.rethink_frac, train_trigger=cfg.rethink_train_trigger) if cfg.rethink else None
     start = 0
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -333,20 +348,24 @@ def train(cfg: Config):
             metrics_path.unlink()
     log = open(metrics_path, "a") if rank == 0 else None
 
-    def score(text, rec):
-        return reward.reward(text, rec.answer, rec.choices)
+    def correct(text, rec):  # what Forced Rethinking checks: is the (rethought) answer right?
+        return reward.accuracy(text, rec.answer, rec.choices)
+
+    trained_tiers = set(cfg.toy_tiers.split(","))
 
     def run_eval():
-        """Greedy accuracy on this rank's shard of the toy test split, summed over ranks."""
+        """Greedy decoding on this rank's shard of the toy test split (all tiers), summed over ranks.
+        eval_acc is the accuracy on the tiers trained on; eval_acc_<tier> on each tier; eval_reflect
+        the share of responses with a self-reflection phrase (eval.reflects, as the paper reports)."""
         recs = [test_set[i] for i in range(rank, len(test_set), world)]
         with autocast(cfg, device):
             rows = evaluation.evaluate(model, processor, recs, max_new_tokens=cfg.max_new_tokens)
-        per_rank = gather([(r["category"], r["correct"]) for r in rows], world)
+        per_rank = gather([(r["category"], r["correct"], r["rethinks"]) for r in rows], world)
         allrows = [x for part in per_rank for x in part]
-        cats = sorted({c for c, _ in allrows})
-        res = {"eval_acc": sum(c for _, c in allrows) / len(allrows)}
-        for cat in cats:
-            hits = [c for k, c in allrows if k == cat]
+        trained = [c for k, c, _ in allrows if k in trained_tiers]
+        res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(f for _, _, f in allrows) / len(allrows)}
+        for cat in sorted({k for k, _, _ in allrows}):
+            hits = [c for k, c, _ in allrows if k == cat]
             res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
         return res
 
@@ -357,10 +376,11 @@ def train(cfg: Config):
         recs = [train_set[i] for i in prompts_for_step(len(train_set), step, cfg.prompts_per_step, rank, world, cfg.seed)]
         with autocast(cfg, device):
             ro = rollout.sample(model, processor, recs, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                cfg.top_p, gen, score=score, rethink=rethink_cfg)
+                                cfg.top_p, gen, score=correct, rethink=rethink_cfg)
         g = cfg.group_size
-        rewards = torch.tensor([score(t, recs[i // g]) for i, t in enumerate(ro.texts)])
-        correct = torch.tensor([reward.accuracy(t, recs[i // g].answer, recs[i // g].choices) for i, t in enumerate(ro.texts)])
+        acc = torch.tensor([correct(t, recs[i // g]) for i, t in enumerate(ro.texts)])
+        rewards = torch.tensor([reward.reward(t, recs[i // g].answer, recs[i // g].choices, finished=not ro.truncated[i],
+                                              invalid_penalty=cfg.invalid_penalty) for i, t in enumerate(ro.texts)])
         adv = group_advantages(rewards, g)
         rows = rollout.split_rows(ro)
         for r in rows:
@@ -385,7 +405,7 @@ def train(cfg: Config):
         n_groups = len(recs)
         zero_groups = int((rewards.view(-1, g).std(1) == 0).sum())
         resp_len = ro.response_mask.sum(1).float()
-        sums = torch.tensor([float(len(ro.texts)), rewards.sum(), correct.sum(), n_groups, zero_groups,
+        sums = torch.tensor([float(len(ro.texts)), rewards.sum(), acc.sum(), n_groups, zero_groups,
                              sum(reward.has_boxed(t) for t in ro.texts), float(ro.truncated.sum()),
                              float(ro.triggered.sum()), float(ro.rethought.sum()), float(ro.rethink_fixed),
                              resp_len.sum(), float(len(buffer)), float(n_replayed), up["loss"]], dtype=torch.float64)

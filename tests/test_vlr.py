@@ -148,7 +148,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     first = run(["--steps", "2"], tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     again = run(["--steps", "4", "--resume", "--lr", "0.5"], tmp_path)
-    assert again.returncode != 0 and "lr: saved 0.001, now 0.5" in again.stderr
+    assert again.returncode != 0 and f"lr: saved {vlr.Config.lr!r}, now 0.5" in again.stderr
 
 
 def test_ablation_switches(tmp_path):
@@ -169,3 +169,28 @@ def test_ddp_with_two_gloo_processes_keeps_identical_weights(tmp_path):
     assert len(state["checksums"]) == 2 and state["checksums"][0] == state["checksums"][1]
     assert len(state["generators"]) == 2 and not torch.equal(state["generators"][0], state["generators"][1])
     assert len(metrics(tmp_path)) == 2
+
+
+def test_policy_update_skips_a_non_finite_step_and_takes_a_finite_one(tiny_model):
+    import copy
+
+    import data
+    import rollout
+
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    ro = rollout.sample(model, processor, recs, 2, 12, 1.0, generator=torch.Generator().manual_seed(0))
+    rows = rollout.split_rows(ro)
+    cfg = vlr.Config(micro_batch=3)  # two micro-batches: accumulation is exercised too
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
+    before = [p.detach().clone() for p in model.parameters()]
+    args = (cfg, banned, processor.tokenizer.pad_token_id, torch.device("cpu"), 1)
+
+    bad = vlr.policy_update(model, opt, rows, torch.tensor([1.0, float("nan"), -1.0, 0.5]), [True] * 4, *args)
+    assert bad["skipped"] == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # weights untouched
+
+    good = vlr.policy_update(model, opt, rows, torch.tensor([1.0, -1.0, 0.5, -0.5]), [True] * 4, *args)
+    assert good["skipped"] == 0 and good["logp_drift_max"] < 1e-4
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
