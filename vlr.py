@@ -42,7 +42,7 @@ class Config:
     grad_clip: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 48  # response cap; a rethought response must fit in it too
+    max_new_tokens: int = 32  # response cap; a rethought response must fit in it too
     invalid_penalty: float = 0.1  # reward of a response cut by the length cap, without a box, or looping (reward.py)
     rethink: bool = True  # Forced Rethinking (--no-rethink turns it off)
     rethink_frac: float = 0.5  # share of a low-accuracy group's wrong responses that get a trigger
