@@ -40,8 +40,10 @@ def special_ids(tokenizer, names) -> list[int]:
 
 def _log_softmax(logits: torch.Tensor, temperature: float, banned: list[int]) -> torch.Tensor:
     """THE policy distribution, shared by sampling and training: log softmax(logits / T) with the
-    vision special tokens removed. Temperature is part of it (as in the published trainer), so the
-    PPO ratio compares the distribution the tokens were actually drawn from."""
+    vision special tokens removed. Temperature is part of it, so that the PPO ratio compares the
+    distribution the tokens were actually drawn from, and the sampler's log-probs are the old
+    log-probs of Eq. 1 with no second forward pass. (At temperature 1, the default, this is the
+    plain softmax that the published code, which does not scale its training logits, uses too.)"""
     logits = logits.float() / temperature
     logits[..., banned] = float("-inf")
     return torch.log_softmax(logits, dim=-1)

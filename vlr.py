@@ -236,13 +236,14 @@ def gather(obj, world):
     return objs
 
 
-def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad_id, device, world) -> dict:
+def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad_id, device, world, ref=None) -> dict:
     """One optimizer step of Eq. 1 on the batch's rows, in micro-batches (gradients accumulate).
 
     The loss is the token-level mean over the whole batch of all processes: each process divides
     its sum by (all tokens / processes), since DDP averages gradients over processes. `current`
     marks the rows sampled this step: for them the training forward must reproduce the sampler's
     log-probs before the update (`logp_drift_max`, a live check that rollout and training agree).
+    `ref` is the frozen reference policy of the KL term (used only when cfg.kl_coef > 0).
     A non-finite loss or gradient skips the update instead of corrupting the weights."""
     import rollout
 
@@ -263,8 +264,14 @@ def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad
         sync = contextlib.nullcontext() if last or world == 1 else ddp.no_sync()  # all-reduce once, at the end
         with sync, autocast(cfg, device):
             logp = rollout.logprobs(ddp, mb["prompts"], mb["response_ids"], mb["response_mask"], cfg.temperature, banned)
+            ref_logp = None
+            if cfg.kl_coef:  # the reference is fixed, so replayed rows get theirs now, like current ones
+                with torch.no_grad():
+                    ref_logp = rollout.logprobs(ref, mb["prompts"], mb["response_ids"], mb["response_mask"],
+                                                cfg.temperature, banned)
             loss, st = grpo_loss(logp, mb["logp"], advantages[part].to(device), mb["loss_mask"], cfg.clip_eps,
-                                 cfg.agg, denom=denom, clip_eps_high=cfg.clip_eps_high)
+                                 cfg.agg, ref_logp=ref_logp, kl_coef=cfg.kl_coef, denom=denom,
+                                 clip_eps_high=cfg.clip_eps_high)
             loss.backward()
         loss_sum += loss.item()
         clip.append(st["clip_frac"])
@@ -321,13 +328,20 @@ def train(cfg: Config):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
+    # KL term (off by default, as in the published runs): the reference is the starting policy,
+    # loaded from --model again, so a resumed run keeps the same reference.
+    ref = load_policy(cfg, cfg.model, device)[0].requires_grad_(False).eval() if cfg.kl_coef else None
     # All toy and jsonl records have images, so every parameter gets a gradient each step.
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not in a second copy.
+    ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # sampling and replay draws
     n_rows = cfg.prompts_per_step // world * cfg.group_size  # responses per process per step
     # Section 3.1: the buffer keeps recent non-zero-advantage samples, about half a batch.
     buffer = ssr.ReplayBuffer(capacity=max(1, n_rows // 2), alpha=cfg.ssr_alpha)
-    rethink_cfg = rollout.RethinkConfig(frac=cfg.rethink_frac, train_trigger=cfg.rethink_train_trigger) if cfg.rethink else None
+    # The continuation may use the whole response budget; a rethought response longer than
+    # --max-new-tokens in total is discarded anyway (rollout.py).
+    rethink_cfg = rollout.RethinkConfig(frac=cfg.rethink_frac, train_trigger=cfg.rethink_train_trigger,
+                                        max_new_tokens=cfg.max_new_tokens) if cfg.rethink else None
     start = 0
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -396,7 +410,7 @@ def train(cfg: Config):
         batch_adv = torch.as_tensor(batch_adv, dtype=torch.float32)
 
         current = [r["step"] == step for r in batch]
-        up = policy_update(ddp, opt, batch, batch_adv, current, cfg, banned, tok.pad_token_id, device, world)
+        up = policy_update(ddp, opt, batch, batch_adv, current, cfg, banned, tok.pad_token_id, device, world, ref)
         if up["skipped"]:
             tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
         sched.step()

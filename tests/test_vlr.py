@@ -194,3 +194,40 @@ def test_policy_update_skips_a_non_finite_step_and_takes_a_finite_one(tiny_model
     good = vlr.policy_update(model, opt, rows, torch.tensor([1.0, -1.0, 0.5, -0.5]), [True] * 4, *args)
     assert good["skipped"] == 0 and good["logp_drift_max"] < 1e-4
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_kl_term_uses_the_reference_and_pulls_the_policy_towards_it(tiny_model):
+    import copy
+
+    import data
+    import rollout
+
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # a reference that differs from the policy
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    ro = rollout.sample(model, processor, recs, 2, 12, 1.0, generator=torch.Generator().manual_seed(0))
+    rows = rollout.split_rows(ro)
+    cfg = vlr.Config(micro_batch=3, kl_coef=1.0)
+    banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
+    pad = processor.tokenizer.pad_token_id
+
+    def k3_mean():  # the k3 estimate of KL(pi || ref), mean over the trained tokens, computed here
+        b = rollout.collate(rows, pad)
+        with torch.no_grad():
+            lp = rollout.logprobs(model, b["prompts"], b["response_ids"], b["response_mask"], 1.0, banned)
+            lr = rollout.logprobs(ref, b["prompts"], b["response_ids"], b["response_mask"], 1.0, banned)
+        d = lr - lp
+        return float(((torch.exp(d) - d - 1) * b["loss_mask"]).sum() / b["loss_mask"].sum())
+
+    before = k3_mean()
+    assert before > 1e-3
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    zero_adv = torch.zeros(4)  # no policy-gradient signal: the loss is the KL term alone
+    up = vlr.policy_update(model, opt, rows, zero_adv, [True] * 4, cfg, banned, pad, torch.device("cpu"), 1, ref)
+    assert up["loss"] == pytest.approx(before, rel=1e-4)
+    for _ in range(5):
+        vlr.policy_update(model, opt, rows, zero_adv, [False] * 4, cfg, banned, pad, torch.device("cpu"), 1, ref)
+    assert k3_mean() < 0.5 * before
