@@ -127,7 +127,7 @@ def load_jsonl(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            rec = _check_line(line, path.parent)
+            rec = _check_line(line.rstrip("\r\n"), path.parent)  # else a line cut short fails at "line 2 column 1"
             if isinstance(rec, str):
                 errors.append(f"{path}:{lineno}: {rec}")
             else:

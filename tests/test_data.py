@@ -40,6 +40,13 @@ def test_every_bad_line_is_reported_with_file_and_line(tmp_path):
         assert line.startswith(f"{path}:{lineno}: ") and reason in line, line
 
 
+def test_invalid_json_is_located_on_its_own_line(tmp_path):
+    path = write_jsonl(tmp_path, [GOOD, '{"id": "cut", "image": "ok.png",'])
+    with pytest.raises(data.DataError) as err:
+        data.load_jsonl(path)
+    assert f"{path}:2: invalid JSON (Expecting property name enclosed in double quotes at column 33)" in str(err.value)
+
+
 def test_skip_bad_keeps_the_good_lines(tmp_path):
     path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES] + [dict(GOOD, id="g2", image=["ok.png", "ok.png"])])
     records, skipped = data.load_jsonl(path, skip_bad=True)
