@@ -286,8 +286,10 @@ def load_bench(bench: str, path: str | None = None) -> list[data.Record]:
 # Plots of training runs
 # ---------------------------------------------------------------------------------------------
 
-PLOTTED = (("reward_mean", "mean reward"), ("zero_adv_frac", "zero-advantage share of groups"),
-           ("eval_acc", "eval accuracy (greedy)"))
+# (metric, title, shares from 0 to 1?). Response length is there because a policy can drift into
+# filler (responses that grow while the reward stays flat) with every other panel looking calm.
+PLOTTED = (("reward_mean", "mean reward", True), ("zero_adv_frac", "zero-advantage share of groups", True),
+           ("eval_acc", "eval accuracy (greedy)", True), ("resp_len_mean", "mean response length (tokens)", False))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -362,7 +364,7 @@ def plot(run_dirs: list[str], out: str) -> str:
         colour, name = palette[names.index(_run_name(d))], _run_name(d)
         label = None if name in labelled else name
         labelled.add(name)
-        for ax, (key, _) in zip(axes, PLOTTED):
+        for ax, (key, _, _) in zip(axes, PLOTTED):
             pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
             if not pts:
                 continue
@@ -373,10 +375,11 @@ def plot(run_dirs: list[str], out: str) -> str:
             ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=0.8)
             ax.plot(steps, list(itertools.accumulate(vals, lambda avg, v: 0.9 * avg + 0.1 * v)), color=colour,
                     label=label)
-    for ax, (_, title) in zip(axes, PLOTTED):
+    for ax, (_, title, share) in zip(axes, PLOTTED):
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.set_ylim(-0.02, 1.02)
+        if share:
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()

@@ -275,13 +275,16 @@ def test_compare_plots_runs_and_rejects_bad_metrics(tmp_path):
     for name, slope in (("ssr", 0.004), ("no-ssr", 0.002)):
         (tmp_path / name).mkdir()
         write_jsonl(tmp_path / name / "metrics.jsonl",
-                    [dict({"step": s, "reward_mean": 0.2 + slope * s, "zero_adv_frac": 0.5 - slope * s},
+                    [dict({"step": s, "reward_mean": 0.2 + slope * s, "zero_adv_frac": 0.5 - slope * s,
+                           "resp_len_mean": 16 + 1000 * slope * s},
                           **({"eval_acc": 0.25 + slope * s} if s % 25 == 24 else {})) for s in range(100)])
     out = ev.plot([str(tmp_path / "ssr"), str(tmp_path / "no-ssr")], str(tmp_path / "compare.png"))
     img = Image.open(out).convert("RGB")
-    assert img.size == (1650, 418)  # three panels, 15 x 3.8 inches at 110 dpi
+    assert img.size == (2200, 418)  # four panels, 20 x 3.8 inches at 110 dpi
     colours = {c for _, c in img.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours  # one colour per run
+    lengths = {c for _, c in img.crop((1650, 0, 2200, 418)).getcolors(maxcolors=1 << 20)}
+    assert (31, 119, 180) in lengths and (255, 127, 14) in lengths  # lengths of 16..416 tokens are on their panel
     (tmp_path / "bad").mkdir()
     write_jsonl(tmp_path / "bad" / "metrics.jsonl",
                 [{"step": 0, "reward_mean": 0.1, "zero_adv_frac": 0.5}, {"step": 1}])
