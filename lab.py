@@ -1,7 +1,8 @@
 """The teaching lab: the paper's ablation (Table 4) in miniature, on the toy task and the tiny model.
 
-    python lab.py                          # 3 configurations x 2 seeds, about 30 minutes on 2 CPU cores
-    python lab.py --seeds 0 1 2 --steps 300
+    python lab.py                          # 3 configurations x 3 seeds, about 35 minutes on 2 CPU cores
+    python lab.py --seeds 0 1 --steps 300
+    python lab.py --out runs/lab-cap32 -- --max-new-tokens 32    # flags after -- go to every vlr.py run
 
 GRPO, GRPO + Selective Sample Replay, GRPO + SSR + Forced Rethinking: each is a `vlr.py` run with
 the same settings but for the switches, in runs/lab/<config>-s<seed>. Two runs go at a time, one
@@ -26,10 +27,11 @@ CONFIGS = {  # name -> the vlr.py switches (everything else is the default toy r
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--out", default="runs/lab")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("vlr_args", nargs="*", help="after --: more vlr.py flags, the same for every run")
     args = p.parse_args(argv)
     out = Path(args.out)
     jobs = [(name, seed) for seed in args.seeds for name in CONFIGS]
@@ -41,7 +43,7 @@ def main(argv=None):
             print(f"{run_dir}: done before, kept")
             continue
         cmd = [sys.executable, "vlr.py", *CONFIGS[name], "--seed", str(seed), "--steps", str(args.steps),
-               "--out", str(run_dir)]
+               "--out", str(run_dir), *args.vlr_args]
         print(" ".join(cmd[1:]), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         log = open(run_dir / "log.txt", "w")
