@@ -1,61 +1,40 @@
-"""Rewards: grade a response's final \\boxed{} answer against the gold answer, exactly and safely.
+"""Rewards: what a response is graded on, what counts as right, and what is penalised.
 
 The reward is the only signal RL gets, so a grader that calls a right answer wrong (or the other
 way round) teaches the model the wrong thing. And the text it grades is model output: hostile input.
 
-The grading pipeline (`accuracy`):
+The grading pipeline (`grade`, once per response; `accuracy` and `reward` read from it):
   1. `extract_answer`: the content of the last complete \\boxed{...}; a rethought response revises
      its answer, so the last box counts. No box, no answer (score 0): the prompt asks for a box, the
      paper's code requires one in training, and a fallback such as "the last number in the text"
-     would reward guessing.
+     would reward guessing. A gold answer (or option) written in a box, as ViRL39K writes every
+     answer (\\boxed{\\frac{3}{2}}), is unwrapped the same way; a box inside the answer is too.
   2. Multiple choice: a gold letter ("B") meets the predicted letter in its usual dresses (B, (B),
      B., B. 12, \\text{B}, b) or, when the options are given, the text of option B.
   3. Both strings are normalised: $, \\text{}, \\left/\\right, spacing, degrees, percent signs,
      units after a number, thousands separators and a leading "x =" go; \\dfrac and \\tfrac become
      \\frac. Equal strings (ignoring case and spaces) match: that settles the text answers (yes, red).
-  4. Both are parsed by our own tokenizer and recursive-descent parser for a LaTeX subset (numbers,
-     single letters, + - * / ^ !, \\frac, \\sqrt, \\pi, trig and log functions, \\pm, tuples and
-     intervals), which builds the sympy objects itself: model text never reaches eval, exec,
-     sympify or parse_expr, and anything outside the whitelist is simply not math.
-  5. Values are compared numerically, in plain double precision: constants directly, expressions
-     at random points (identity testing), both within REL_TOL. Neither sympy's simplify nor its
-     evalf is called: nothing bounds their run time (evalf chases precision: cos(10^{999^x}) never
-     returns), and for this subset agreement at random points decides the same question.
+  4. Otherwise both must be the same math: `latex.equivalent` parses a LaTeX subset with its own
+     parser (model text never reaches eval or sympify) and compares values numerically, within
+     latex.REL_TOL; a gold written as a rounded decimal (1.73) also accepts the exact value (\\sqrt{3}).
+  5. The reward: 1 for a right answer, 0 for a wrong one; optionally -invalid_penalty for a response
+     that is not `is_valid`, and the published code's shaping by the number of native "wait"s.
 
-Safety bounds, checked before sympy does any work; they are what keeps every call under a second:
-  - a response over MAX_RESPONSE_CHARS has no answer, and extraction is one linear scan;
-  - an answer over MAX_ANSWER_CHARS characters is wrong (no final answer is that long); one over
-    MAX_TOKENS tokens or nested deeper than MAX_DEPTH is not parsed; a number has at most MAX_DIGITS;
-  - a constant exponent is at most MAX_EXPONENT in size, a constant power at most 2^MAX_POW_BITS,
-    exponents nest at most MAX_POW_NESTING deep (9^{9^{9^9}} stops here), n! needs n <= MAX_FACTORIAL,
-    and a function's constant argument must fit a double (sympy may evaluate log(cos(e^{9!})) to
-    learn its sign, at a precision that grows with the argument: seconds).
-Behind them, in the main thread, a timer (TIME_LIMIT_S) stops whatever is left. Any failure scores 0.0.
+Every call is bounded: a response over MAX_RESPONSE_CHARS has no answer and extraction is one linear
+scan; an answer over MAX_ANSWER_CHARS is wrong (no final answer is that long); latex.py bounds the
+math it parses (see its docstring); and a timer (TIME_LIMIT_S, main thread only) stops whatever is
+left. Any failure scores as a wrong answer.
 """
-import cmath
-import contextlib
-import math
-import random
 import re
-import signal
-import threading
+from dataclasses import dataclass
 
-import sympy
+import latex
 
 MAX_RESPONSE_CHARS = 100_000
 MAX_ANSWER_CHARS = 300
-MAX_TOKENS = 150
-MAX_DEPTH = 20  # nested brackets, braces and macro arguments
-MAX_DIGITS = 40
-MAX_EXPONENT = 1000
-MAX_POW_BITS = 1000  # a constant power fits a double (below 2^1024)
-MAX_POW_NESTING = 2
-MAX_FACTORIAL = 100
-MAX_VALUES = 8  # items of a list like "1, 2, 3", with both signs of each \pm
-REL_TOL = 1e-4  # "1.0000" is 1 and "0.33333" is 1/3, but "0.33" is not 1/3 (see _equivalent for golds like 0.33)
-N_POINTS = 3  # random points an expression with variables is evaluated at
 TIME_LIMIT_S = 0.5
 MAX_WAITS = 5  # a valid response says "wait" at most this often (the published rule)
+BONUS_WAITS = 2  # with reflection_bonus, 1 or 2 native reflections earn it; 3 or more meet wait_penalty
 
 
 def extract_answer(response: str) -> str | None:
@@ -84,28 +63,53 @@ def has_boxed(response: str) -> bool:
     return extract_answer(response) is not None
 
 
-def accuracy(response: str, answer: str, choices: list[str] | None = None) -> float:
-    """1.0 if the response's last boxed answer matches the gold `answer`, else 0.0. Never raises.
+@dataclass(frozen=True)
+class Grade:
+    """One response, graded once: the trainer learns from `reward` and logs the rest."""
+    correct: bool  # its last boxed answer matches the gold answer
+    reward: float  # the training signal (see `grade`)
+    boxed: bool  # it has a complete \boxed{} answer
+    valid: bool  # `is_valid`: it ended by itself, has a box and does not loop
+
+
+def grade(response: str, answer: str, choices: list[str] | None = None, finished: bool = True, *,
+          invalid_penalty: float = 0.0, reflection_bonus: float = 0.0, wait_penalty: float = 0.0,
+          forced_waits: int = 0) -> Grade:
+    """Grade one response against the gold `answer`. Never raises.
 
     With `choices` (the option texts, gold "A" meaning choices[0]) a letter and an option's text are
-    interchangeable on either side."""
-    try:
-        with _time_limit(TIME_LIMIT_S):
-            pred = extract_answer(response)
-            return float(pred is not None and _matches(pred, str(answer), [str(c) for c in choices or []]))
-    except Exception:  # a bound hit, the timer, or input no parser expects: not a right answer
-        return 0.0
+    interchangeable on either side. The reward is -invalid_penalty for a response that is not valid
+    (only when invalid_penalty is set), else 0.0 when wrong, else `_right_reward`: 1.0, shaped by the
+    response's native reflections when reflection_bonus or wait_penalty is set. `finished`: the
+    response ended with a stop token, not at the length cap. `forced_waits`: how many "wait"s a
+    Forced Rethinking trigger put into the response; a forced response is not shaped."""
+    pred = extract_answer(response)
+    correct = pred is not None and _is_right(pred, answer, choices)
+    valid = _is_valid(response, pred is not None, finished)
+    if invalid_penalty and not valid:
+        score = -invalid_penalty
+    elif correct:
+        score = _right_reward(response, invalid_penalty, reflection_bonus, wait_penalty, forced_waits)
+    else:
+        score = 0.0
+    return Grade(correct=correct, reward=score, boxed=pred is not None, valid=valid)
+
+
+def accuracy(response: str, answer: str, choices: list[str] | None = None) -> float:
+    """1.0 if the response's last boxed answer matches the gold `answer`, else 0.0. Never raises."""
+    return float(grade(response, answer, choices).correct)
 
 
 def is_valid(response: str, finished: bool = True) -> bool:
     """A well-formed response: it ended by itself (`finished`: a stop token, not the length cap),
     has a \\boxed{} answer, and says "wait" at most MAX_WAITS times (more is a rethinking loop)."""
-    return finished and has_boxed(response) and response.lower().count("wait") <= MAX_WAITS
+    return _is_valid(response, has_boxed(response), finished)
 
 
 def reward(response: str, answer: str, choices: list[str] | None = None, finished: bool = True,
-           invalid_penalty: float = 0.0) -> float:
-    """The trainer's reward for one response: its accuracy, or -invalid_penalty when not `is_valid`."""
+           invalid_penalty: float = 0.0, *, reflection_bonus: float = 0.0, wait_penalty: float = 0.0,
+           forced_waits: int = 0) -> float:
+    """The trainer's reward for one response: `grade(...).reward`."""
     # VL-Rethinker's reward is binary correctness with no format term: "a simple binary reward
     # signal is used to indicate the correctness of a response" (paper, Section 3.1). The released
     # code (TIGER-AI-Lab/VL-Rethinker, experience_maker.py) has its format bonuses commented out
@@ -113,16 +117,66 @@ def reward(response: str, answer: str, choices: list[str] | None = None, finishe
     # token, no \boxed, or more than five "wait"s. invalid_penalty=0.1 reproduces that; 0.0 is the
     # paper's text. The penalty matters: without it a response that rambles to the length cap
     # scores the same 0 as a wrong answer, nothing pushes the policy to stop, and on the toy task
-    # responses grow until the format is gone (see README, "the reward"). (That code also nudges
-    # correct rewards by the number of "wait"s, which the paper does not describe; left out here.)
-    if invalid_penalty and not is_valid(response, finished):
-        return -invalid_penalty
-    return accuracy(response, answer, choices)
+    # responses grow until the format is gone (see README, "the reward"). That code also shapes a
+    # right answer's reward by its native "wait"s, which the paper does not describe:
+    # reflection_bonus=0.1, wait_penalty=0.2 reproduce it (see _right_reward); 0.0 leaves it out.
+    return grade(response, answer, choices, finished, invalid_penalty=invalid_penalty,
+                 reflection_bonus=reflection_bonus, wait_penalty=wait_penalty, forced_waits=forced_waits).reward
+
+
+def _is_valid(response: str, boxed: bool, finished: bool) -> bool:
+    return finished and boxed and response.lower().count("wait") <= MAX_WAITS
+
+
+def _is_right(pred: str, answer: str, choices: list[str] | None) -> bool:
+    """Does the extracted answer match the gold? Within TIME_LIMIT_S; any failure is a no."""
+    try:
+        with latex.time_limit(TIME_LIMIT_S):
+            return _matches(pred, str(answer), [str(c) for c in choices or []])
+    except Exception:  # a bound hit, the timer, or input no parser expects: not a right answer
+        return False
+
+
+# A self-reflection as the published code counts it (below): "wait," "wait a" or "alternatively".
+_REFLECTION = re.compile(r"wait,|wait a|alternatively", re.IGNORECASE)
+
+
+def _right_reward(response: str, invalid_penalty: float, reflection_bonus: float, wait_penalty: float,
+                  forced_waits: int) -> float:
+    """A right answer's reward: 1.0, with the published shaping by native reflections.
+
+    TIGER-AI-Lab/VL-Rethinker @ dd2c17d, openrlhf/trainer/ppo_utils/experience_maker.py: the
+    reflections of a first-round response are counted in RemoteExperienceMaker._generate_vllm
+    (num_wait_round0: lower-cased counts of "wait,", "wait a" and "alternatively"), and
+    RemoteExperienceMaker.get_logprobs_and_logs shapes the reward of a right answer that Forced
+    Rethinking did not replace: 1 or 2 reflections score 1.1; otherwise 1.0 - 0.2 per reflection,
+    floored at the invalid score -0.1 (3 score 0.4, 5 score 0.0). Here reflection_bonus is the 0.1,
+    wait_penalty the 0.2, BONUS_WAITS the 2, and the floor -invalid_penalty. One difference: there the
+    bonus also lifts an invalid response (cut at the length cap) to 1.1; here an invalid response
+    scores -invalid_penalty whatever its answer, as it does without the shaping."""
+    n = 0 if forced_waits else len(_REFLECTION.findall(response))  # forced: not shaped (published)
+    if n == 0:
+        return 1.0
+    if n <= BONUS_WAITS:
+        return 1.0 + reflection_bonus
+    return max(1.0 - wait_penalty * n, -invalid_penalty if invalid_penalty else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
-# Matching: multiple choice, then normalised strings, then values
+# Matching: unwrap, multiple choice, normalised strings, then values (latex.equivalent)
 # ---------------------------------------------------------------------------------------------
+
+def _unbox(s: str) -> str:
+    """The content of the last complete \\boxed{} in `s` (a box inside it unwrapped too), or `s`
+    itself without one: so a gold written as ViRL39K writes it, \\boxed{\\frac{3}{2}}, meets the
+    prediction in the same form as a plain gold, nested braces and all."""
+    for _ in range(3):  # \boxed{\boxed{x}}; each pass is one linear scan
+        inner = extract_answer(s)
+        if inner is None:
+            return s
+        s = inner
+    return s
+
 
 _LETTER = re.compile(r"\(?([A-Za-z])(?:[).:]|$)")  # B, (B), B), B., B: and B. 12 -- not "Blue" or "B 12"
 
@@ -139,7 +193,7 @@ def _choice_index(s: str, gold: bool) -> int | None:
 def _matches(pred: str, gold: str, options: list[str]) -> bool:
     if len(pred) > MAX_ANSWER_CHARS:  # no final answer is that long; and it bounds all the work below
         return False
-    pred, gold, options = _clean(pred), _clean(gold), [_clean(o) for o in options]
+    pred, gold, options = _clean(_unbox(pred)), _clean(_unbox(gold)), [_clean(_unbox(o)) for o in options]
     if not pred or not gold:
         return False
     g, p = _choice_index(gold, gold=True), _choice_index(pred, gold=False)
@@ -195,353 +249,17 @@ def _equivalent(pred: str, gold: str) -> bool:
     pred, gold = _normalize(pred), _normalize(gold)
     if _text_key(pred) == _text_key(gold):
         return True
-    p, g = _parse(pred), _parse(gold)
-    if p is None or g is None:
-        return False
     # A gold written as a rounded decimal (MathVista's "1.73") accepts an exact answer that rounds to
-    # it (\sqrt{3}); a decimal answer still has to agree within REL_TOL, so 1.7 is not 1.73.
+    # it (\sqrt{3}); a decimal answer still has to agree within latex.REL_TOL, so 1.7 is not 1.73.
     abs_tol = 0.0
     if (m := _DECIMAL.fullmatch(gold)) and not _NUMBER.fullmatch(pred):
         abs_tol = 0.5 * 10.0 ** -len(m.group(1))
-    return _same_values(p, g, abs_tol)
-
-
-def _same_values(p, g, abs_tol: float) -> bool:
-    """Tuples and intervals compare in order and need the same brackets; bare lists in any order."""
-    (p_brackets, p_values), (g_brackets, g_values) = p, g
-    if p_brackets != g_brackets or len(p_values) != len(g_values):
-        return False
-    if p_brackets:
-        return all(_same_expr(a, b, abs_tol) for a, b in zip(p_values, g_values))
-    unmatched = list(g_values)
-    for a in p_values:
-        hit = next((i for i, b in enumerate(unmatched) if _same_expr(a, b, abs_tol)), None)
-        if hit is None:
-            return False
-        unmatched.pop(hit)
-    return True
-
-
-def _same_expr(a, b, abs_tol: float) -> bool:
-    """Equal as sympy builds them (2\\sqrt{3} and \\sqrt{12} already are), else equal in value:
-    once for constants, at N_POINTS random points (the same ones every call) with variables."""
-    if a == b:
-        return True
-    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
-    rng = random.Random(0)
-    for _ in range(N_POINTS if symbols else 1):
-        point = {s: rng.uniform(0.5, 2.5) for s in symbols}  # positive: keeps sqrt and log real
-        x, y = _evaluate(a, point), _evaluate(b, point)
-        if x is None or y is None or abs(x - y) > max(REL_TOL * max(abs(x), abs(y)), abs_tol):
-            return False
-    return True
-
-
-_FLOAT_FUNCTIONS = {sympy.sin: cmath.sin, sympy.cos: cmath.cos, sympy.tan: cmath.tan, sympy.asin: cmath.asin,
-                    sympy.acos: cmath.acos, sympy.atan: cmath.atan, sympy.log: cmath.log, sympy.exp: cmath.exp,
-                    sympy.cot: lambda z: 1 / cmath.tan(z), sympy.sec: lambda z: 1 / cmath.cos(z),
-                    sympy.csc: lambda z: 1 / cmath.sin(z)}
-
-
-def _evaluate(e, point: dict) -> complex | None:
-    """The value of sympy expression `e` with its symbols set to `point`, as a double-precision
-    complex; None where it is not finite or not a number. Floats overflow at once where mpmath
-    would chase digits, so this takes microseconds whatever `e` is."""
-    try:
-        v = _float_value(e, point)
-    except (OverflowError, ZeroDivisionError, ValueError, TypeError, KeyError):
-        return None
-    return v if cmath.isfinite(v) else None
-
-
-def _float_value(e, point: dict) -> complex:
-    if e.is_Symbol:
-        return point[e]
-    if e.is_Rational:
-        return complex(e.p / e.q)  # int / int is correctly rounded, and raises rather than overflows
-    if e.is_Number or e.is_NumberSymbol:  # floats, pi, e; oo and nan come out non-finite or raise
-        return complex(e)
-    args = [_float_value(a, point) for a in e.args]
-    if e.is_Add:
-        return sum(args)
-    if e.is_Mul:
-        return math.prod(args)
-    if e.is_Pow:
-        return args[0] ** args[1]
-    return _FLOAT_FUNCTIONS[e.func](*args)
-
-
-# ---------------------------------------------------------------------------------------------
-# The LaTeX subset: a whitelist tokenizer and a recursive-descent parser that builds sympy objects
-# ---------------------------------------------------------------------------------------------
-
-class _Reject(Exception):
-    """Outside the subset or over a bound: not math we grade as math."""
-
-
-_FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec,
-              "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
-              "ln": sympy.log, "log": lambda x: sympy.log(x, 10), "exp": sympy.exp}  # school convention: log is log10
-_CONSTANTS = {"pi": sympy.pi, "infty": sympy.oo}
-_GREEK = {"alpha", "beta", "gamma", "theta", "phi", "lambda", "mu", "omega"}
-_OPERATORS = {"cdot": "*", "times": "*", "div": "/"}
-_COMMANDS = {"frac", "sqrt", "pm", *_FUNCTIONS, *_CONSTANTS, *_GREEK}
-_WORDS = {"sqrt", "pi", *_FUNCTIONS}  # also understood without a backslash: sqrt(2)
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|\\([a-zA-Z]+)|([a-zA-Z]+)|([-+*/^_()\[\]{},!]))")
-
-
-def _tokenize(s: str) -> list[str]:
-    """Numbers, single letters, "\\command"s and operator characters; anything else rejects."""
-    tokens, pos, s = [], 0, s.strip()
-    while pos < len(s):
-        m = _TOKEN.match(s, pos)
-        if m is None:
-            raise _Reject
-        number, command, word, op = m.groups()
-        if command is not None:
-            if command in _OPERATORS:
-                tokens.append(_OPERATORS[command])
-            elif command in _COMMANDS:
-                tokens.append("\\" + command)
-            else:
-                raise _Reject
-        elif word is not None and len(word) > 1:
-            if word not in _WORDS:  # "red", "xy": text, not a product of letters ("red" would equal "der")
-                raise _Reject
-            tokens.append("\\" + word)
-        else:
-            tokens.append(number or word or op)
-        pos = m.end()
-    if not tokens or len(tokens) > MAX_TOKENS:
-        raise _Reject
-    return tokens
-
-
-def _parse(s: str):
-    """(brackets, values) for a math answer -- brackets "(]" etc. for a tuple or interval, "" for a
-    bare list or single value -- or None for anything outside the subset or over a bound."""
-    try:
-        return _Parser(_tokenize(s)).answer()
-    except _Reject:
-        return None
-
-
-def _checked_pow(base, exponent):
-    """base ** exponent, refused before sympy computes something astronomically large."""
-    if not exponent.free_symbols:
-        e = _evaluate(exponent, {})
-        if e is None or abs(e) > MAX_EXPONENT:
-            raise _Reject
-        if not base.free_symbols:
-            b = _evaluate(base, {})
-            if b is None or (b != 0 and abs(e) * abs(math.log2(abs(b))) > MAX_POW_BITS):
-                raise _Reject
-    return sympy.Pow(base, exponent)
-
-
-def _checked_call(function, *args):
-    """function(*args), refused when a constant argument does not fit a double (see the docstring)."""
-    if any(not a.free_symbols and _evaluate(a, {}) is None for a in args):
-        raise _Reject
-    return function(*args)
-
-
-class _Parser:
-    """answer := "(" or "[" expr ("," expr)+ ")" or "]"      a tuple or an interval
-              |  item ("," item)*                             a bare list, in any order
-       item   := expr, where "\\pm" may stand between terms or before the first one
-       expr   := ["+" | "-"] term (("+" | "-") term)*
-       term   := power (("*" | "/") ["-"] power | power)*    juxtaposition multiplies: 2x, 2\\sqrt{3}
-       power  := factor ["^" arg]                             one superscript: x^{2^3}, not x^2^3
-       factor := atom "!"*
-       atom   := number | letter ["_" subscript] | \\pi | \\infty | greek | "(" expr ")" | "[" expr "]"
-              |  "{" expr "}" | \\frac arg arg | \\sqrt ["[" expr "]"] arg | function ["_" arg] arg
-       arg    := "{" expr "}" | ["-"] factor                  \\frac{1}{2}, \\frac12, x^2, x^-1"""
-
-    def __init__(self, tokens: list[str]):
-        self.tokens, self.i, self.depth, self.pow_nesting = tokens, 0, 0, 0
-
-    def peek(self):
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-    def eat(self, tok: str) -> bool:
-        if self.peek() != tok:
-            return False
-        self.i += 1
-        return True
-
-    def answer(self):
-        if self.peek() in ("(", "["):  # try a tuple or an interval first, else read it as an expression
-            self.i = 1
-            with contextlib.suppress(_Reject):
-                values = self.items(allow_pm=False)
-                if self.i == len(self.tokens) - 1 and self.peek() in (")", "]") and len(values) > 1:
-                    return self.tokens[0] + self.tokens[-1], values
-            self.i, self.depth, self.pow_nesting = 0, 0, 0
-        values = self.items(allow_pm=True)
-        if self.i != len(self.tokens):
-            raise _Reject
-        return "", values
-
-    def items(self, allow_pm: bool) -> list:
-        values = self.expr(allow_pm)
-        while self.eat(","):
-            values += self.expr(allow_pm)
-            if len(values) > MAX_VALUES:
-                raise _Reject
-        return values
-
-    def expr(self, allow_pm: bool = False) -> list:
-        """A sum, as a list of values: one, or with \\pm both (only where allow_pm: the top level)."""
-        values, signs = [sympy.Integer(0)], self.sign() or (1,)
-        while True:
-            if len(signs) > 1 and not allow_pm:
-                raise _Reject
-            term = self.term()
-            values = [v + s * term for v in values for s in signs]
-            if len(values) > MAX_VALUES:
-                raise _Reject
-            signs = self.sign()
-            if signs is None:
-                return values
-
-    def sign(self):
-        for tok, signs in (("+", (1,)), ("-", (-1,)), ("\\pm", (1, -1))):
-            if self.eat(tok):
-                return signs
-        return None
-
-    def term(self):
-        value = self.power()
-        while True:
-            if self.eat("*"):
-                value = value * self.signed(self.power)
-            elif self.eat("/"):
-                value = value / self.signed(self.power)
-            elif self.starts_atom():
-                value = value * self.power()
-            else:
-                return value
-
-    def starts_atom(self) -> bool:
-        """Can the next token start an implicit factor? Not a number: "2 3" is no product."""
-        tok = self.peek()
-        return tok is not None and (tok in ("(", "{") or tok.isalpha() or (tok[0] == "\\" and tok != "\\pm"))
-
-    def signed(self, parse):
-        return -parse() if self.eat("-") else parse()
-
-    def power(self):
-        base = self.factor()
-        if not self.eat("^"):
-            return base
-        self.pow_nesting += 1
-        if self.pow_nesting > MAX_POW_NESTING:
-            raise _Reject
-        exponent = self.arg()
-        self.pow_nesting -= 1
-        return _checked_pow(base, exponent)
-
-    def factor(self):
-        value = self.atom()
-        while self.eat("!"):
-            if not (value.is_Integer and 0 <= value <= MAX_FACTORIAL):
-                raise _Reject
-            value = sympy.factorial(value)
-        return value
-
-    def arg(self):
-        return self.enclosed("{") if self.eat("{") else self.signed(self.factor)
-
-    def enclosed(self, opening: str):
-        """The expression inside a bracket or brace whose opening token was just taken."""
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise _Reject
-        value = self.expr()[0]
-        if not self.eat({"(": ")", "[": "]", "{": "}"}[opening]):
-            raise _Reject
-        self.depth -= 1
-        return value
-
-    def atom(self):
-        tok = self.peek()
-        if tok is None:
-            raise _Reject
-        self.i += 1
-        if tok[0].isdigit() or tok[0] == ".":
-            if len(tok) > MAX_DIGITS:
-                raise _Reject
-            return sympy.Rational(tok)  # exact: "0.1" is 1/10
-        if tok.isalpha():
-            if tok == "e" and self.peek() != "_":
-                return sympy.E
-            return sympy.Symbol(tok + "_" + self.subscript() if self.eat("_") else tok)
-        if tok in ("(", "[", "{"):
-            return self.enclosed(tok)
-        name = tok[1:]
-        if name in _CONSTANTS:
-            return _CONSTANTS[name]
-        if name in _GREEK:
-            return sympy.Symbol(name)
-        if name == "frac":
-            return self.arg() / self.arg()
-        if name == "sqrt":
-            index = self.enclosed("[") if self.eat("[") else sympy.Integer(2)
-            if not (index.is_Integer and 2 <= index <= MAX_EXPONENT):
-                raise _Reject
-            return _checked_call(sympy.root, self.arg(), index)
-        if name in _FUNCTIONS:
-            if name == "log" and self.eat("_"):  # \log_{2} 8
-                base = self.arg()
-                return _checked_call(sympy.log, self.signed(self.factor), base)
-            return _checked_call(_FUNCTIONS[name], self.signed(self.factor))
-        raise _Reject
-
-    def subscript(self) -> str:
-        """x_1, x_{12}, a_n: the subscript becomes part of the variable's name."""
-        braced = self.eat("{")
-        tok = self.peek()
-        if tok is None or not tok.isalnum():
-            raise _Reject
-        self.i += 1
-        if braced and not self.eat("}"):
-            raise _Reject
-        return tok
-
-
-class _Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Raise _Timeout after `seconds`: a backstop behind the static bounds, not a replacement.
-
-    Python runs signal handlers in the main thread only, so elsewhere this does nothing and the
-    bounds hold alone. It also stands aside when a real-time timer is already armed (someone
-    else's), and on the way out it disarms its timer and puts the previous handler back."""
-    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
-            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _Timeout
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:
-            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+    return latex.equivalent(pred, gold, abs_tol)
 
 
 if __name__ == "__main__":  # the grading rate on 10,000 typical responses, about half of them right
     import json
+    import random
     import time
 
     rng = random.Random(0)

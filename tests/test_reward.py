@@ -1,10 +1,13 @@
-"""reward.py: answer extraction, grading across the benchmarks' answer conventions, and hostile input."""
+"""reward.py: answer extraction, grading across the benchmarks' answer conventions (golds plain or boxed),
+the published reward shaping, and hostile input."""
+import dataclasses
 import signal
 import threading
 import time
 
 import pytest
 
+import latex
 import reward
 
 
@@ -143,9 +146,107 @@ CHOICE_TEXTS = [
     (RETHOUGHT.format("blue", "green"), "C", COLOURS, 0.0),
 ]
 
+# Golds as ViRL39K writes them, wrapped in \boxed{} (braces nested inside): (response, gold, expected)
+BOXED_GOLDS = [
+    (boxed(r"\frac{3}{2}"), r"\boxed{\frac{3}{2}}", 1.0),
+    (boxed("1.5"), r"\boxed{\frac{3}{2}}", 1.0),
+    (boxed(r"\frac{2}{3}"), r"\boxed{\frac{3}{2}}", 0.0),
+    (boxed(r"\frac{3}{2}"), r"\boxed{\dfrac{3}{2}}", 1.0),
+    (boxed(r"\dfrac{3}{2}"), r"\boxed{1.5}", 1.0),
+    (boxed("0.5"), r"\boxed{\tfrac{1}{2}}", 1.0),
+    (boxed(r"2\sqrt{3}"), r"\boxed{2\sqrt{3}}", 1.0),
+    (boxed(r"\sqrt{12}"), r"\boxed{2\sqrt{3}}", 1.0),
+    (boxed(r"3\sqrt{2}"), r"\boxed{2\sqrt{3}}", 0.0),
+    (boxed(r"\sqrt{2}"), r"\boxed{\sqrt{2}}", 1.0),
+    (boxed(r"\sqrt{3}"), r"\boxed{\sqrt{2}}", 0.0),
+    (boxed(r"\frac{\sqrt{3}}{2}"), r"\boxed{\frac{\sqrt{3}}{2}}", 1.0),
+    (boxed("x^{2}+1"), r"\boxed{x^{2}+1}", 1.0),
+    (boxed("1+x^2"), r"\boxed{x^{2}+1}", 1.0),
+    (boxed("x^2-1"), r"\boxed{x^{2}+1}", 0.0),
+    (boxed("30"), r"\boxed{30^{\circ}}", 1.0),
+    (boxed(r"30^\circ"), r"\boxed{30^{\circ}}", 1.0),
+    (boxed("30°"), r"\boxed{30^\circ}", 1.0),
+    (boxed("60"), r"\boxed{30^{\circ}}", 0.0),
+    (boxed("12"), r"\boxed{12\text{ cm}}", 1.0),
+    (boxed(r"12 \text{cm}"), r"\boxed{12\text{ cm}}", 1.0),
+    (boxed("13"), r"\boxed{12\text{ cm}}", 0.0),
+    (boxed("24"), r"\boxed{24\text{cm}^2}", 1.0),
+    (boxed(r"24 \text{ cm}^{2}"), r"\boxed{24 \text{cm}^2}", 1.0),
+    (boxed("B"), r"\boxed{B}", 1.0),
+    (boxed("(B)"), r"\boxed{\text{B}}", 1.0),
+    (boxed("C"), r"\boxed{B}", 0.0),
+    (boxed("-3"), r"\boxed{-3}", 1.0),
+    (boxed("3"), r"\boxed{-3}", 0.0),
+    (boxed("-0.5"), r"\boxed{-\frac{1}{2}}", 1.0),
+    (boxed("0.25"), r"\boxed{0.25}", 1.0),
+    (boxed(r"\frac{1}{4}"), r"\boxed{0.25}", 1.0),
+    (boxed("0.2"), r"\boxed{0.25}", 0.0),
+    (boxed(r"\sqrt{3}"), r"\boxed{1.73}", 1.0),  # the rounded-gold rule still applies inside a box
+    (boxed("25"), r"\boxed{25\%}", 1.0),
+    (boxed(r"25\%"), r"\boxed{25\%}", 1.0),
+    (boxed("20"), r"\boxed{25\%}", 0.0),
+    (boxed(r"2\pi"), r"\boxed{2\pi}", 1.0),
+    (boxed("6.2832"), r"\boxed{2\pi}", 1.0),
+    (boxed("3.14"), r"\boxed{\pi}", 0.0),  # a decimal answer must agree within REL_TOL
+    (boxed(r"\frac{4}{3}\pi"), r"\boxed{\frac{4\pi}{3}}", 1.0),
+    (boxed("(1, 2)"), r"\boxed{(1,2)}", 1.0),
+    (boxed("(2, 1)"), r"\boxed{(1,2)}", 0.0),
+    (boxed("[1,3)"), r"\boxed{[1, 3)}", 1.0),
+    (boxed("(1,3)"), r"\boxed{[1, 3)}", 0.0),
+    (boxed(r"(-\infty, 2]"), r"\boxed{(-\infty, 2]}", 1.0),
+    (boxed("1, 2"), r"\boxed{\{1, 2\}}", 1.0),
+    (boxed("5"), r"\boxed{3} and then \boxed{5}", 1.0),  # a gold with two boxes: the last counts
+    (boxed("3"), r"\boxed{3} and then \boxed{5}", 0.0),
+    (boxed(r"\frac{3}{2}"), r"\boxed{ \frac{3}{2} }", 1.0),  # spaces inside the box
+    (boxed(r"\frac{3}{2}"), r"\boxed {\frac{3}{2}}", 1.0),
+    (boxed("5"), r"$\boxed{x = 5}$", 1.0),
+    (boxed("yes"), r"\boxed{\text{Yes}}", 1.0),
+    (boxed("no"), r"\boxed{\text{Yes}}", 0.0),
+    (boxed("1000"), r"\boxed{1,000}", 1.0),
+    (boxed("8"), r"\boxed{8\,\mathrm{cm}^{2}}", 1.0),
+    (boxed(r"\frac{1}{2}"), r"\boxed{\boxed{\frac{1}{2}}}", 1.0),  # a box in a box
+    (boxed(r"\boxed{\frac{1}{2}}"), "0.5", 1.0),  # the same on the response's side
+]
+# (response, gold, choices, expected): a boxed gold letter or option text still meets the other form
+BOXED_GOLD_CHOICES = [
+    (boxed("green"), r"\boxed{B}", COLOURS, 1.0),
+    (boxed("red"), r"\boxed{B}", COLOURS, 0.0),
+    (boxed("B"), r"\boxed{\text{B}}", COLOURS, 1.0),
+    (boxed("B"), r"\boxed{green}", COLOURS, 1.0),
+    (boxed("C"), r"\boxed{green}", COLOURS, 0.0),
+    (boxed("1.5"), r"\boxed{B}", [r"\boxed{\frac{2}{3}}", r"\boxed{\frac{3}{2}}"], 1.0),  # boxed options too
+    (boxed("A"), r"\boxed{\frac{3}{2}}", [r"\frac{3}{2}", r"\frac{2}{3}"], 1.0),
+    (boxed("B"), r"\boxed{\frac{3}{2}}", [r"\frac{3}{2}", r"\frac{2}{3}"], 0.0),
+]
+
 
 def test_there_are_enough_cases():
     assert len(CASES) + len(CHOICE_TEXTS) >= 80
+    assert len(BOXED_GOLDS) + len(BOXED_GOLD_CHOICES) >= 30
+
+
+@pytest.mark.parametrize("response,answer,expected", BOXED_GOLDS)
+def test_a_boxed_gold_is_unwrapped_like_a_response(response, answer, expected):
+    assert reward.accuracy(response, answer) == expected
+
+
+@pytest.mark.parametrize("response,answer,choices,expected", BOXED_GOLD_CHOICES)
+def test_a_boxed_gold_with_choices(response, answer, choices, expected):
+    assert reward.accuracy(response, answer, choices) == expected
+
+
+@pytest.mark.parametrize("response,answer,expected", CASES)
+def test_every_plain_gold_grades_the_same_when_boxed(response, answer, expected):
+    assert reward.accuracy(response, f"\\boxed{{{answer}}}") == expected
+
+
+def test_latex_equivalent_compares_math_only():
+    assert latex.equivalent(r"2\sqrt{3}", r"\sqrt{12}")
+    assert latex.equivalent(r"\frac{x+2}{7}", r"\frac{x}{7}+\frac{2}{7}")
+    assert not latex.equivalent("1.7", "1.73")
+    assert latex.equivalent("1.7", "1.73", abs_tol=0.05)
+    assert not latex.equivalent("red", "red")  # not math: reward.py settles text answers
+    assert not latex.equivalent("9" * 1000, "1")
 
 
 @pytest.mark.parametrize("response,answer,expected", CASES)
@@ -181,6 +282,73 @@ def test_reward_is_accuracy_unless_a_format_coefficient_is_given():
     looping = "Wait. " * 6 + boxed("B")
     assert reward.reward(looping, "B", COLOURS, invalid_penalty=0.1) == -0.1
     assert reward.reward("Wait. " * 5 + boxed("B"), "B", COLOURS, invalid_penalty=0.1) == 1.0
+
+
+def test_grade_returns_every_verdict_at_once():
+    assert reward.grade(boxed("green"), "B", COLOURS) == reward.Grade(correct=True, reward=1.0, boxed=True, valid=True)
+    assert reward.grade(boxed("red"), "B", COLOURS) == reward.Grade(correct=False, reward=0.0, boxed=True, valid=True)
+    assert reward.grade("The answer is B.", "B", COLOURS, invalid_penalty=0.1) == reward.Grade(
+        correct=False, reward=-0.1, boxed=False, valid=False)
+    assert reward.grade(boxed("B"), "B", finished=False, invalid_penalty=0.1) == reward.Grade(
+        correct=True, reward=-0.1, boxed=True, valid=False)
+    assert reward.grade(None, "B") == reward.Grade(correct=False, reward=0.0, boxed=False, valid=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        reward.grade(boxed("B"), "B").reward = 2.0
+
+
+PUBLISHED = {"reflection_bonus": 0.1, "wait_penalty": 0.2, "invalid_penalty": 0.1}  # experience_maker.py
+
+
+def reflecting(*phrases: str, answer: str = "B") -> str:
+    """A response that reflects with each of `phrases` before its final answer."""
+    return "The colour is red. " + " ".join(f"{p} let me look again." for p in phrases) + " " + boxed(answer)
+
+
+# (response, expected reward under the published shaping): 1 or 2 reflections earn 1.1, more cost 0.2
+# each (1.0 - 0.2 n), floored at the invalid score -0.1; "Wait." is no reflection in the published count
+SHAPED = [
+    (reflecting(), 1.0),
+    (reflecting("Wait,"), 1.1),
+    (reflecting("wait a moment,"), 1.1),
+    (reflecting("Wait,", "Alternatively,"), 1.1),
+    (reflecting("Wait,", "Wait,", "Alternatively,"), 0.4),
+    (reflecting(*["Wait,"] * 4), 0.2),
+    (reflecting(*["Alternatively,"] * 5), 0.0),
+    (reflecting(*["Alternatively,"] * 6), -0.1),  # 1.0 - 1.2, floored
+    (reflecting(*["Wait,"] * 6), -0.1),  # six "wait"s: invalid
+    (reflecting("Wait.", "Wait.", "Wait."), 1.0),
+    (reflecting("Wait,", answer="C"), 0.0),  # wrong answers are not shaped
+    (reflecting(*["Wait,"] * 3, answer="C"), 0.0),
+]
+
+
+@pytest.mark.parametrize("response,expected", SHAPED)
+def test_the_published_wait_shaping(response, expected):
+    assert reward.reward(response, "B", COLOURS, **PUBLISHED) == pytest.approx(expected)
+    assert reward.grade(response, "B", COLOURS, **PUBLISHED).reward == pytest.approx(expected)
+
+
+def test_the_wait_shaping_is_off_by_default_and_each_part_is_separate():
+    one, three = reflecting("Wait,"), reflecting("Wait,", "Wait,", "Wait,")
+    assert reward.reward(one, "B", COLOURS) == 1.0
+    assert reward.reward(three, "B", COLOURS) == 1.0
+    assert reward.reward(one, "B", COLOURS, reflection_bonus=0.1) == pytest.approx(1.1)
+    assert reward.reward(three, "B", COLOURS, reflection_bonus=0.1) == 1.0
+    assert reward.reward(three, "B", COLOURS, wait_penalty=0.2) == pytest.approx(0.4)
+    six = reflecting(*["Alternatively,"] * 6)
+    assert reward.reward(six, "B", COLOURS, wait_penalty=0.2) == 0.0  # floored at 0.0, the invalid score here
+
+
+def test_a_forced_rethinking_response_is_not_shaped():
+    assert reward.reward(reflecting("Wait,"), "B", COLOURS, forced_waits=1, **PUBLISHED) == 1.0
+    assert reward.reward(reflecting(*["Wait,"] * 3), "B", COLOURS, forced_waits=1, **PUBLISHED) == 1.0
+    assert reward.reward(reflecting("Wait,", answer="C"), "B", COLOURS, forced_waits=1, **PUBLISHED) == 0.0
+
+
+def test_an_invalid_response_gets_the_penalty_even_with_a_bonus():
+    # the published code gives this one 1.1; here the invalid penalty comes first (see _right_reward)
+    assert reward.reward(reflecting("Wait,"), "B", COLOURS, finished=False, **PUBLISHED) == -0.1
+    assert reward.reward(reflecting("Wait,"), "B", COLOURS, finished=False, reflection_bonus=0.1) == pytest.approx(1.1)
 
 
 HOSTILE = [
