@@ -2,8 +2,9 @@
 
 Everything the trainer (vlr.py) and the evaluator (eval.py) feed to the model is a `Record`:
 one question about one or more images, with a gold answer and, for multiple choice, the options.
-Records come from a ViRL39K-style `.jsonl` file (`load_jsonl`) or from the toy task (`ToyTask`),
-which draws its images with pillow from a seed, so that nothing needs a download.
+Records come from a data file (`load_records`: ViRL39K as released, `39Krelease.parquet` beside its
+`images/` folder, or a ViRL39K-style `.jsonl`) or from the toy task (`ToyTask`), which draws its
+images with pillow from a seed, so that nothing needs a download.
 """
 import hashlib
 import json
@@ -15,8 +16,12 @@ from PIL import Image, ImageDraw
 
 LETTERS = "ABCDEFGHIJ"
 
+# ViRL39K marks where each image goes in the question with this; the prompt puts the image there.
+IMAGE = "<image>"
+
 # The paper's prompt (published code, template "default"): no system prompt of its own (the chat
 # template adds Qwen's default one); the user turn is the image(s), the question, then this line.
+# (The published code, too, puts an image at each `<image>` of the question, else first.)
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -28,33 +33,53 @@ class Record:
     answer: str
     choices: list | None = None  # option texts; then `answer` is a letter, "A" for choices[0]
     category: str = ""  # benchmark sub-category or toy tier, for per-category accuracy
+    meta: dict = field(default_factory=dict)  # the data file's other columns (ViRL39K: source, pass rates)
 
 
 class DataError(ValueError):
-    """Bad input data; the message lists every bad line as `file:line: reason`."""
+    """Bad input data; the message lists every bad line or row as `file:line: reason` (jsonl) or
+    `file:row N: reason` (parquet)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # The prompt
 # ---------------------------------------------------------------------------------------------
 
-def question_text(rec: Record) -> str:
-    """The question as the model sees it: with lettered options for multiple choice."""
+def _options(rec: Record) -> str:
     if not rec.choices:
-        return rec.question
-    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(rec.choices))
-    return f"{rec.question}\nChoices:\n{options}"
+        return ""
+    return "\nChoices:\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(rec.choices))
+
+
+def question_text(rec: Record) -> str:
+    """The question's text with lettered options for multiple choice; `<image>` placeholders stay
+    in it, to show where `messages` puts the images."""
+    return rec.question + _options(rec)
 
 
 def messages(rec: Record, min_pixels: int | None = None, max_pixels: int | None = None) -> list:
     """Chat messages for one record: one user turn with the images, the question and INSTRUCTION.
 
-    min/max_pixels travel with each image so that qwen_vl_utils resizes it to the same budget as
-    the model's image processor (its own default allows 12.8M pixels per image)."""
+    Each `<image>` in the question is replaced by its image, in order; a question without any has
+    its images first. min/max_pixels travel with each image so that qwen_vl_utils resizes it to the
+    same budget as the model's image processor (its own default allows 12.8M pixels per image)."""
     budget = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-    content = [{"type": "image", "image": img, **budget} for img in rec.images]
-    content.append({"type": "text", "text": f"{question_text(rec)}\n\n{INSTRUCTION}"})
+    texts = rec.question.split(IMAGE)
+    if len(texts) == 1:
+        texts = [""] * len(rec.images) + texts
+    elif len(texts) - 1 != len(rec.images):  # loaded files are checked; others (eval's) may not be
+        raise DataError(f"record {rec.id}: {_mismatch(len(texts) - 1, len(rec.images))}")
+    texts[-1] += f"{_options(rec)}\n\n{INSTRUCTION}"
+    content = [{"type": "text", "text": texts[0]}] if texts[0] else []
+    for img, text in zip(rec.images, texts[1:]):  # text i+1 follows image i
+        content.append({"type": "image", "image": img, **budget})
+        if text:
+            content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
+
+
+def _mismatch(placeholders: int, images: int) -> str:
+    return f"{placeholders} '{IMAGE}' placeholder(s) in field 'question' for {images} image(s)"
 
 
 def encode_prompts(processor, records: list[Record]):
@@ -68,14 +93,68 @@ def encode_prompts(processor, records: list[Record]):
     ip = processor.image_processor
     chats = [messages(r, ip.size["shortest_edge"], ip.size["longest_edge"]) for r in records]
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    # Both walk the content lists in order, so the i-th image block of the text gets the i-th image.
     images, _ = process_vision_info(chats, image_patch_size=ip.patch_size)
     processor.tokenizer.padding_side = "left"
     return processor(text=texts, images=images, padding=True, return_tensors="pt")
 
 
 # ---------------------------------------------------------------------------------------------
-# jsonl files (ViRL39K-style): {"id", "image": path or [paths], "question", "answer", "choices"?}
+# Data files
 # ---------------------------------------------------------------------------------------------
+
+def load_records(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
+    """The records of a `.parquet` (ViRL39K as released) or `.jsonl` file, and how many bad ones
+    skip_bad dropped; see `load_parquet` and `load_jsonl`."""
+    loaders = {".jsonl": load_jsonl, ".parquet": load_parquet}
+    suffix = Path(path).suffix
+    if suffix not in loaders:
+        raise DataError(f"{path}: unsupported file type '{suffix}'; expected .parquet or .jsonl")
+    return loaders[suffix](path, skip_bad)
+
+
+def _is_paths(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(p, str) and p for p in value)
+
+
+def _check_images(paths: list, question: str, base: Path):
+    """The image paths resolved against `base`, each opened to check it, or the reason they are bad."""
+    placeholders = question.count(IMAGE)
+    if placeholders and placeholders != len(paths):  # else an image would land in the wrong place
+        return _mismatch(placeholders, len(paths))
+    images = []
+    for p in paths:
+        path = base / p
+        try:
+            with Image.open(path) as im:
+                im.verify()  # reads the whole file's structure without decoding pixels
+        except FileNotFoundError:
+            return f"field 'image': file not found: {p}"
+        except Exception as e:  # PIL raises many kinds for a corrupt file
+            return f"field 'image': unreadable image {p} ({type(e).__name__})"
+        images.append(str(path))
+    return images
+
+
+def _gather(path: Path, checked, skip_bad: bool, unit: str) -> tuple[list[Record], int]:
+    """Records from (location, Record or the reason it is bad) pairs. All bad ones are reported at
+    once as `file:location: reason` (a DataError), so a user fixes a file in one pass and no
+    training starts on bad data. With skip_bad they are dropped instead; the number dropped is
+    returned beside the records so the caller can log it."""
+    records, errors = [], []
+    for where, rec in checked:
+        if isinstance(rec, str):
+            errors.append(f"{path}:{where}: {rec}")
+        else:
+            records.append(rec)
+    if errors and not skip_bad:
+        raise DataError(f"{len(errors)} bad {unit}(s) in {path}:\n" + "\n".join(errors))
+    if not records:
+        raise DataError(f"{path}: no usable records")
+    return records, len(errors)
+
+
+# jsonl (ViRL39K-style): {"id", "image": path or [paths], "question", "answer", "choices"?, "category"?}
 
 def _check_line(line: str, base: Path):
     """Parse one jsonl line into a Record, or return the reason it is bad."""
@@ -93,19 +172,11 @@ def _check_line(line: str, base: Path):
     if not isinstance(row["question"], str) or not row["question"].strip():
         return "field 'question' is empty or not a string"
     paths = row["image"] if isinstance(row["image"], list) else [row["image"]]
-    if not paths or not all(isinstance(p, str) and p for p in paths):
+    if not _is_paths(paths):
         return "field 'image' must be a path or a non-empty list of paths"
-    images = []
-    for p in paths:
-        path = base / p
-        try:
-            with Image.open(path) as im:
-                im.verify()  # reads the whole file's structure without decoding pixels
-        except FileNotFoundError:
-            return f"field 'image': file not found: {p}"
-        except Exception as e:  # PIL raises many kinds for a corrupt file
-            return f"field 'image': unreadable image {p} ({type(e).__name__})"
-        images.append(str(path))
+    images = _check_images(paths, row["question"], base)
+    if isinstance(images, str):
+        return images
     choices = row.get("choices")
     if choices is not None and (not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS)):
         return f"field 'choices' must be a list of 2 to {len(LETTERS)} options"
@@ -114,29 +185,57 @@ def _check_line(line: str, base: Path):
 
 
 def load_jsonl(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
-    """Read and validate every line; image paths are relative to the file.
-
-    All bad lines are reported at once as `file:line: reason` (a DataError), so a user fixes a
-    file in one pass and no training starts on bad data. With skip_bad they are dropped instead;
-    the number dropped is returned beside the records so the caller can log it."""
+    """Read and validate every line (image paths are relative to the file); bad lines are
+    reported as `file:line: reason`, or dropped and counted with skip_bad."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    records, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = _check_line(line.rstrip("\r\n"), path.parent)  # else a line cut short fails at "line 2 column 1"
-            if isinstance(rec, str):
-                errors.append(f"{path}:{lineno}: {rec}")
-            else:
-                records.append(rec)
-    if errors and not skip_bad:
-        raise DataError(f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors))
-    if not records:
-        raise DataError(f"{path}: no usable records")
-    return records, len(errors)
+    with open(path, encoding="utf-8") as f:  # rstrip: else a line cut short fails at "line 2 column 1"
+        checked = ((n, _check_line(line.rstrip("\r\n"), path.parent)) for n, line in enumerate(f, 1) if line.strip())
+        return _gather(path, checked, skip_bad, "line")
+
+
+# parquet: ViRL39K's 39Krelease.parquet. The question marks each image's place with `<image>`;
+# the answer is already wrapped (`\boxed{...}`) and kept so, since the grader unwraps golds.
+
+PARQUET_COLUMNS = ("qid", "question", "answer", "image")  # required; every other column goes to meta
+
+
+def _check_row(row: dict, base: Path):
+    """One parquet row as a Record, or the reason it is bad."""
+    if row["qid"] is None or not str(row["qid"]).strip():
+        return "field 'qid' is empty"
+    for key in ("question", "answer"):
+        if not isinstance(row[key], str) or not row[key].strip():
+            return f"field '{key}' is empty or not a string"
+    if not _is_paths(row["image"]):
+        return "field 'image' must be a non-empty list of paths"
+    images = _check_images(row["image"], row["question"], base)
+    if isinstance(images, str):
+        return images
+    meta = {k: v for k, v in row.items() if k not in PARQUET_COLUMNS + ("category",)}
+    return Record(id=str(row["qid"]), images=images, question=row["question"], answer=row["answer"].strip(),
+                  category=str(row.get("category") or ""), meta=meta)
+
+
+def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
+    """Read and validate every row of a ViRL39K parquet (image paths are relative to the file);
+    bad rows are reported as `file:row N: reason` (N from 1), or dropped and counted with skip_bad.
+    A missing column is reported before any row is read."""
+    import pyarrow.parquet as pq  # here, not at the top: most runs never read a parquet
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        missing = [c for c in PARQUET_COLUMNS if c not in pq.read_schema(path).names]
+        rows = [] if missing else pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's errors for a truncated or non-parquet file vary
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"a ViRL39K parquet has {', '.join(PARQUET_COLUMNS)}")
+    return _gather(path, ((f"row {n}", _check_row(r, path.parent)) for n, r in enumerate(rows, 1)), skip_bad, "row")
 
 
 # ---------------------------------------------------------------------------------------------

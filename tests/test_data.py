@@ -1,4 +1,4 @@
-"""data.py: jsonl validation, the prompt, and the toy task's splits."""
+"""data.py: jsonl and parquet (ViRL39K) validation, the prompt, and the toy task's splits."""
 import json
 import subprocess
 import sys
@@ -70,6 +70,28 @@ def test_question_text_lists_lettered_choices():
     assert data.question_text(rec) == "Which?\nChoices:\nA. red\nB. blue"
     msgs = data.messages(rec)
     assert msgs[0]["content"][-1]["text"].endswith(data.INSTRUCTION)
+    # with a placeholder, the options still follow the whole question, after its image
+    rec = data.Record(id="y", images=["a.png"], question="<image>Which bar?", answer="A", choices=["1", "2"])
+    assert data.question_text(rec) == "<image>Which bar?\nChoices:\nA. 1\nB. 2"
+    assert data.messages(rec)[0]["content"] == [
+        {"type": "image", "image": "a.png"},
+        {"type": "text", "text": f"Which bar?\nChoices:\nA. 1\nB. 2\n\n{data.INSTRUCTION}"}]
+
+
+def test_messages_put_each_image_at_its_placeholder():
+    rec = data.Record(id="x", images=["a.png", "b.png"], question="In <image> x=1. In <image> y=2. Sum?", answer="3")
+    assert data.messages(rec, 100, 200)[0]["content"] == [
+        {"type": "text", "text": "In "},
+        {"type": "image", "image": "a.png", "min_pixels": 100, "max_pixels": 200},
+        {"type": "text", "text": " x=1. In "},
+        {"type": "image", "image": "b.png", "min_pixels": 100, "max_pixels": 200},
+        {"type": "text", "text": f" y=2. Sum?\n\n{data.INSTRUCTION}"}]
+    plain = data.Record(id="p", images=["a.png", "b.png"], question="Sum?", answer="3")  # no placeholder: first
+    assert data.messages(plain)[0]["content"] == [
+        {"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"},
+        {"type": "text", "text": f"Sum?\n\n{data.INSTRUCTION}"}]
+    with pytest.raises(data.DataError, match=r"record odd: 2 '<image>' placeholder\(s\) in field 'question' for 1 "):
+        data.messages(data.Record(id="odd", images=["a.png"], question="<image> or <image>?", answer="1"))
 
 
 def test_toy_splits_are_deterministic_and_disjoint():
@@ -111,3 +133,138 @@ def test_toy_chance_groups_often_have_equal_rewards():
     """At chance (1/6 on colours), a group of 8 is all-wrong with probability (5/6)^8 ~ 0.23."""
     p_all_wrong = (1 - 1 / len(data.TIERS["colour"][1])) ** 8
     assert 0.2 < p_all_wrong < 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# ViRL39K as released: 39Krelease.parquet beside images/, paths relative to the parquet's folder
+# ---------------------------------------------------------------------------------------------
+
+def virl_row(qid, image, question="<image>Find x.", answer="\\boxed{2}", **extra):
+    return {"qid": qid, "question": question, "answer": answer, "image": image, "category": "(GradeSchool) Geometric",
+            "source": "Processed-geo", "PassRate_32BTrained": 0.25, "PassRate_7BBase": 0.0625, **extra}
+
+
+TWO = virl_row("two", ["images/square.png", "images/wide.jpg"], answer="\\boxed{\\frac{3}{2}}",
+               question="In <image> the angle is x. In <image> it is y. Find x+y.")
+
+
+def write_parquet(tmp_path, rows, drop=()):
+    """A parquet in ViRL39K's released schema, in its own folder with an images/ folder of a PNG
+    (448x448), a JPEG (640x480) and a broken file; `drop` leaves columns out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "virl"
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (448, 448), (255, 0, 0)).save(folder / "images" / "square.png")
+    Image.new("RGB", (640, 480), (0, 0, 255)).save(folder / "images" / "wide.jpg", quality=90)
+    (folder / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    schema = pa.schema([("qid", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+                        ("image", pa.list_(pa.string())), ("category", pa.string()), ("source", pa.string()),
+                        ("PassRate_32BTrained", pa.float64()), ("PassRate_7BBase", pa.float64())])
+    schema = pa.schema([f for f in schema if f.name not in drop])
+    path = folder / "39Krelease.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k not in drop} for r in rows], schema), path)
+    return path
+
+
+def test_parquet_records_keep_placeholders_images_and_meta(tmp_path):
+    path = write_parquet(tmp_path, [virl_row("one", ["images/wide.jpg"]), TWO])
+    records, skipped = data.load_records(str(path))
+    assert skipped == 0 and [r.id for r in records] == ["one", "two"]
+    one, two = records
+    folder = tmp_path / "virl"
+    assert one.images == [str(folder / "images" / "wide.jpg")]
+    assert two.images == [str(folder / "images" / "square.png"), str(folder / "images" / "wide.jpg")]
+    assert two.question == "In <image> the angle is x. In <image> it is y. Find x+y."
+    assert two.answer == "\\boxed{\\frac{3}{2}}" and two.choices is None  # kept wrapped: the grader unwraps
+    assert two.category == "(GradeSchool) Geometric"
+    assert two.meta == {"source": "Processed-geo", "PassRate_32BTrained": 0.25, "PassRate_7BBase": 0.0625}
+    assert [c.get("image") or c["text"] for c in data.messages(two)[0]["content"]] == [
+        "In ", two.images[0], " the angle is x. In ", two.images[1], f" it is y. Find x+y.\n\n{data.INSTRUCTION}"]
+
+
+def test_encoded_prompt_has_each_image_where_its_placeholder_was(tmp_path):
+    import tiny
+
+    processor = tiny.build_processor()
+    path = write_parquet(tmp_path, [TWO])
+    enc = data.encode_prompts(processor, data.load_parquet(path)[0])
+    # tiny's budget is 112x112 pixels: the 448x448 PNG becomes 112x112 (8x8 patches of 14 px), the
+    # 640x480 JPEG 112x84 (8x6); 2x2 patches merge into one token: 16 then 12 image tokens
+    assert enc["image_grid_thw"].tolist() == [[1, 8, 8], [1, 6, 8]]
+    tok = processor.tokenizer
+    start, pad, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+    ids = enc["input_ids"][0].tolist()
+    starts = [i for i, t in enumerate(ids) if t == start]
+    assert len(starts) == 2
+    blocks = [ids[s:ids.index(end, s) + 1] for s in starts]
+    assert blocks == [[start] + [pad] * 16 + [end], [start] + [pad] * 12 + [end]]  # the square image first
+    after = [s + len(b) for s, b in zip(starts, blocks)]
+    texts = [tok.decode(ids[:starts[0]]), tok.decode(ids[after[0]:starts[1]]), tok.decode(ids[after[1]:])]
+    assert texts[0].endswith("<|im_start|>user\nIn ")
+    assert texts[1] == " the angle is x. In "
+    assert texts[2] == f" it is y. Find x+y.\n\n{data.INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
+    assert "<image>" not in tok.decode(ids)
+
+
+def test_parquet_missing_columns_are_named_before_any_row_is_read(tmp_path, monkeypatch):
+    path = write_parquet(tmp_path, [TWO], drop=("answer", "image"))
+    checked, opened = [], []
+    monkeypatch.setattr(data, "_check_row", lambda *a: checked.append(a))
+    monkeypatch.setattr(data.Image, "open", lambda *a, **k: opened.append(a))
+    with pytest.raises(data.DataError) as err:
+        data.load_records(path)
+    assert str(err.value) == (f"{path}: missing column(s) answer, image; "
+                              "a ViRL39K parquet has qid, question, answer, image")
+    assert checked == [] and opened == []
+
+
+BAD_ROWS = [  # rows 2..8, each with the reason it must be reported for
+    (virl_row("b1", ["images/square.png"], question="  "), "field 'question' is empty or not a string"),
+    (virl_row("b2", ["images/square.png"], answer=""), "field 'answer' is empty or not a string"),
+    (virl_row("b3", []), "field 'image' must be a non-empty list of paths"),
+    (virl_row("b4", None), "field 'image' must be a non-empty list of paths"),
+    (virl_row("b5", ["images/nowhere.png"]), "field 'image': file not found: images/nowhere.png"),
+    (virl_row("b6", ["images/broken.png"]), "field 'image': unreadable image images/broken.png"),
+    (virl_row("b7", ["images/square.png"], question="<image> or <image>?"),
+     "2 '<image>' placeholder(s) in field 'question' for 1 image(s)"),
+]
+
+
+def test_every_bad_parquet_row_is_reported_with_file_and_row(tmp_path):
+    path = write_parquet(tmp_path, [TWO] + [r for r, _ in BAD_ROWS] + [virl_row("g2", ["images/square.png"])])
+    with pytest.raises(data.DataError) as err:
+        data.load_records(str(path))
+    head, *lines = str(err.value).splitlines()
+    assert head == f"7 bad row(s) in {path}:"
+    assert len(lines) == 7
+    for n, (line, (_, reason)) in enumerate(zip(lines, BAD_ROWS), start=2):
+        assert line.startswith(f"{path}:row {n}: {reason}"), line
+
+
+def test_parquet_skip_bad_keeps_the_good_rows(tmp_path):
+    path = write_parquet(tmp_path, [TWO] + [r for r, _ in BAD_ROWS] + [virl_row("g2", ["images/square.png"])])
+    records, skipped = data.load_records(str(path), skip_bad=True)
+    assert skipped == 7
+    assert [r.id for r in records] == ["two", "g2"]
+    assert records[1].images == [str(tmp_path / "virl" / "images" / "square.png")]
+
+
+def test_unreadable_parquet_and_unknown_suffix_are_named(tmp_path):
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("qid,question\n")
+    with pytest.raises(data.DataError, match=rf"^{fake}: not a readable parquet file"):
+        data.load_records(fake)
+    with pytest.raises(data.DataError, match=rf"^{tmp_path / 'x.csv'}: unsupported file type '.csv'; expected"):
+        data.load_records(tmp_path / "x.csv")
+
+
+def test_jsonl_still_loads_through_load_records(tmp_path):
+    odd = dict(GOOD, id="b1", question="<image> or <image>?")  # placeholders are checked in jsonl too
+    path = write_jsonl(tmp_path, [GOOD, odd, dict(GOOD, id="g2", image=["ok.png", "ok.png"])])
+    with pytest.raises(data.DataError, match=rf"{path}:2: 2 '<image>' placeholder\(s\) in field 'question' for 1"):
+        data.load_records(str(path))
+    records, skipped = data.load_records(str(path), skip_bad=True)
+    assert skipped == 1 and [r.id for r in records] == ["g1", "g2"]
+    assert records[1].images == [str(tmp_path / "ok.png")] * 2 and records[1].meta == {}
