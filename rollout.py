@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -113,13 +114,18 @@ def logprobs(model, prompts: dict, response_ids, response_mask, temperature: flo
 # Sampling
 # ---------------------------------------------------------------------------------------------
 
-def _pick(logits, temperature: float, top_p: float, banned: list[int], generator) -> torch.Tensor:
-    """Next token per row: greedy at temperature 0, else nucleus (top-p) sampling."""
+def _pick(logits, temperature: float, top_p: float, banned: list[int], generator, top_k: int = 0) -> torch.Tensor:
+    """Next token per row: greedy at temperature 0, else sampling from the top_k most likely tokens
+    (0: all) and of those the nucleus of mass top_p (the published rollouts: top-k 40, top-p 0.95).
+    The recorded log-prob stays that of the full distribution, the one training differentiates."""
     if temperature == 0:
         logits = logits.float().clone()
         logits[:, banned] = float("-inf")
         return logits.argmax(-1)
-    probs = _log_softmax(logits, temperature, banned).exp()
+    probs = _log_softmax(logits, temperature, banned).exp()  # [N, V]
+    if 0 < top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]  # [N, 1] the k-th largest probability
+        probs = probs.masked_fill(probs < kth, 0.0)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before already reach top_p
@@ -127,7 +133,7 @@ def _pick(logits, temperature: float, top_p: float, banned: list[int], generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _decode(model, cache, logits, attn, start, max_new, temperature, logp_temperature, top_p, ids, generator):
+def _decode(model, cache, logits, attn, start, max_new, temperature, logp_temperature, top_p, ids, generator, top_k=0):
     """The KV-cache loop: one token per row per step until every row has stopped.
 
     `logits` are the next-token logits of each row, `attn` the attention mask of what is in the
@@ -139,7 +145,7 @@ def _decode(model, cache, logits, attn, start, max_new, temperature, logp_temper
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     toks, lps, real = [], [], []
     for t in range(max_new):
-        tok = _pick(logits, temperature, top_p, ids["banned"], generator)
+        tok = _pick(logits, temperature, top_p, ids["banned"], generator, top_k)
         lp = _log_softmax(logits, logp_temperature, ids["banned"]).gather(1, tok[:, None]).squeeze(1)
         live = ~done
         tok = torch.where(live, tok, ids["pad"])
@@ -185,23 +191,59 @@ class Rollout:
     stats: dict = field(default_factory=dict)
 
 
+class _CastLayer(DynamicLayer):
+    """A KV-cache layer that stores keys and values in `dtype`. Under --bf16 (autocast) the residual
+    stream stays fp32 and the rotary embedding returns fp32 keys: stored as they come, the cache
+    takes twice the memory. Attention under autocast casts them to bf16 anyway, so storing them in
+    bf16 changes no result."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.store_dtype = dtype
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return super().update(key_states.to(self.store_dtype), value_states.to(self.store_dtype), *args, **kwargs)
+
+
+def new_cache(device) -> DynamicCache:
+    """An empty KV cache that stores keys and values in the autocast dtype when autocast is on."""
+    cache = DynamicCache()
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        cache.layer_class_to_replicate = lambda: _CastLayer(dtype)
+    return cache
+
+
 @torch.no_grad()
 def sample(model, processor, records, g: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           generator=None, score=None, rethink: RethinkConfig | None = None, stop_tokens=STOP_TOKENS) -> Rollout:
+           generator=None, score=None, rethink: RethinkConfig | None = None, stop_tokens=STOP_TOKENS,
+           top_k: int = 0, chunk: int = 0) -> Rollout:
     """G responses for each record; with `rethink` (and `score(text, record) -> reward`), Forced
     Rethinking is applied to the low-accuracy groups. temperature 0 is greedy decoding.
-    `stop_tokens=()` decodes exactly max_new_tokens per response (bench.py times it so)."""
-    from data import encode_prompts
-
+    `stop_tokens=()` decodes exactly max_new_tokens per response (bench.py times it so).
+    `chunk` > 0 samples that many prompts (chunk x G rows) at a time: the KV cache of one chunk is
+    what sampling holds in memory. The result is on the CPU."""
     tok = processor.tokenizer
     dev = next(model.parameters()).device
     ids = {"banned": special_ids(tok, VISION_TOKENS), "pad": tok.pad_token_id,
            "stop": torch.tensor(special_ids(tok, stop_tokens), dtype=torch.long, device=dev)}
+    step = chunk if chunk > 0 else len(records)
+    parts = [_sample_chunk(model, processor, records[c:c + step], g, max_new_tokens, temperature, top_p, top_k,
+                           generator, score, rethink, ids) for c in range(0, len(records), step)]
+    return parts[0] if len(parts) == 1 else _concat(parts, ids["pad"])
+
+
+def _sample_chunk(model, processor, records, g, max_new_tokens, temperature, top_p, top_k, generator, score,
+                  rethink, ids) -> Rollout:
+    from data import encode_prompts
+
+    tok = processor.tokenizer
+    dev = ids["stop"].device
     lp_temp = temperature if temperature > 0 else 1.0
     batch = {k: v.to(dev) for k, v in encode_prompts(processor, records).items()}
     pos = positions(model, batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], batch["attention_mask"])
     # Prefill each prompt once (images encoded once), then copy its cache G times: the group.
-    cache = DynamicCache()
+    cache = new_cache(dev)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -210,7 +252,7 @@ def sample(model, processor, records, g: int, max_new_tokens: int, temperature: 
     attn = batch["attention_mask"].repeat_interleave(g, 0)
     start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(g)  # text after the prompt: max position + 1
     resp, lp, real, stopped, attn = _decode(model, cache, logits, attn, start, max_new_tokens,
-                                            temperature, lp_temp, top_p, ids, generator)
+                                            temperature, lp_temp, top_p, ids, generator, top_k)
     n = resp.shape[0]
     rows = [(resp[i][real[i]], lp[i][real[i]], torch.ones(int(real[i].sum()), device=dev)) for i in range(n)]
     texts = tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
@@ -219,13 +261,39 @@ def sample(model, processor, records, g: int, max_new_tokens: int, temperature: 
     first_texts, fixed, stats = [None] * n, 0, {}
     if rethink is not None and score is not None:
         fixed, stats = _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, records, g, score,
-                                rethink, max_new_tokens, lp_temp, top_p, ids, generator, triggered, rethought, first_texts)
-    resp_ids = _pad([r[0] for r in rows], ids["pad"])
-    return Rollout(prompts=repeat_prompts(batch, g), response_ids=resp_ids,
-                   response_mask=_pad([torch.ones_like(r[0]) for r in rows], 0),
-                   logp=_pad([r[1] for r in rows], 0.0), loss_mask=_pad([r[2] for r in rows], 0.0),
+                                rethink, max_new_tokens, lp_temp, top_p, top_k, ids, generator, triggered, rethought,
+                                first_texts)
+    del cache  # the chunk's KV cache is freed before the next chunk is sampled
+    return Rollout(prompts={k: v.cpu() for k, v in repeat_prompts(batch, g).items()},
+                   response_ids=_pad([r[0] for r in rows], ids["pad"]).cpu(),
+                   response_mask=_pad([torch.ones_like(r[0]) for r in rows], 0).cpu(),
+                   logp=_pad([r[1] for r in rows], 0.0).cpu(), loss_mask=_pad([r[2] for r in rows], 0.0).cpu(),
                    texts=texts, truncated=(~stopped).cpu(), triggered=triggered,
                    rethought=rethought, first_texts=first_texts, rethink_fixed=fixed, stats=stats)
+
+
+def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One Rollout from the chunks' rollouts, laid out as if sampled at once: prompts re-padded on
+    the left to the longest, responses on the right, images in row order."""
+    def left(key, value):
+        width = max(p.prompts[key].shape[1] for p in parts)
+        return torch.cat([F.pad(p.prompts[key], (width - p.prompts[key].shape[1], 0), value=value) for p in parts])
+
+    def right(key, value):
+        width = max(getattr(p, key).shape[1] for p in parts)
+        return torch.cat([F.pad(getattr(p, key), (0, width - getattr(p, key).shape[1]), value=value) for p in parts])
+
+    prompts = {"input_ids": left("input_ids", pad_id), "attention_mask": left("attention_mask", 0),
+               "mm_token_type_ids": left("mm_token_type_ids", 0),
+               "pixel_values": torch.cat([p.prompts["pixel_values"] for p in parts]),
+               "image_grid_thw": torch.cat([p.prompts["image_grid_thw"] for p in parts])}
+    stats = {k: sum(p.stats.get(k, 0) for p in parts) for k in parts[0].stats}
+    return Rollout(prompts=prompts, response_ids=right("response_ids", pad_id), response_mask=right("response_mask", 0),
+                   logp=right("logp", 0.0), loss_mask=right("loss_mask", 0.0),
+                   texts=[t for p in parts for t in p.texts], truncated=torch.cat([p.truncated for p in parts]),
+                   triggered=torch.cat([p.triggered for p in parts]), rethought=torch.cat([p.rethought for p in parts]),
+                   first_texts=[t for p in parts for t in p.first_texts],
+                   rethink_fixed=sum(p.rethink_fixed for p in parts), stats=stats)
 
 
 def _pad(seqs, value, side: str = "right") -> torch.Tensor:
@@ -256,7 +324,7 @@ def cut_point(tokenizer, body: list[int]) -> int:
 
 
 def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, records, g, score, cfg, max_len,
-             lp_temp, top_p, ids, generator, triggered, rethought, first_texts):
+             lp_temp, top_p, top_k, ids, generator, triggered, rethought, first_texts):
     """Forced Rethinking (Section 3.2): first response (maybe cut before its answer) + trigger +
     a sampled continuation, kept in place of the first response only if its answer is right.
 
@@ -304,7 +372,7 @@ def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, record
     trig_lp = _log_softmax(out.logits[:, :-1], lp_temp, ids["banned"]).gather(-1, chunk[:, 1:, None]).squeeze(-1)
     cont, cont_lp, cont_real, cont_stopped, _ = _decode(
         model, cache, out.logits[:, -1], attn, first_pos + lens, cfg.max_new_tokens,
-        cfg.temperature, lp_temp, top_p, ids, generator)
+        cfg.temperature, lp_temp, top_p, ids, generator, top_k)
     replaced = [0] * len(records)
     fixed = kept = 0
     for j, i in enumerate(sel):

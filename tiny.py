@@ -73,13 +73,47 @@ def fingerprint() -> str:
 
 
 def resolve(model: str) -> str:
-    """'tiny' -> the cached tiny model folder (built on first use); anything else unchanged."""
+    """'tiny' -> the cached tiny model folder (built on first use); 'smoke-3b-<n>l' -> the cached
+    3B-shaped smoke model (smoke.py); anything else (a folder, a hub id) unchanged."""
+    if model.startswith("smoke-3b-"):
+        import smoke
+
+        return smoke.resolve(model)
     if model != "tiny":
         return model
     stamp = CACHE / "vlr_tiny.json"
     if not (stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint()):
         build(CACHE)
     return str(CACHE)
+
+
+# The published training bounds every image to 256..1280 visual tokens (28 x 28 pixels each). The
+# hub processor of Qwen2.5-VL allows 12.8M pixels (~16k tokens a picture): far over any budget.
+PUBLISHED_MIN_PIXELS, PUBLISHED_MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28
+
+
+def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 0, max_pixels: int = 0):
+    """(model, processor) from 'tiny', 'smoke-3b-<n>l', a folder or a hub id: the one loader of
+    every command (training, reference policy, eval, bench).
+
+    The image budget: explicit min/max_pixels win; else a processor that allows more than the
+    published 1280 * 28^2 pixels (the hub's default) gets the published budget; a processor within
+    it (the tiny model, a checkpoint saved by vlr.py) keeps its own. The budget is saved with the
+    processor, so a checkpoint evaluates at the budget it was trained at."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    src = resolve(model)
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype).to(device)
+    processor = AutoProcessor.from_pretrained(src)
+    ip = processor.image_processor
+    lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
+    if hi > PUBLISHED_MAX_PIXELS:
+        lo, hi = PUBLISHED_MIN_PIXELS, PUBLISHED_MAX_PIXELS
+    lo, hi = min_pixels or lo, max_pixels or hi
+    if not 0 < lo <= hi:
+        raise ValueError(f"image budget: min_pixels {lo} must be positive and at most max_pixels {hi}")
+    ip.size = {"shortest_edge": lo, "longest_edge": hi}
+    return policy, processor
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch.distributed as dist
 @dataclass
 class Config:
     model: str = "tiny"  # "tiny", a local folder, or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct
-    data: str = "toy"  # "toy" or a ViRL39K-style .jsonl
+    data: str = "toy"  # "toy", ViRL39K as released (39Krelease.parquet) or a .jsonl (README)
     toy_tiers: str = "colour"  # toy tiers trained on; the in-loop eval covers all tiers (eval_acc: the trained ones)
     skip_bad: bool = False  # drop bad data lines (they are listed) instead of stopping
     out: str = ""  # run folder; default runs/<data>-s<seed>
@@ -42,6 +42,10 @@ class Config:
     grad_clip: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: all tokens; the published rollouts use top-p 0.95 and top-k 40
+    rollout_chunk: int = 0  # prompts sampled at a time per process (0: all); bounds the KV cache's memory
+    min_pixels: int = 0  # image budget; 0: the model's own, or 256*28^2 for a hub model (tiny.load_model)
+    max_pixels: int = 0  # 0: the model's own, or 1280*28^2 for a hub model (the published bounds)
     # Response cap; a rethought response must fit in it too. Toy answers take ~16 tokens and a
     # rethought one ~30-50: at 32, 4 in 5 right rethought responses were dropped for length.
     max_new_tokens: int = 48
@@ -131,27 +135,28 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", ref_l
 # Setup: processes, model, data
 # ---------------------------------------------------------------------------------------------
 
+# NCCL has no CPU backend: a CPU tensor in a collective of an "nccl" group raises. GPU runs get
+# NCCL for CUDA tensors (the DDP gradients) and gloo for CPU ones (object gathers, small metrics).
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE: then NCCL on GPUs, gloo on CPU. Plain `python`: one process."""
+    """torchrun sets RANK/WORLD_SIZE: then a process per GPU (or CPU process). Plain `python`: one process."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return rank, world, torch.device("cpu")
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(BACKENDS[device.type])
+    return rank, world, device
 
 
 def load_policy(cfg: Config, path: str, device):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
+    """fp32 weights (the master copy; --bf16 computes in bf16 under autocast), the image budget."""
     import tiny
 
-    src = tiny.resolve(path)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32).to(device)
-    processor = AutoProcessor.from_pretrained(src)
+    model, processor = tiny.load_model(path, device, torch.float32, cfg.min_pixels, cfg.max_pixels)
     if cfg.freeze_vision:  # also keeps DDP from waiting for gradients that never come
         model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:
@@ -166,7 +171,7 @@ def load_data(cfg: Config, rank: int):
     if cfg.data == "toy":
         tiers = cfg.toy_tiers.split(",")
         return data.ToyTask("train", tiers), data.ToyTask("test")
-    records, skipped = data.load_jsonl(cfg.data, skip_bad=cfg.skip_bad)
+    records, skipped = data.load_records(cfg.data, skip_bad=cfg.skip_bad)
     if skipped and rank == 0:
         print(f"skipped {skipped} bad line(s) of {cfg.data}")
     return records, None
@@ -227,6 +232,16 @@ def check_resume_config(out: Path, cfg: Config):
     if diff:
         raise SystemExit(f"--resume with a different configuration than {out}/config.json: "
                          + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+
+
+def reduce(values: dict, device, world, op=dist.ReduceOp.SUM) -> dict:
+    """Named numbers summed (or `op`) over processes. The tensor lives on the process's device:
+    the collective must find a backend for it (an NCCL-only group has none for the CPU)."""
+    if world == 1:
+        return {k: float(v) for k, v in values.items()}
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return dict(zip(values, t.tolist()))
 
 
 def gather(obj, world):
@@ -299,8 +314,10 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def autocast(cfg: Config, device):
-    """bf16 compute with fp32 weights (--bf16); a no-op otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    """bf16 compute with fp32 weights (--bf16); a no-op otherwise. Autocast's weight cache is off:
+    it would hold a bf16 copy of every weight for as long as the context lasts (a whole rollout,
+    +6 GB for the 3B); a weight is cast again where it is used instead."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +340,9 @@ def train(cfg: Config):
     if cfg.resume:
         check_resume_config(out, cfg)
         ckpt = checkpoint_dir(out)
-        state = torch.load(ckpt / "train_state.pt", weights_only=False)
+        # to the CPU first: saved from rank 0's GPU, every rank would load it onto GPU 0. The
+        # optimizer's load_state_dict moves its state to each parameter's device.
+        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
     model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, device)
     tok = processor.tokenizer
     banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
@@ -392,7 +411,8 @@ def train(cfg: Config):
         recs = [train_set[i] for i in prompts_for_step(len(train_set), step, cfg.prompts_per_step, rank, world, cfg.seed)]
         with autocast(cfg, device):
             ro = rollout.sample(model, processor, recs, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                cfg.top_p, gen, score=correct, rethink=rethink_cfg)
+                                cfg.top_p, gen, score=correct, rethink=rethink_cfg, top_k=cfg.top_k,
+                                chunk=cfg.rollout_chunk)
         g = cfg.group_size
         acc = torch.tensor([correct(t, recs[i // g]) for i, t in enumerate(ro.texts)])
         rewards = torch.tensor([reward.reward(t, recs[i // g].answer, recs[i // g].choices, finished=not ro.truncated[i],
@@ -421,16 +441,13 @@ def train(cfg: Config):
         n_groups = len(recs)
         zero_groups = int((rewards.view(-1, g).std(1) == 0).sum())
         resp_len = ro.response_mask.sum(1).float()
-        sums = torch.tensor([float(len(ro.texts)), rewards.sum(), acc.sum(), n_groups, zero_groups,
-                             sum(reward.has_boxed(t) for t in ro.texts), float(ro.truncated.sum()),
-                             float(ro.triggered.sum()), float(ro.rethought.sum()), float(ro.rethink_fixed),
-                             resp_len.sum(), float(len(buffer)), float(n_replayed), up["loss"]], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)
-            d = torch.tensor(up["logp_drift_max"])
-            dist.all_reduce(d, op=dist.ReduceOp.MAX)
-            up["logp_drift_max"] = d.item()
-        (n, rsum, csum, ng, zg, boxed, trunc, trig, kept, fixed, lsum, buf, rep, lossum) = sums.tolist()
+        sums = reduce({"n": len(ro.texts), "rsum": rewards.sum(), "csum": acc.sum(), "ng": n_groups, "zg": zero_groups,
+                       "boxed": sum(reward.has_boxed(t) for t in ro.texts), "trunc": ro.truncated.sum(),
+                       "trig": ro.triggered.sum(), "kept": ro.rethought.sum(), "fixed": ro.rethink_fixed,
+                       "lsum": resp_len.sum(), "buf": len(buffer), "rep": n_replayed, "lossum": up["loss"]},
+                      device, world)
+        up["logp_drift_max"] = reduce({"d": up["logp_drift_max"]}, device, world, dist.ReduceOp.MAX)["d"]
+        (n, rsum, csum, ng, zg, boxed, trunc, trig, kept, fixed, lsum, buf, rep, lossum) = sums.values()
         dt = time.time() - t0
         m = {"step": step, "reward_mean": rsum / n, "acc_mean": csum / n, "zero_adv_frac": zg / ng,
              "format_rate": boxed / n, "truncated_frac": trunc / n, "ssr_buffer": int(buf), "ssr_replayed": int(rep),

@@ -208,6 +208,49 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(draws.tolist()) <= {0, 1, 2} and abs((draws == 1).float().mean() - expect[1]) < 0.02
 
 
+def test_top_k_keeps_the_k_most_likely_then_top_p_within_them():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = probs.log().expand(20_000, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = rollout._pick(logits, 1.0, 1.0, [], gen, top_k=2)  # {0, 1} renormalised: 4/7 and 3/7
+    assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean() - 4 / 7) < 0.02
+    draws = rollout._pick(logits, 1.0, 0.5, [], gen, top_k=3)  # of {0, 1, 2}, 0 alone has 4/9 < 0.5: {0, 1}
+    assert set(draws.tolist()) == {0, 1}
+    draws = rollout._pick(logits, 1.0, 1.0, [0], gen, top_k=2)  # banned first: the top 2 of {1, 2, 3}
+    assert set(draws.tolist()) == {1, 2} and abs((draws == 1).float().mean() - 0.6) < 0.02
+
+
+def test_sampling_in_chunks_of_prompts_gives_the_batch_result(tiny_model, greedy, banned):
+    """--rollout-chunk: greedy responses and their log-probs are those of one batch, laid out alike."""
+    model, processor = tiny_model
+    chunked = rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=20, temperature=0, chunk=2)
+    assert chunked.response_ids.shape == greedy.response_ids.shape
+    assert torch.equal(chunked.response_ids, greedy.response_ids) and chunked.texts == greedy.texts
+    assert torch.equal(chunked.response_mask, greedy.response_mask)
+    assert (chunked.logp - greedy.logp).abs().max() <= TOL
+    assert torch.equal(chunked.prompts["image_grid_thw"], greedy.prompts["image_grid_thw"])
+    check_logprobs(model, processor, chunked, RECORDS, 2, 1.0, banned)
+
+
+def test_under_bf16_autocast_the_kv_cache_is_bf16_and_results_unchanged(tiny_model):
+    """The cache stores what attention reads: autocast casts keys and values to bf16 anyway."""
+    model, processor = tiny_model
+    batch = data.encode_prompts(processor, RECORDS[:1])
+    pos = rollout.positions(model, batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                            batch["attention_mask"])
+    logits = {}
+    for cast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            cache = rollout.new_cache(torch.device("cpu")) if cast else rollout.DynamicCache()
+            logits[cast] = model(**batch, position_ids=pos, past_key_values=cache, use_cache=True).logits
+            step = model(input_ids=torch.tensor([[42]]), attention_mask=torch.ones(1, batch["input_ids"].shape[1] + 1),
+                         position_ids=pos.amax().view(1, 1, 1).expand(3, 1, 1) + 1, past_key_values=cache).logits
+            logits[cast] = torch.cat([logits[cast], step], 1)
+        dtypes = {layer.keys.dtype for layer in cache.layers} | {layer.values.dtype for layer in cache.layers}
+        assert dtypes == ({torch.bfloat16} if cast else {torch.float32})
+    assert torch.equal(logits[True], logits[False])
+
+
 # ---------------------------------------------------------------------------------------------
 # Forced Rethinking
 # ---------------------------------------------------------------------------------------------

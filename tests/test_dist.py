@@ -1,0 +1,55 @@
+"""The collectives of a GPU run, checked on CPU: NCCL has no CPU backend, so a CPU tensor in a
+collective of an NCCL-only group raises "No backend type associated with device type cpu". Gloo
+stands in for NCCL here: a group built from `vlr.BACKENDS["cuda"]` with gloo for nccl has exactly
+the device-to-backend map of a GPU run."""
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vlr
+
+
+def _worker(rank, world, backend, store, results):
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        device = torch.device("cpu")
+        sums = vlr.reduce({"n": 8 + rank, "loss": 0.5 * (rank + 1)}, device, world)
+        drift = vlr.reduce({"d": [1e-6, 3e-5][rank]}, device, world, dist.ReduceOp.MAX)
+        # what a checkpoint gathers: generator states and replay rows (CPU tensors)
+        state = vlr.gather({"gen": torch.Generator().manual_seed(rank).get_state(),
+                            "row": torch.full((3,), float(rank))}, world)
+        results[rank] = (sums, drift, [s["row"].tolist() for s in state], [s["gen"].sum().item() for s in state])
+    except Exception as e:  # reported to the test, which shows the message
+        results[rank] = repr(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(backend):
+    with tempfile.TemporaryDirectory() as d:
+        results = mp.Manager().dict()
+        mp.spawn(_worker, args=(2, backend, f"{d}/store", results), nprocs=2)
+        return dict(results)
+
+
+def test_gpu_backend_map_has_a_cpu_entry_and_the_run_collectives_work_under_it():
+    backend = vlr.BACKENDS["cuda"].replace("nccl", "gloo")
+    assert "cpu:" in backend
+    results = _run(backend)
+    gens = [torch.Generator().manual_seed(r).get_state().sum().item() for r in range(2)]
+    for rank in range(2):
+        assert not isinstance(results[rank], str), results[rank]
+        sums, drift, rows, gen = results[rank]
+        assert sums == {"n": 17.0, "loss": 1.5}
+        assert drift == {"d": pytest.approx(3e-5)}
+        assert rows == [[0.0] * 3, [1.0] * 3]
+        assert gen == gens
+
+
+def test_an_nccl_shaped_group_without_a_cpu_entry_rejects_cpu_tensors():
+    """The crash this guards against, reproduced: with no CPU entry, the metric reduction fails."""
+    results = _run("cuda:gloo")
+    assert all("No backend type associated with device type cpu" in results[r] for r in range(2))
