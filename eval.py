@@ -1,28 +1,37 @@
-"""Benchmark evaluation, comparable with the paper's table, and plots of training runs.
+"""Benchmark evaluation, comparable with the paper's table.
 
     python eval.py --bench toy                                     # the tiny base on the toy test split
     python eval.py --model runs/toy-s0/final --bench toy --limit 40
     python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --bench mathvista --data testmini.parquet
     torchrun --nproc_per_node 8 eval.py --model ... --bench mathverse --data testmini.parquet
-    python eval.py --compare runs/lab/* --out lab.png   # a table (seeds pooled) and a plot of the runs
 
-As the paper evaluates: greedy decoding, the training prompt, no rethinking trigger;
-a response is right when its last \\boxed{} answer matches (reward.accuracy). Multiple-choice
-questions show their options and are graded as letters: the letter or the option's text counts.
+As the published evaluation (TIGER-AI-Lab/VL-Rethinker: scripts/eval_vlm_new.sh and the vLLM
+sampling in openrlhf/trainer/ppo_utils/experience_maker.py): greedy decoding, the training prompt,
+no rethinking trigger, at most 2048 new tokens, images at 256 to 1280 visual tokens
+(tiny.load_model); the toy task keeps the 48 tokens its runs train with. A response is right when
+its last \\boxed{} answer matches (reward.accuracy). Multiple-choice questions show their options
+and are graded as letters: the letter or the option's text counts. MathVista's decimal answers
+are graded at their `precision`, as its own scorer does (`grade`).
 
-Benchmarks are read from the files they are distributed as (.jsonl, .json, .parquet; images as
-paths relative to the file, parquet {"bytes", "path"} structs, or base64): MathVista testmini,
-MathVerse testmini, MathVision and MMMU-Pro (standard or vision). EMMA and MEGA-Bench, also in the
-paper's table, have no adapter. Each benchmark reports per sub-category: MathVista per task,
-MathVerse per problem version, MathVision and MMMU-Pro per subject, the toy task per tier.
-Besides accuracy: the reflection rate, the share of responses with self-reflection phrases.
+The splits of the paper's table, read from the files they are published as (.parquet, .jsonl,
+.json; images as paths relative to the file, parquet {"bytes", "path"} structs, or base64):
+  mathvista   MathVista testmini (1,000; AI4Math/MathVista)
+  mathverse   MathVerse testmini (3,940 in 5 problem versions; AI4Math/MathVerse), reported per
+              version
+  mathvision  MathVision test, the full 3,040 (not its 304 testmini; MathLLMs/MathVision)
+  mmmu-pro    MMMU-Pro test, "standard (10 options)" or "vision" (1,730 each; MMMU/MMMU_Pro)
+The published evaluation names its files MathVista_testmini, MathVerse_testmini,
+MathVision_test3040 and MMMUPro_full; which MathVerse versions and which MMMU-Pro setting the
+paper's numbers average is not in its published code. EMMA and MEGA-Bench, also in the paper's
+table, have no adapter. Each benchmark reports per sub-category: MathVista per task, MathVerse per
+problem version, MathVision and MMMU-Pro per subject, the toy task per tier. Besides accuracy: the
+reflection rate, the share of responses with self-reflection phrases.
 """
 import argparse
 import ast
 import base64
 import binascii
 import io
-import itertools
 import json
 import os
 import re
@@ -55,8 +64,25 @@ def row(rec: data.Record, response: str, n_tokens: int) -> dict:
     reward.accuracy also accepts the text of the right option."""
     return {"id": rec.id, "category": rec.category, "question": rec.question, "choices": rec.choices,
             "answer": rec.answer, "response": response, "extracted": reward.extract_answer(response),
-            "correct": float(reward.accuracy(response, rec.answer, rec.choices)), "rethinks": reflects(response),
-            "len": n_tokens}
+            "correct": grade(rec, response), "rethinks": reflects(response), "len": n_tokens}
+
+
+_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
+
+
+def grade(rec: data.Record, response: str) -> float:
+    """reward.accuracy; a record with `precision` in its meta (a MathVista decimal answer) is also
+    right when its number, rounded to that many decimals, matches. MathVista's own scorer rounds
+    so (normalize_extracted_answer in lupantech/MathVista, evaluation/calculate_score.py): 1.23 is
+    right for a gold 1.2 at precision 1. Only an answer with one number is rounded ("1.23 cm" ->
+    "1.2 cm"); that scorer's integer rule, int(float(x)), is not followed: it would count 2.9 as 2."""
+    right = reward.accuracy(response, rec.answer, rec.choices)
+    extracted = reward.extract_answer(response)
+    if right or "precision" not in rec.meta or extracted is None or len(_NUMBER.findall(extracted)) != 1:
+        return float(right)
+    number, digits = _NUMBER.search(extracted)[0], rec.meta["precision"]
+    rounded = extracted.replace(number, f"{round(float(number), digits):.{digits}f}", 1)
+    return float(reward.accuracy(f"\\boxed{{{rounded}}}", rec.answer, rec.choices))
 
 
 def evaluate(model, processor, records, max_new_tokens=64, batch_size=32, temperature=0.0) -> list[dict]:
@@ -190,15 +216,26 @@ def _options(answer, choices: list, as_text=False):
 
 def mathvista(r, base):
     """pid, question, decoded_image (bytes) or image (path), answer, question_type (multi_choice:
-    `choices` holds the option texts and answer is one of them), unit, metadata.task (the category)."""
+    `choices` holds the option texts and answer is one of them), answer_type (float: `precision`,
+    the decimals the answer is graded at), unit, metadata.task (the category)."""
     pid, question, answer, qtype = _need(r, "pid", "question", "answer", "question_type")
-    choices = None
+    choices, meta = None, {}
     if qtype == "multi_choice":
         answer, choices = _options(answer, _need(r, "choices")[0], as_text=True)
+    elif r.get("answer_type") == "float":
+        meta["precision"] = _decimals(_need(r, "precision")[0])
     unit = f" (Unit: {r['unit']})" if r.get("unit") else ""  # as in MathVista's own query
     return data.Record(id=str(pid), images=[_image(r.get("decoded_image") or r.get("image"), base)],
                        question=question + unit, answer=str(answer), choices=choices,
-                       category=(r.get("metadata") or {}).get("task", ""))
+                       category=(r.get("metadata") or {}).get("task", ""), meta=meta)
+
+
+def _decimals(precision) -> int:
+    """MathVista's precision: a whole number of decimals, stored as a float in its parquet files."""
+    if isinstance(precision, (int, float)) and not isinstance(precision, bool) and float(precision).is_integer() \
+            and precision >= 0:
+        return int(precision)
+    raise DataError(f"field 'precision' must be a whole number of decimals, got {precision!r}")
 
 
 _CHOICE_LINE = re.compile(r"^\s*\(?([A-J])\)?\s*[:.：)]\s*(.*?)\s*$")
@@ -283,139 +320,64 @@ def load_bench(bench: str, path: str | None = None) -> list[data.Record]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots of training runs
-# ---------------------------------------------------------------------------------------------
-
-# (metric, title, shares from 0 to 1?). Response length is there because a policy can drift into
-# filler (responses that grow while the reward stays flat) with every other panel looking calm.
-PLOTTED = (("reward_mean", "mean reward", True), ("zero_adv_frac", "zero-advantage share of groups", True),
-           ("eval_acc", "eval accuracy (greedy)", True), ("resp_len_mean", "mean response length (tokens)", False))
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (expected a run folder written by vlr.py)")
-    rows = read_rows(path)
-    for where, m in rows:
-        missing = [k for k in ("step", "reward_mean", "zero_adv_frac") if not isinstance(m, dict) or k not in m]
-        if missing:
-            raise DataError(f"{where}: missing {', '.join(missing)} (expected step, reward_mean, zero_adv_frac)")
-    if not rows:
-        raise DataError(f"{path}: no metrics")
-    return [m for _, m in rows]
-
-
-def _run_name(run_dir: str) -> str:
-    """runs/lab/ssr-s2 -> ssr: the seeds of one configuration are pooled."""
-    return re.sub(r"-s\d+$", "", Path(run_dir).name)
-
-
-def _mean_std(xs: list) -> str:
-    if not xs:
-        return "-"
-    mean = sum(xs) / len(xs)
-    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
-
-
-def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
-    """A markdown table of runs, seeds pooled: folders named NAME-s<seed> are one row, NAME.
-
-    Per row: final eval accuracy (mean ± sample std over seeds), the share of zero-advantage groups
-    over all steps, the first eval step at which eval accuracy reached `target` (mean over the seeds
-    that reached it, and how many did), the reflection rate of the last eval, and rethink_fixed (the
-    share of triggered responses that rethinking turned from wrong to right), averaged over steps."""
-    groups = {}
-    for d in run_dirs:
-        groups.setdefault(_run_name(d), []).append(read_metrics(d))
-    lines = ["| run | seeds | final eval acc | zero-adv share | steps to %.1f | reflection rate | rethink_fixed |" % target,
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, runs in groups.items():
-        evals = [[m for m in rows if "eval_acc" in m] for rows in runs]
-        final = [e[-1]["eval_acc"] for e in evals if e]
-        reached = [next((m["step"] + 1 for m in e if m["eval_acc"] >= target), None) for e in evals]
-        hit = [r for r in reached if r is not None]
-        steps = f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(runs)})" if hit else f"never (0/{len(runs)})"
-        zero = [sum(m["zero_adv_frac"] for m in rows) / len(rows) for rows in runs]
-        reflect = [e[-1]["eval_reflect"] for e in evals if e and "eval_reflect" in e[-1]]
-        fixed = [sum(m.get("rethink_fixed", 0.0) for m in rows) / len(rows) for rows in runs]
-        lines.append(f"| {name} | {len(runs)} | {_mean_std(final)} | {_mean_std(zero)} | {steps} | "
-                     f"{_mean_std(reflect)} | {_mean_std(fixed)} |")
-    return "\n".join(lines)
-
-
-def plot(run_dirs: list[str], out: str) -> str:
-    """One panel per metric, one colour per run: the raw curve faint, its running average solid
-    (rewards of a few prompts per step are noisy); eval accuracy is sparse, so as points."""
-    runs = {d: read_metrics(d) for d in run_dirs}  # all files checked before matplotlib is loaded
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("the plot mode needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 3.8))
-    names = list(dict.fromkeys(_run_name(d) for d in runs))  # seeds of one run share a colour
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
-    labelled = set()
-    for d, rows in runs.items():
-        colour, name = palette[names.index(_run_name(d))], _run_name(d)
-        label = None if name in labelled else name
-        labelled.add(name)
-        for ax, (key, _, _) in zip(axes, PLOTTED):
-            pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
-            if not pts:
-                continue
-            steps, vals = zip(*pts)
-            if key == "eval_acc":
-                ax.plot(steps, vals, "o-", color=colour, label=label)
-                continue
-            ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, list(itertools.accumulate(vals, lambda avg, v: 0.9 * avg + 0.1 * v)), color=colour,
-                    label=label)
-    for ax, (_, title, share) in zip(axes, PLOTTED):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if share:
-            ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The command line (also under torchrun: each process evaluates a shard, rank 0 reports)
 # ---------------------------------------------------------------------------------------------
 
-def main(argv=None):
+# The published evaluation's response budget: its vLLM sampling takes max_tokens from
+# --max_out_tokens, default 2048, which its eval script does not set (experience_maker.py).
+PUBLISHED_MAX_NEW_TOKENS = 2048
+TOY_MAX_NEW_TOKENS = 48  # vlr.py's default: the budget the toy runs train with
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny' (the warm-started tiny base), a folder or a hub id")
-    p.add_argument("--bench", choices=["toy", *ADAPTERS], help="benchmark to evaluate on")
-    p.add_argument("--data", help="the benchmark's file (.jsonl, .json or .parquet); not for toy")
+    p.add_argument("--bench", required=True, choices=["toy", *ADAPTERS],
+                   help="toy (its 300 test questions), or a benchmark on the split of the paper's table: mathvista "
+                        "(testmini), mathverse (testmini), mathvision (test, all 3,040), mmmu-pro (standard "
+                        "10 options, or vision)")
+    p.add_argument("--data", help="the benchmark's file as published (.parquet, .jsonl or .json), e.g. "
+                                  "AI4Math/MathVista's testmini parquet; not for toy")
     p.add_argument("--limit", type=int, help="only the first N records")
-    p.add_argument("--out", help="per-sample .jsonl (default runs/eval-BENCH.jsonl); with --compare, the .png")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--out", help="per-sample .jsonl (default runs/eval-BENCH.jsonl)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"response budget (default {TOY_MAX_NEW_TOKENS} on toy, as its runs train; "
+                        f"{PUBLISHED_MAX_NEW_TOKENS} on a benchmark, as the published evaluation)")
+    p.add_argument("--min-pixels", type=int, default=0,
+                   help="smallest image in pixels (0: the model's own; for a hub model the published 256*28*28)")
+    p.add_argument("--max-pixels", type=int, default=0,
+                   help="largest image in pixels (0: the model's own; for a hub model the published 1280*28*28)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the paper evaluates")
-    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="plot these runs' metrics.jsonl instead")
-    args = p.parse_args(argv)
-    if args.compare:
-        print(compare_table(args.compare))
-        print(f"wrote {plot(args.compare, args.out or 'compare.png')}")
-        return
-    if not args.bench:
-        p.error("--bench is required (or --compare RUN_DIR...)")
-    records = load_bench(args.bench, args.data)[:args.limit]  # bad data stops every process before loading a model
+    return p
 
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if min(args.min_pixels, args.max_pixels) < 0 or 0 < args.max_pixels < args.min_pixels:
+        p.error("--min-pixels and --max-pixels must be positive (0: default), min at most max")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = TOY_MAX_NEW_TOKENS if args.bench == "toy" else PUBLISHED_MAX_NEW_TOKENS
+    records = load_bench(args.bench, args.data)[:args.limit]  # bad data stops every process before loading a model
+    rows = run(args, records)
+    if rows is None:
+        return
+    out = Path(args.out or f"runs/eval-{args.bench}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    summary = summarize(rows, args.bench)
+    print(f"{args.bench}: {args.model}, {len(rows)} records, per-sample results in {out}")
+    print(table(summary))
+    print(json.dumps(summary))
+
+
+def run(args, records) -> list[dict] | None:
+    """Every process evaluates its shard; rank 0 gets all rows in file order, the others None."""
     import torch
     import torch.distributed as dist
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     import tiny
 
@@ -426,10 +388,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    src = tiny.resolve(args.model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(src)
+    model, processor = tiny.load_model(args.model, device, dtype, args.min_pixels, args.max_pixels)
     rows = evaluate(model, processor, records[rank::world], args.max_new_tokens, args.batch_size, args.temperature)
     if world > 1:
         parts = [None] * world if rank == 0 else None
@@ -439,15 +399,7 @@ def main(argv=None):
             for r, part in enumerate(parts):
                 rows[r::world] = part
         dist.destroy_process_group()
-    if rank != 0:
-        return
-    out = Path(args.out or f"runs/eval-{args.bench}.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    summary = summarize(rows, args.bench)
-    print(f"{args.bench}: {args.model}, {len(rows)} records, per-sample results in {out}")
-    print(table(summary))
-    print(json.dumps(summary))
+    return rows if rank == 0 else None
 
 
 if __name__ == "__main__":

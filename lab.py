@@ -3,20 +3,25 @@
     python lab.py                          # 3 configurations x 3 seeds, about 35 minutes on 2 CPU cores
     python lab.py --seeds 0 1 --steps 300
     python lab.py --out runs/lab-cap32 -- --max-new-tokens 32    # flags after -- go to every vlr.py run
+    python lab.py --compare runs/ex/base runs/ex/alpha0 --out runs/ex/alpha0.png   # any runs: table, plot
 
 GRPO, GRPO + Selective Sample Replay, GRPO + SSR + Forced Rethinking: each is a `vlr.py` run with
 the same settings but for the switches, in runs/lab/<config>-s<seed>. Two runs go at a time, one
 CPU thread each (on 2 cores that is faster than one run on two threads). A finished run is not
-run again, so an interrupted lab continues where it stopped. Then `eval.py --compare` pools the
-seeds into a table (runs/lab/table.md) and plots every run (runs/lab/lab.png).
+run again, so an interrupted lab continues where it stopped. Then the seeds are pooled into a
+table (runs/lab/table.md) and every run is plotted (runs/lab/lab.png); `--compare` does the same
+for any run folders written by vlr.py.
 """
 import argparse
+import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import eval as evaluation
+from data import DataError
+from eval import read_rows
 
 CONFIGS = {  # name -> the vlr.py switches (everything else is the default toy run)
     "grpo": ["--no-ssr", "--no-rethink"],
@@ -29,35 +34,45 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--out", default="runs/lab")
+    p.add_argument("--out", help="the lab's folder (default runs/lab); with --compare, the plot (default compare.png)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                   help="no lab: the table and the plot of these runs (NAME-s<seed> folders pool as NAME)")
     p.add_argument("vlr_args", nargs="*", help="after --: more vlr.py flags, the same for every run")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    jobs = [(name, seed) for seed in args.seeds for name in CONFIGS]
+    if args.compare:
+        print(compare_table(args.compare))
+        print(f"wrote {plot(args.compare, args.out or 'compare.png')}")
+        return
+    out = Path(args.out or "runs/lab")
+    dirs = run_lab(out, args.seeds, args.steps, args.parallel, args.vlr_args)
+    table = compare_table(dirs)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'table.md'} and {plot(dirs, str(out / 'lab.png'))}")
+
+
+def run_lab(out: Path, seeds: list, steps: int, parallel: int, vlr_args: list) -> list[str]:
+    """Every configuration x seed as a vlr.py run, `parallel` at a time; their folders."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     running = []
-    for name, seed in jobs:
+    for name, seed in [(name, seed) for seed in seeds for name in CONFIGS]:
         run_dir = out / f"{name}-s{seed}"
         if (run_dir / "final" / "model.safetensors").exists():
             print(f"{run_dir}: done before, kept")
             continue
-        cmd = [sys.executable, "vlr.py", *CONFIGS[name], "--seed", str(seed), "--steps", str(args.steps),
-               "--out", str(run_dir), *args.vlr_args]
+        cmd = [sys.executable, "vlr.py", *CONFIGS[name], "--seed", str(seed), "--steps", str(steps),
+               "--out", str(run_dir), *vlr_args]
         print(" ".join(cmd[1:]), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         log = open(run_dir / "log.txt", "w")
         running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=Path(__file__).parent), run_dir))
-        if len(running) == args.parallel:
+        if len(running) == parallel:
             wait(running.pop(0))
     for job in running:
         wait(job)
-    dirs = [str(out / f"{name}-s{seed}") for name in CONFIGS for seed in args.seeds]
-    table = evaluation.compare_table(dirs)
-    (out / "table.md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {out / 'table.md'} and {evaluation.plot(dirs, str(out / 'lab.png'))}")
+    return [str(out / f"{name}-s{seed}") for name in CONFIGS for seed in seeds]
 
 
 def wait(job):
@@ -66,5 +81,115 @@ def wait(job):
         print(f"{run_dir}: exit {proc.returncode}, see {run_dir}/log.txt", flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# The table and the plot of runs (also of runs outside the lab: --compare)
+# ---------------------------------------------------------------------------------------------
+
+# (metric, title, shares from 0 to 1?). Response length is there because a policy can drift into
+# filler (responses that grow while the reward stays flat) with every other panel looking calm.
+PLOTTED = (("reward_mean", "mean reward", True), ("zero_adv_frac", "zero-advantage share of groups", True),
+           ("eval_acc", "eval accuracy (greedy)", True), ("resp_len_mean", "mean response length (tokens)", False))
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected a run folder written by vlr.py)")
+    rows = read_rows(path)
+    for where, m in rows:
+        missing = [k for k in ("step", "reward_mean", "zero_adv_frac") if not isinstance(m, dict) or k not in m]
+        if missing:
+            raise DataError(f"{where}: missing {', '.join(missing)} (expected step, reward_mean, zero_adv_frac)")
+    if not rows:
+        raise DataError(f"{path}: no metrics")
+    return [m for _, m in rows]
+
+
+def _run_name(run_dir: str) -> str:
+    """runs/lab/ssr-s2 -> ssr: the seeds of one configuration are pooled."""
+    return re.sub(r"-s\d+$", "", Path(run_dir).name)
+
+
+def _mean_std(xs: list) -> str:
+    if not xs:
+        return "-"
+    mean = sum(xs) / len(xs)
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
+    """A markdown table of runs, seeds pooled: folders named NAME-s<seed> are one row, NAME.
+
+    Per row: final eval accuracy (mean ± sample std over seeds), the share of zero-advantage groups
+    over all steps, the first eval step at which eval accuracy reached `target` (mean over the seeds
+    that reached it, and how many did), the reflection rate of the last eval, and rethink_fixed (the
+    share of triggered responses that rethinking turned from wrong to right), averaged over steps."""
+    groups = {}
+    for d in run_dirs:
+        groups.setdefault(_run_name(d), []).append(read_metrics(d))
+    lines = [f"| run | seeds | final eval acc | zero-adv share | steps to {target:.1f} | reflection rate "
+             "| rethink_fixed |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in groups.items():
+        evals = [[m for m in rows if "eval_acc" in m] for rows in runs]
+        final = [e[-1]["eval_acc"] for e in evals if e]
+        reached = [next((m["step"] + 1 for m in e if m["eval_acc"] >= target), None) for e in evals]
+        hit = [r for r in reached if r is not None]
+        steps = f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(runs)})" if hit else f"never (0/{len(runs)})"
+        zero = [sum(m["zero_adv_frac"] for m in rows) / len(rows) for rows in runs]
+        reflect = [e[-1]["eval_reflect"] for e in evals if e and "eval_reflect" in e[-1]]
+        fixed = [sum(m.get("rethink_fixed", 0.0) for m in rows) / len(rows) for rows in runs]
+        lines.append(f"| {name} | {len(runs)} | {_mean_std(final)} | {_mean_std(zero)} | {steps} | "
+                     f"{_mean_std(reflect)} | {_mean_std(fixed)} |")
+    return "\n".join(lines)
+
+
+def plot(run_dirs: list[str], out: str) -> str:
+    """One panel per metric, one colour per run: the raw curve faint, its running average solid
+    (rewards of a few prompts per step are noisy); eval accuracy is sparse, so as points."""
+    runs = {d: read_metrics(d) for d in run_dirs}  # all files checked before matplotlib is loaded
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 3.8))
+    names = list(dict.fromkeys(_run_name(d) for d in runs))  # seeds of one run share a colour
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    labelled = set()
+    for d, rows in runs.items():
+        colour, name = palette[names.index(_run_name(d))], _run_name(d)
+        label = None if name in labelled else name
+        labelled.add(name)
+        for ax, (key, _, _) in zip(axes, PLOTTED):
+            pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
+            if not pts:
+                continue
+            steps, vals = zip(*pts)
+            if key == "eval_acc":
+                ax.plot(steps, vals, "o-", color=colour, label=label)
+                continue
+            ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, list(itertools.accumulate(vals, lambda avg, v: 0.9 * avg + 0.1 * v)), color=colour,
+                    label=label)
+    for ax, (_, title, share) in zip(axes, PLOTTED):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if share:
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:  # a run folder without a readable metrics.jsonl
+        raise SystemExit(str(e))

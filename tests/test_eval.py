@@ -1,5 +1,7 @@
-"""eval.py: benchmark adapters, letter grading, the summary, sharded evaluation, plots."""
+"""eval.py: benchmark adapters on files in each benchmark's published schema, letter grading,
+MathVista's precision, the summary, the command line and sharded evaluation."""
 import base64
+import dataclasses
 import io
 import json
 import subprocess
@@ -22,16 +24,23 @@ def png(colour, size=(64, 48)) -> bytes:
     return buf.getvalue()
 
 
-def image(colour, size=(64, 48)) -> dict:
+def image(colour, size=(64, 48), path=None) -> dict:
     """An image as parquet files embed it (the Hugging Face `Image` feature)."""
-    return {"bytes": png(colour, size), "path": None}
+    return {"bytes": png(colour, size), "path": path}
 
 
-def write_parquet(path, rows):
+def write_parquet(path, rows, images=()):
+    """`images` name the columns typed as the Hugging Face Image feature stores them, struct<bytes,
+    path>: so also a column with no image at all (MMMU-Pro's image_7) has that type, not `null`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    table = pa.Table.from_pylist(rows)
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for name in images:
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, pa.array(table.column(name).to_pylist(), type=struct))
+    pq.write_table(table, path)
     return path
 
 
@@ -44,59 +53,94 @@ def write_jsonl(path, rows):
 # Adapters: a few records in each benchmark's published schema
 # ---------------------------------------------------------------------------------------------
 
+def mathvista_row(pid, question, answer, question_type, answer_type, choices=None, unit=None, precision=None,
+                  task="figure question answering"):
+    """A record of AI4Math/MathVista's testmini parquet: every published column, `precision` a float."""
+    return {"pid": pid, "question": question, "image": f"images/{pid}.jpg", "decoded_image": None,
+            "choices": choices, "unit": unit, "precision": precision, "answer": answer,
+            "question_type": question_type, "answer_type": answer_type,
+            "metadata": {"category": "math-targeted-vqa", "context": "geometry diagram", "grade": "high school",
+                         "img_height": 48, "img_width": 64, "language": "english", "skills": ["algebraic reasoning"],
+                         "source": "Geometry3K", "split": "testmini", "task": task},
+            "query": f"Hint: Please answer the question and provide the final answer at the end.\nQuestion: {question}"}
+
+
 MATHVISTA = [
-    {"pid": "1", "question": "What is the length of the side?", "image": "images/1.png", "choices": None,
-     "unit": "cm", "precision": None, "answer": "5", "question_type": "free_form", "answer_type": "integer",
-     "metadata": {"task": "geometry problem solving", "skills": ["geometry reasoning"],
-                  "category": "math-targeted-vqa"}},
-    {"pid": "2", "question": "Which bar is the tallest?", "image": "images/2.png", "choices": ["red", "green", "blue"],
-     "unit": None, "precision": None, "answer": "green", "question_type": "multi_choice", "answer_type": "text",
-     "metadata": {"task": "figure question answering", "skills": ["statistical reasoning"], "category": "general-vqa"}},
+    mathvista_row("1", "What is the length of the side?", "5", "free_form", "integer", unit="cm",
+                  task="geometry problem solving"),
+    mathvista_row("2", "Which bar is the tallest?", "green", "multi_choice", "text", choices=["red", "green", "blue"]),
+    mathvista_row("3", "What is the slope of the line?", "1.2", "free_form", "float", precision=1.0),
+    mathvista_row("4", "What is the ratio of the two areas?", "0.57", "free_form", "float", precision=2.0),
 ]
 
 
 def check_mathvista(recs):
-    assert [r.id for r in recs] == ["1", "2"]
+    assert [r.id for r in recs] == ["1", "2", "3", "4"]
     assert recs[0].question == "What is the length of the side? (Unit: cm)"
     assert (recs[0].answer, recs[0].choices) == ("5", None)
     assert (recs[1].answer, recs[1].choices) == ("B", ["red", "green", "blue"])  # the option text became a letter
     assert "Choices:\nA. red\nB. green\nC. blue" in data.question_text(recs[1])
-    assert [r.category for r in recs] == ["geometry problem solving", "figure question answering"]
+    assert [r.category for r in recs] == ["geometry problem solving"] + ["figure question answering"] * 3
+    assert [r.meta for r in recs] == [{}, {}, {"precision": 1}, {"precision": 2}]  # only decimal answers get one
 
 
 def test_mathvista_json_with_image_paths(tmp_path):
     (tmp_path / "images").mkdir()
-    for i, colour in ((1, "red"), (2, "blue")):
-        (tmp_path / "images" / f"{i}.png").write_bytes(png(colour))
-    (tmp_path / "testmini.json").write_text(json.dumps({r["pid"]: r for r in MATHVISTA}))  # keyed by pid, as published
+    for i, colour in enumerate(("red", "blue", "green", "white"), 1):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(png(colour))
+    rows = {r["pid"]: dict(r, precision=r["precision"] and int(r["precision"])) for r in MATHVISTA}  # JSON: ints
+    (tmp_path / "testmini.json").write_text(json.dumps(rows))  # keyed by pid, as published
     recs = ev.load_bench("mathvista", tmp_path / "testmini.json")
     check_mathvista(recs)
-    assert recs[1].images == [str(tmp_path / "images" / "2.png")]  # relative to the file
+    assert recs[1].images == [str(tmp_path / "images" / "2.jpg")]  # relative to the file
 
 
-def test_mathvista_parquet_with_embedded_images(tmp_path):
-    rows = [dict(r, decoded_image={"bytes": png(c), "path": r["image"]}) for r, c in zip(MATHVISTA, ("red", "blue"))]
-    recs = ev.load_bench("mathvista", write_parquet(tmp_path / "testmini-00000-of-00001.parquet", rows))
+def test_mathvista_parquet_as_published(tmp_path):
+    colours = ("red", "blue", "green", "red")
+    rows = [dict(r, decoded_image=image(c, path=r["image"])) for r, c in zip(MATHVISTA, colours)]
+    recs = ev.load_bench("mathvista", write_parquet(tmp_path / "testmini-00000-of-00001.parquet", rows,
+                                                    images=["decoded_image"]))
     check_mathvista(recs)
     assert recs[1].images[0].getpixel((0, 0)) == (0, 0, 255)  # decoded from the bytes, not the (absent) path
 
 
+def test_mathvista_decimal_answers_are_graded_at_their_precision(tmp_path):
+    rows = [dict(r, decoded_image=image("red")) for r in MATHVISTA]
+    integer, _, tenths, hundredths = ev.load_bench("mathvista", write_parquet(tmp_path / "t.parquet", rows,
+                                                                              images=["decoded_image"]))
+
+    def graded(rec, *answers):
+        return [ev.row(rec, f"So the answer is \\boxed{{{a}}}.", 9)["correct"] for a in answers]
+
+    # gold 1.2 at 1 decimal: 1.23 and 1.15001 round to 1.2, 1.26 to 1.3, 1.14 to 1.1; "1.23 cm" is rounded in
+    # place; 6/5 is right by value
+    assert graded(tenths, "1.2", "1.23", "1.15001", "1.23 cm", "6/5", "1.26", "1.14") == [1.0] * 5 + [0.0] * 2
+    assert graded(dataclasses.replace(tenths, meta={}), "1.23") == [0.0]  # the rounding is what made it right
+    assert graded(hundredths, "0.5678", "0.57", "0.574", "0.564", "0.5") == [1.0, 1.0, 1.0, 0.0, 0.0]
+    # integer answers are compared by value: 5.0 is 5, but 5.4 is not truncated to 5 as MathVista's scorer would
+    assert graded(integer, "5", "5.0", "5.4", "4.6") == [1.0, 1.0, 0.0, 0.0]
+
+
+def mathverse_row(sid, pid, version, question, answer, qtype, colour):
+    """A record of AI4Math/MathVerse's testmini parquet: every published column."""
+    return {"sample_index": sid, "problem_index": pid, "problem_version": version, "question": question,
+            "image": image(colour, path=f"images_version_1-4/image_{pid}.png"), "answer": answer,
+            "question_type": qtype,
+            "metadata": {"split": "testmini", "source": "GeoQA", "subject": "plane geometry", "subfield": "angle"},
+            "query_wo": f"Please directly answer the question.\nQuestion: {question}",
+            "query_cot": f"Please first conduct reasoning, and then answer the question.\nQuestion: {question}",
+            "question_for_eval": question}
+
+
 def test_mathverse_versions_and_options_in_the_question(tmp_path):
     rows = [
-        {"sample_index": "1", "problem_index": "1", "problem_version": "Text Dominant", "image": image("red"),
-         "question": "As shown in the figure, find angle A.\nChoices:\nA:20°\nB:25°\nC:40°\nD:50°", "answer": "C",
-         "question_type": "multi-choice", "metadata": {"subject": "plane geometry"}, "query_cot": "..."},
-        {"sample_index": "5", "problem_index": "1", "problem_version": "Vision Only", "image": image("red"),
-         "question": "", "answer": "C", "question_type": "multi-choice", "metadata": {"subject": "plane geometry"},
-         "query_cot": "..."},
-        {"sample_index": "6", "problem_index": "2", "problem_version": "Text Lite", "image": image("green"),
-         "question": "What is the length of AB?", "answer": "6", "question_type": "free-form",
-         "metadata": {"subject": "plane geometry"}, "query_cot": "..."},
-        {"sample_index": "9", "problem_index": "3", "problem_version": "Vision Intensive", "image": image("blue"),
-         "question": "Find x. Choices: A:1 B:2", "answer": "B", "question_type": "multi-choice",
-         "metadata": {"subject": "plane geometry"}, "query_cot": "..."},
+        mathverse_row("1", "1", "Text Dominant", "As shown in the figure, find angle A.\nChoices:\nA:20°\nB:25°"
+                      "\nC:40°\nD:50°", "C", "multi-choice", "red"),
+        mathverse_row("5", "1", "Vision Only", "", "C", "multi-choice", "red"),
+        mathverse_row("6", "2", "Text Lite", "What is the length of AB?", "6", "free-form", "green"),
+        mathverse_row("9", "3", "Vision Intensive", "Find x. Choices: A:1 B:2", "B", "multi-choice", "blue"),
     ]
-    recs = ev.load_bench("mathverse", write_parquet(tmp_path / "testmini.parquet", rows))
+    recs = ev.load_bench("mathverse", write_parquet(tmp_path / "testmini.parquet", rows, images=["image"]))
     assert [r.category for r in recs] == ["Text Dominant", "Vision Only", "Text Lite", "Vision Intensive"]
     assert recs[0].question == "As shown in the figure, find angle A."
     assert (recs[0].choices, recs[0].answer) == (["20°", "25°", "40°", "50°"], "C")
@@ -104,21 +148,43 @@ def test_mathverse_versions_and_options_in_the_question(tmp_path):
     assert (recs[1].choices, recs[1].answer) == (None, "C")  # graded by letter alone
     assert (recs[2].choices, recs[2].answer) == (None, "6")
     assert (recs[3].question, recs[3].choices, recs[3].answer) == ("Find x. Choices: A:1 B:2", None, "B")  # left inline
+    assert [r.images[0].getpixel((0, 0)) for r in recs] == [(255, 0, 0), (255, 0, 0), (0, 128, 0), (0, 0, 255)]
+
+
+def mathvision_rows():
+    """Records of MathLLMs/MathVision's test parquet: `image` is a path inside its images.zip, the picture
+    itself is in `decoded_image`; `options` is empty for a free-form question."""
+    return [
+        {"id": "1", "question": "<image1> Which shape comes next?", "options": ["A", "B", "C", "D", "E"],
+         "image": "images/1.jpg", "decoded_image": image("red", path="1.jpg"), "answer": "D", "solution": None,
+         "level": 2, "subject": "logic"},
+        {"id": "2", "question": "How many dots are there?", "options": [], "image": "images/2.jpg",
+         "decoded_image": image("green", path="2.jpg"), "answer": "7", "solution": "Count them.", "level": 1,
+         "subject": "counting"},
+    ]
+
+
+def check_mathvision(recs):
+    assert (recs[0].answer, recs[0].choices, recs[0].category) == ("D", ["A", "B", "C", "D", "E"], "logic")
+    assert (recs[1].answer, recs[1].choices, recs[1].category) == ("7", None, "counting")
+
+
+def test_mathvision_parquet_as_published(tmp_path):
+    recs = ev.load_bench("mathvision", write_parquet(tmp_path / "test-00000-of-00001.parquet", mathvision_rows(),
+                                                     images=["decoded_image"]))
+    check_mathvision(recs)
+    assert [r.images[0].getpixel((0, 0)) for r in recs] == [(255, 0, 0), (0, 128, 0)]
 
 
 def test_mathvision_jsonl_with_paths_and_base64(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "1.jpg").write_bytes(png("red"))
-    rows = [
-        {"id": "1", "question": "<image1> Which shape comes next?", "options": ["A", "B", "C", "D", "E"],
-         "image": "images/1.jpg", "answer": "D", "solution": None, "level": 2, "subject": "logic"},
-        {"id": "2", "question": "How many dots?", "options": [], "image": "images/2.jpg",
-         "decoded_image": base64.b64encode(png("green")).decode(), "answer": "7", "level": 1, "subject": "counting"},
-    ]
+    one, two = mathvision_rows()
+    rows = [{k: v for k, v in one.items() if k != "decoded_image"},  # the image as a file beside the data
+            dict(two, decoded_image=base64.b64encode(png("green")).decode())]
     recs = ev.load_bench("mathvision", write_jsonl(tmp_path / "test.jsonl", rows))
-    assert (recs[0].answer, recs[0].choices, recs[0].category) == ("D", ["A", "B", "C", "D", "E"], "logic")
+    check_mathvision(recs)
     assert recs[0].images == [str(tmp_path / "images" / "1.jpg")]
-    assert (recs[1].answer, recs[1].choices, recs[1].category) == ("7", None, "counting")
     assert recs[1].images[0].getpixel((0, 0)) == (0, 128, 0)
 
 
@@ -135,10 +201,11 @@ def mmmu_rows():
 
 def test_mmmu_pro_standard_and_vision(tmp_path):
     standard, vision = mmmu_rows()
-    std = ev.load_bench("mmmu-pro", write_parquet(tmp_path / "standard.parquet", standard))[0]
+    images = [f"image_{i}" for i in range(1, 8)]  # image_3..image_7 are all null, typed as images
+    std = ev.load_bench("mmmu-pro", write_parquet(tmp_path / "standard.parquet", standard, images))[0]
     assert (std.answer, std.choices, std.category) == ("B", ["the left one", "the right one", "both", "neither"], "Art")
     assert [im.getpixel((0, 0)) for im in std.images] == [(255, 0, 0), (0, 0, 255)]  # image_1, image_2 in order
-    vis = ev.load_bench("mmmu-pro", write_parquet(tmp_path / "vision.parquet", vision))[0]
+    vis = ev.load_bench("mmmu-pro", write_parquet(tmp_path / "vision.parquet", vision, ["image"]))[0]
     # the options are in the screenshot, so not in the prompt; the letter is graded
     assert (vis.answer, vis.choices, vis.category, len(vis.images)) == ("D", None, "Math", 1)
 
@@ -158,17 +225,20 @@ def test_bad_benchmark_files_name_the_file_and_what_was_expected(tmp_path):
     with pytest.raises(data.DataError, match="notparquet.parquet: not a readable parquet file"):
         ev.load_bench("mathvista", tmp_path / "notparquet.parquet")
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "1.png").write_bytes(png("red"))
+    (tmp_path / "images" / "1.jpg").write_bytes(png("red"))
     rows = [MATHVISTA[0], {k: v for k, v in MATHVISTA[0].items() if k != "answer"},  # every bad record, at once
-            dict(MATHVISTA[1], answer="purple"), dict(MATHVISTA[0], image="images/9.png")]
+            dict(MATHVISTA[1], answer="purple"), dict(MATHVISTA[0], image="images/9.png"),
+            dict(MATHVISTA[2], precision=None), dict(MATHVISTA[3], precision=1.5)]
     path = write_jsonl(tmp_path / "mv.jsonl", rows)
     with pytest.raises(data.DataError) as err:
         ev.load_bench("mathvista", path)
     lines = str(err.value).splitlines()
-    assert lines[0].startswith(f"3 bad record(s) in {path} for mathvista; expected per record: pid, question")
+    assert lines[0].startswith(f"5 bad record(s) in {path} for mathvista; expected per record: pid, question")
     assert lines[1:] == [f"{path}:2: missing field 'answer'",
                          f"{path}:3: answer 'purple' is not one of the options ['red', 'green', 'blue']",
-                         f"{path}:4: image file not found: images/9.png"]
+                         f"{path}:4: image file not found: images/9.png",
+                         f"{path}:5: missing field 'precision'",
+                         f"{path}:6: field 'precision' must be a whole number of decimals, got 1.5"]
 
 
 def test_cli_reports_a_bad_file_without_loading_a_model(tmp_path):
@@ -218,18 +288,6 @@ def test_summary_against_hand_counted_values():
 # With the tiny model: in-process, and the command line with 1 and 2 gloo processes
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    import tiny
-
-    src = tiny.resolve("tiny")
-    return (Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval(),
-            AutoProcessor.from_pretrained(src))
-
-
 def test_evaluate_grades_every_record_in_order(tiny_model, tmp_path):
     model, processor = tiny_model
     standard, vision = mmmu_rows()
@@ -243,6 +301,42 @@ def test_evaluate_grades_every_record_in_order(tiny_model, tmp_path):
         assert r["rethinks"] == ev.reflects(r["response"]) and 0 < r["len"] <= 24
     again = ev.evaluate(model, processor, recs, max_new_tokens=24, batch_size=8)  # greedy: batching changes nothing
     assert [r["response"] for r in again] == [r["response"] for r in rows]
+
+
+def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
+    """The response budget defaults to the toy runs' 48 on toy and the published 2048 on a benchmark;
+    the image budget goes to tiny.load_model, the one loader, with bf16 only on a GPU."""
+    import torch
+
+    import tiny
+    import vlr
+
+    calls = []
+
+    def load_model(*args):
+        calls.append(("load", *args))
+        return tiny_model
+
+    def evaluate(model, processor, recs, max_new_tokens, *rest):
+        calls.append(("evaluate", len(recs), max_new_tokens))
+        return [ev.row(r, "\\boxed{A}", 1) for r in recs]
+
+    monkeypatch.setattr(tiny, "load_model", load_model)
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    mv = write_parquet(tmp_path / "mv.parquet", [dict(MATHVISTA[1], decoded_image=image("red"))], ["decoded_image"])
+    out = str(tmp_path / "out.jsonl")
+    ev.main(["--bench", "toy", "--limit", "3", "--out", out, "--min-pixels", "3136", "--max-pixels", "12544"])
+    ev.main(["--bench", "mathvista", "--data", str(mv), "--out", out])
+    ev.main(["--bench", "mathvista", "--data", str(mv), "--out", out, "--max-new-tokens", "7"])
+    gpu = torch.cuda.is_available()
+    on = (torch.device("cuda", 0), torch.bfloat16) if gpu else (torch.device("cpu"), torch.float32)
+    assert calls == [("load", "tiny", *on, 3136, 12544), ("evaluate", 3, 48), ("load", "tiny", *on, 0, 0),
+                     ("evaluate", 1, 2048), ("load", "tiny", *on, 0, 0), ("evaluate", 1, 7)]
+    assert ev.TOY_MAX_NEW_TOKENS == vlr.Config().max_new_tokens
+    for bad in (["--min-pixels", "-1"], ["--min-pixels", "5000", "--max-pixels", "4000"], ["--max-new-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            ev.main(["--bench", "toy", *bad])
+        assert "must be" in capsys.readouterr().err
 
 
 def run_cli(tmp_path, name, launcher):
@@ -264,49 +358,3 @@ def test_two_gloo_processes_give_the_same_results_as_one(tmp_path):
     assert [(r["id"], r["response"], r["correct"]) for r in rows2] == [
         (r["id"], r["response"], r["correct"]) for r in rows1]
     assert one[2].split()[:2] == ["toy", "10"]  # the table: header, then the benchmark's row
-
-
-# ---------------------------------------------------------------------------------------------
-# Plot mode
-# ---------------------------------------------------------------------------------------------
-
-def test_compare_plots_runs_and_rejects_bad_metrics(tmp_path):
-    pytest.importorskip("matplotlib")
-    for name, slope in (("ssr", 0.004), ("no-ssr", 0.002)):
-        (tmp_path / name).mkdir()
-        write_jsonl(tmp_path / name / "metrics.jsonl",
-                    [dict({"step": s, "reward_mean": 0.2 + slope * s, "zero_adv_frac": 0.5 - slope * s,
-                           "resp_len_mean": 16 + 1000 * slope * s},
-                          **({"eval_acc": 0.25 + slope * s} if s % 25 == 24 else {})) for s in range(100)])
-    out = ev.plot([str(tmp_path / "ssr"), str(tmp_path / "no-ssr")], str(tmp_path / "compare.png"))
-    img = Image.open(out).convert("RGB")
-    assert img.size == (2200, 418)  # four panels, 20 x 3.8 inches at 110 dpi
-    colours = {c for _, c in img.getcolors(maxcolors=1 << 20)}
-    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # one colour per run
-    lengths = {c for _, c in img.crop((1650, 0, 2200, 418)).getcolors(maxcolors=1 << 20)}
-    assert (31, 119, 180) in lengths and (255, 127, 14) in lengths  # lengths of 16..416 tokens are on their panel
-    (tmp_path / "bad").mkdir()
-    write_jsonl(tmp_path / "bad" / "metrics.jsonl",
-                [{"step": 0, "reward_mean": 0.1, "zero_adv_frac": 0.5}, {"step": 1}])
-    with pytest.raises(data.DataError, match=r"bad/metrics.jsonl:2: missing reward_mean, zero_adv_frac"):
-        ev.plot([str(tmp_path / "bad")], str(tmp_path / "x.png"))
-
-
-def test_compare_table_pools_seeds_and_matches_hand_counts(tmp_path):
-    def run(name, evals, zero, fixed):
-        (tmp_path / name).mkdir()
-        rows = [{"step": s, "reward_mean": 0.0, "zero_adv_frac": z, "rethink_fixed": f} for s, (z, f) in enumerate(zip(zero, fixed))]
-        for step, acc, reflect in evals:
-            rows[step].update(eval_acc=acc, eval_reflect=reflect)
-        write_jsonl(tmp_path / name / "metrics.jsonl", rows)
-        return str(tmp_path / name)
-
-    runs = [run("full-s0", [(1, 0.5, 0.0), (3, 0.9, 0.2)], [0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.2, 0.0]),
-            run("full-s1", [(1, 0.8, 0.1), (3, 0.7, 0.4)], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),
-            run("plain-s0", [(3, 0.3, 0.0)], [0.25, 0.25, 0.25, 0.25], [0.0] * 4)]
-    lines = ev.compare_table(runs).splitlines()
-    assert len(lines) == 4
-    # full: final acc 0.9 and 0.7 -> 0.8 +- 0.1414; zero-adv 0.25 and 0.25; steps to 0.8: 4 (s0) and 2 (s1) -> 3;
-    # reflection 0.2 and 0.4 -> 0.3 +- 0.1414; rethink_fixed 0.1 and 0.0 -> 0.05 +- 0.0707
-    assert lines[2] == "| full | 2 | 0.800 ± 0.141 | 0.250 ± 0.000 | 3 (2/2) | 0.300 ± 0.141 | 0.050 ± 0.071 |"
-    assert lines[3] == "| plain | 1 | 0.300 ± 0.000 | 0.250 ± 0.000 | never (0/1) | 0.000 ± 0.000 | 0.000 ± 0.000 |"
