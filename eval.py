@@ -33,7 +33,6 @@ import base64
 import binascii
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -380,14 +379,9 @@ def run(args, records) -> list[dict] | None:
     import torch.distributed as dist
 
     import tiny
+    import vlr
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world, device = vlr.setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, processor = tiny.load_model(args.model, device, dtype, args.min_pixels, args.max_pixels)
     rows = evaluate(model, processor, records[rank::world], args.max_new_tokens, args.batch_size, args.temperature)

@@ -98,21 +98,38 @@ def logprobs(model, prompts: dict, response_ids, response_mask, temperature: flo
     The sequence is [left-padded prompt | right-padded response]; padding is masked out of
     attention and gets no position, so every real token sees exactly what it saw while sampled.
     Returns [N, T], zero where response_mask is 0."""
-    n_resp = response_ids.shape[1]
-    input_ids = torch.cat([prompts["input_ids"], response_ids], 1)
-    attn = torch.cat([prompts["attention_mask"], response_mask.long()], 1)
+    n_resp = response_ids.shape[1]  # T
+    input_ids = torch.cat([prompts["input_ids"], response_ids], 1)  # [N, L + T]
+    attn = torch.cat([prompts["attention_mask"], response_mask.long()], 1)  # [N, L + T]
     mm = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(response_ids, dtype=prompts["mm_token_type_ids"].dtype)], 1)
-    pos = positions(model, input_ids, mm, prompts["image_grid_thw"], attn)
+    pos = positions(model, input_ids, mm, prompts["image_grid_thw"], attn)  # [3, N, L + T]
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, pixel_values=prompts["pixel_values"],
                 image_grid_thw=prompts["image_grid_thw"], logits_to_keep=n_resp + 1, use_cache=False)
     # logits at position t predict token t+1: the last prompt position predicts response token 0
-    lp = _log_softmax(out.logits[:, :-1], temperature, banned)
-    return lp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask
+    lp = _log_softmax(out.logits[:, :-1], temperature, banned)  # [N, T, V]
+    return lp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask  # [N, T]
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sampling:
+    """How the next token is drawn, and what the sampler needs to know about the vocabulary."""
+    temperature: float  # 0: greedy
+    top_p: float
+    top_k: int  # 0: all tokens
+    banned: list  # vision special tokens: never sampled (a sampled <|image_pad|> breaks the next forward)
+    pad: int
+    stop: torch.Tensor  # [S] token ids that end a response
+    generator: torch.Generator | None
+
+    @property
+    def logp_temperature(self) -> float:
+        """The temperature of the recorded log-probs: the training distribution's (1 when greedy)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
 
 def _pick(logits, temperature: float, top_p: float, banned: list[int], generator, top_k: int = 0) -> torch.Tensor:
     """Next token per row: greedy at temperature 0, else sampling from the top_k most likely tokens
@@ -127,42 +144,44 @@ def _pick(logits, temperature: float, top_p: float, banned: list[int], generator
         kth = probs.topk(top_k, dim=-1).values[:, -1:]  # [N, 1] the k-th largest probability
         probs = probs.masked_fill(probs < kth, 0.0)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before already reach top_p
+        sorted_p, order = probs.sort(-1, descending=True)  # [N, V]
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # [N, V] the tokens before already reach top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [N]
 
 
-def _decode(model, cache, logits, attn, start, max_new, temperature, logp_temperature, top_p, ids, generator, top_k=0):
+def _decode(model, cache, logits, attn, start, max_new: int, s: Sampling, temperature: float):
     """The KV-cache loop: one token per row per step until every row has stopped.
 
     `logits` are the next-token logits of each row, `attn` the attention mask of what is in the
-    cache, `start` the position of each row's first new token. Finished rows are fed padding,
-    masked out of attention, so the batch runs on until the last row stops or hits max_new.
-    Returns tokens, recorded log-probs (at logp_temperature), the real-token mask, whether each
-    row stopped, and the final attention mask (for Forced Rethinking, which continues the cache)."""
-    n = logits.shape[0]
-    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    cache, `start` the position of each row's first new token. Tokens are drawn at `temperature`
+    and recorded at s.logp_temperature. Finished rows are fed padding, masked out of attention,
+    so the batch runs on until the last row stops or hits max_new. Returns tokens, recorded
+    log-probs, the real-token mask, whether each row stopped, and the final attention mask (for
+    Forced Rethinking, which continues the cache)."""
+    n = logits.shape[0]  # logits [N, V], attn [N, L], start [N]
+    done = torch.zeros(n, dtype=torch.bool, device=logits.device)  # [N]
     toks, lps, real = [], [], []
     for t in range(max_new):
-        tok = _pick(logits, temperature, top_p, ids["banned"], generator, top_k)
-        lp = _log_softmax(logits, logp_temperature, ids["banned"]).gather(1, tok[:, None]).squeeze(1)
-        live = ~done
-        tok = torch.where(live, tok, ids["pad"])
+        tok = _pick(logits, temperature, s.top_p, s.banned, s.generator, s.top_k)  # [N]
+        lp = _log_softmax(logits, s.logp_temperature, s.banned).gather(1, tok[:, None]).squeeze(1)  # [N]
+        live = ~done  # [N]
+        tok = torch.where(live, tok, s.pad)
         toks.append(tok), lps.append(torch.where(live, lp, 0.0)), real.append(live)
-        done = done | torch.isin(tok, ids["stop"])
+        done = done | torch.isin(tok, s.stop)
         if done.all() or t == max_new - 1:
             break
-        attn = torch.cat([attn, live[:, None].long()], 1)
-        pos = (start + t).view(1, n, 1).expand(3, n, 1)
+        attn = torch.cat([attn, live[:, None].long()], 1)  # [N, L + t + 1]
+        pos = (start + t).view(1, n, 1).expand(3, n, 1)  # [3, N, 1] text: one position on all 3 mrope axes
         logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(real, 1), done, attn
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # [N, V]
+    return torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(real, 1), done, attn  # [N, T] x 3, [N], [N, L']
 
 
 @dataclass
 class RethinkConfig:
-    """Forced Rethinking (Section 3.2), as the published implementation applies it."""
+    """Forced Rethinking (Section 3.2). The defaults are the published `append_wait` mode's
+    rules where we follow them (README, "Differences from the published implementation")."""
     max_group_acc: float = 0.6  # only prompts whose group accuracy is at most this
     only_wrong: bool = True  # only responses whose first answer is wrong (the published "append_wait" mode)
     frac: float = 1.0  # share of the eligible responses that get a trigger
@@ -187,8 +206,8 @@ class Rollout:
     triggered: torch.Tensor  # [N] a rethinking trigger was tried on this response
     rethought: torch.Tensor  # [N] the rethought response replaced the first one
     first_texts: list  # the replaced first response of rethought rows, else None
+    grades: list | None = None  # [N] each final response's grade (the `grade` callback's result)
     rethink_fixed: int = 0  # triggered rows whose first answer was wrong and rethought answer right
-    stats: dict = field(default_factory=dict)
 
 
 class _CastLayer(DynamicLayer):
@@ -216,60 +235,59 @@ def new_cache(device) -> DynamicCache:
 
 @torch.no_grad()
 def sample(model, processor, records, g: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           generator=None, score=None, rethink: RethinkConfig | None = None, stop_tokens=STOP_TOKENS,
+           generator=None, grade=None, rethink: RethinkConfig | None = None, stop_tokens=STOP_TOKENS,
            top_k: int = 0, chunk: int = 0) -> Rollout:
-    """G responses for each record; with `rethink` (and `score(text, record) -> reward`), Forced
-    Rethinking is applied to the low-accuracy groups. temperature 0 is greedy decoding.
-    `stop_tokens=()` decodes exactly max_new_tokens per response (bench.py times it so).
-    `chunk` > 0 samples that many prompts (chunk x G rows) at a time: the KV cache of one chunk is
-    what sampling holds in memory. The result is on the CPU."""
+    """G responses for each record. temperature 0 is greedy decoding.
+
+    With `grade(text, record, finished, forced) -> an object with .correct` every final response
+    is graded once (Rollout.grades), and with `rethink` too, Forced Rethinking is applied to the
+    low-accuracy groups. `stop_tokens=()` decodes exactly max_new_tokens per response (bench.py
+    times it so). `chunk` > 0 samples that many prompts (chunk x G rows) at a time: the KV cache
+    of one chunk is what sampling holds in memory. The result is on the CPU."""
     tok = processor.tokenizer
     dev = next(model.parameters()).device
-    ids = {"banned": special_ids(tok, VISION_TOKENS), "pad": tok.pad_token_id,
-           "stop": torch.tensor(special_ids(tok, stop_tokens), dtype=torch.long, device=dev)}
+    s = Sampling(temperature, top_p, top_k, special_ids(tok, VISION_TOKENS), tok.pad_token_id,
+                 torch.tensor(special_ids(tok, stop_tokens), dtype=torch.long, device=dev), generator)
     step = chunk if chunk > 0 else len(records)
-    parts = [_sample_chunk(model, processor, records[c:c + step], g, max_new_tokens, temperature, top_p, top_k,
-                           generator, score, rethink, ids) for c in range(0, len(records), step)]
-    return parts[0] if len(parts) == 1 else _concat(parts, ids["pad"])
+    parts = [_sample_chunk(model, processor, records[c:c + step], g, max_new_tokens, s, grade, rethink)
+             for c in range(0, len(records), step)]
+    return parts[0] if len(parts) == 1 else _concat(parts, s.pad)
 
 
-def _sample_chunk(model, processor, records, g, max_new_tokens, temperature, top_p, top_k, generator, score,
-                  rethink, ids) -> Rollout:
+def _sample_chunk(model, processor, records, g, max_new_tokens, s: Sampling, grade, rethink) -> Rollout:
     from data import encode_prompts
 
     tok = processor.tokenizer
-    dev = ids["stop"].device
-    lp_temp = temperature if temperature > 0 else 1.0
-    batch = {k: v.to(dev) for k, v in encode_prompts(processor, records).items()}
-    pos = positions(model, batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], batch["attention_mask"])
+    dev = s.stop.device
+    batch = {k: v.to(dev) for k, v in encode_prompts(processor, records).items()}  # P prompts, left-padded
+    pos = positions(model, batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                    batch["attention_mask"])  # [3, P, L]
     # Prefill each prompt once (images encoded once), then copy its cache G times: the group.
     cache = new_cache(dev)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(g)
-    logits = out.logits[:, -1].repeat_interleave(g, 0)
-    attn = batch["attention_mask"].repeat_interleave(g, 0)
-    start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(g)  # text after the prompt: max position + 1
-    resp, lp, real, stopped, attn = _decode(model, cache, logits, attn, start, max_new_tokens,
-                                            temperature, lp_temp, top_p, ids, generator, top_k)
+    logits = out.logits[:, -1].repeat_interleave(g, 0)  # [N, V], N = P * G
+    attn = batch["attention_mask"].repeat_interleave(g, 0)  # [N, L]
+    start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(g)  # [N] text after the prompt: max position + 1
+    resp, lp, real, stopped, attn = _decode(model, cache, logits, attn, start, max_new_tokens, s, s.temperature)
     n = resp.shape[0]
     rows = [(resp[i][real[i]], lp[i][real[i]], torch.ones(int(real[i].sum()), device=dev)) for i in range(n)]
     texts = tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
-    triggered = torch.zeros(n, dtype=torch.bool)
-    rethought = torch.zeros(n, dtype=torch.bool)
-    first_texts, fixed, stats = [None] * n, 0, {}
-    if rethink is not None and score is not None:
-        fixed, stats = _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, records, g, score,
-                                rethink, max_new_tokens, lp_temp, top_p, top_k, ids, generator, triggered, rethought,
-                                first_texts)
+    grades = [grade(texts[i], records[i // g], bool(stopped[i]), False) for i in range(n)] if grade else None
+    ro = Rollout(prompts=repeat_prompts(batch, g), response_ids=None, response_mask=None, logp=None, loss_mask=None,
+                 texts=texts, truncated=(~stopped).cpu(), triggered=torch.zeros(n, dtype=torch.bool),
+                 rethought=torch.zeros(n, dtype=torch.bool), first_texts=[None] * n, grades=grades)
+    if rethink is not None and grade is not None:
+        rows = _rethink(model, tok, cache, batch, start, attn, rows, ro, stopped, records, g, grade, rethink,
+                        max_new_tokens, s)
     del cache  # the chunk's KV cache is freed before the next chunk is sampled
-    return Rollout(prompts={k: v.cpu() for k, v in repeat_prompts(batch, g).items()},
-                   response_ids=_pad([r[0] for r in rows], ids["pad"]).cpu(),
-                   response_mask=_pad([torch.ones_like(r[0]) for r in rows], 0).cpu(),
-                   logp=_pad([r[1] for r in rows], 0.0).cpu(), loss_mask=_pad([r[2] for r in rows], 0.0).cpu(),
-                   texts=texts, truncated=(~stopped).cpu(), triggered=triggered,
-                   rethought=rethought, first_texts=first_texts, rethink_fixed=fixed, stats=stats)
+    ro.prompts = {k: v.cpu() for k, v in ro.prompts.items()}
+    ro.response_ids = pad([r[0] for r in rows], s.pad).cpu()
+    ro.response_mask = pad([torch.ones_like(r[0]) for r in rows], 0).cpu()
+    ro.logp, ro.loss_mask = pad([r[1] for r in rows], 0.0).cpu(), pad([r[2] for r in rows], 0.0).cpu()
+    return ro
 
 
 def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -287,17 +305,32 @@ def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
                "mm_token_type_ids": left("mm_token_type_ids", 0),
                "pixel_values": torch.cat([p.prompts["pixel_values"] for p in parts]),
                "image_grid_thw": torch.cat([p.prompts["image_grid_thw"] for p in parts])}
-    stats = {k: sum(p.stats.get(k, 0) for p in parts) for k in parts[0].stats}
     return Rollout(prompts=prompts, response_ids=right("response_ids", pad_id), response_mask=right("response_mask", 0),
                    logp=right("logp", 0.0), loss_mask=right("loss_mask", 0.0),
                    texts=[t for p in parts for t in p.texts], truncated=torch.cat([p.truncated for p in parts]),
                    triggered=torch.cat([p.triggered for p in parts]), rethought=torch.cat([p.rethought for p in parts]),
                    first_texts=[t for p in parts for t in p.first_texts],
-                   rethink_fixed=sum(p.rethink_fixed for p in parts), stats=stats)
+                   grades=None if parts[0].grades is None else [x for p in parts for x in p.grades],
+                   rethink_fixed=sum(p.rethink_fixed for p in parts))
 
 
-def _pad(seqs, value, side: str = "right") -> torch.Tensor:
+def pad(seqs, value, side: str = "right") -> torch.Tensor:
+    """Sequences of different lengths as one [N, max length] tensor."""
     return torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=value, padding_side=side)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forced Rethinking (Section 3.2): the rules, then the KV-cache mechanism
+# ---------------------------------------------------------------------------------------------
+
+def who_rethinks(correct: list, stopped: list, g: int, cfg: RethinkConfig, coins: list) -> list[int]:
+    """The responses that get a trigger: each that stopped by itself (a truncated one has no answer
+    to check), of a prompt whose group accuracy is at most cfg.max_group_acc (there the model is
+    unsure), a wrong one only when cfg.only_wrong, each with probability cfg.frac (`coins`: one
+    uniform draw per response). Returns their row indices, in order."""
+    acc = [sum(correct[p * g:(p + 1) * g]) / g for p in range(len(correct) // g)]
+    return [i for i in range(len(correct)) if acc[i // g] <= cfg.max_group_acc and stopped[i]
+            and not (cfg.only_wrong and correct[i]) and coins[i] < cfg.frac]
 
 
 def cut_point(tokenizer, body: list[int]) -> int:
@@ -323,78 +356,97 @@ def cut_point(tokenizer, body: list[int]) -> int:
     return lo
 
 
-def _rethink(model, tok, cache, batch, start, attn, rows, texts, stopped, records, g, score, cfg, max_len,
-             lp_temp, top_p, top_k, ids, generator, triggered, rethought, first_texts):
-    """Forced Rethinking (Section 3.2): first response (maybe cut before its answer) + trigger +
-    a sampled continuation, kept in place of the first response only if its answer is right.
+@dataclass
+class Rethought:
+    """One rethought response: first response (cut at `keep` tokens) + trigger + continuation."""
+    row: int
+    ids: torch.Tensor  # [T] response tokens
+    logp: torch.Tensor  # [T] recorded log-probs
+    loss_mask: torch.Tensor  # [T]
+    text: str
+    stopped: bool  # the continuation ended by itself
+    grade: object  # the `grade` callback's result
 
-    The KV cache of the first pass is reused, not recomputed: the cut-off tail of a response is
-    masked out of attention, and the last kept token is fed again with the trigger, so that its
-    logits (which predict the trigger's first token) are computed afresh. Positions continue from
-    the last kept token, so the final sequence has the same positions as a contiguous one.
 
-    A rethought response is kept only if it fits in `max_len` tokens, the response cap of the
-    rollout: the policy is then trained only on responses it could have produced itself within
-    the cap. (Training on longer ones teaches it to run into the cap, where it gets cut off.)"""
+def keep_rethought(cands: list[Rethought], g: int, cfg: RethinkConfig, max_len: int) -> list[bool]:
+    """Which rethought responses replace their first response: right ones that stopped by
+    themselves, say "wait" at most cfg.max_waits times (more is a loop) and fit the response cap
+    `max_len` (so the policy trains only on responses it could have produced itself), at most
+    cfg.max_replace per prompt, first come first kept."""
+    replaced, keep = {}, []
+    for c in cands:
+        ok = (c.grade.correct and c.stopped and c.text.lower().count("wait") <= cfg.max_waits
+              and len(c.ids) <= max_len and replaced.get(c.row // g, 0) < cfg.max_replace)
+        replaced[c.row // g] = replaced.get(c.row // g, 0) + ok
+        keep.append(ok)
+    return keep
+
+
+def _continue(model, cache, attn, start, plen: int, keep, chunks: list, s: Sampling, cfg: RethinkConfig):
+    """The mechanism: continue the first pass's KV cache (already narrowed to the triggered rows)
+    after the kept part of each response, with `chunks` = [last kept token, trigger...] per row.
+
+    The cut-off tail is masked out of attention, and the last kept token is fed again with the
+    trigger, so that its logits (which predict the trigger's first token) are computed afresh.
+    Positions continue from the last kept token: the final sequence has the positions of a
+    contiguous one. Returns the trigger's log-probs and what `_decode` returns."""
     dev = start.device
-    first_reward = [score(texts[i], records[i // g]) for i in range(len(rows))]
-    group_acc = [sum(first_reward[p * g:(p + 1) * g]) / g for p in range(len(records))]
-    rand = torch.rand(len(rows), 3, generator=generator, device=dev).cpu()
-    # Eligible: a low-accuracy group, a response that stopped by itself (a truncated one has no answer)
-    sel = [i for i in range(len(rows)) if group_acc[i // g] <= cfg.max_group_acc and bool(stopped[i])
-           and not (cfg.only_wrong and first_reward[i] >= 1.0) and rand[i, 0] < cfg.frac]
+    slot = torch.arange(attn.shape[1], device=dev)  # [L]
+    attn = attn.masked_fill(slot[None] >= plen + keep[:, None] - 1, 0)  # [M, L] the refed token's old slot and after
+    width = max(len(c) for c in chunks)
+    chunk = torch.stack([F.pad(c, (width - len(c), 0), value=s.pad) for c in chunks])  # [M, W] left-padded
+    chunk_mask = torch.stack([F.pad(torch.ones_like(c), (width - len(c), 0)) for c in chunks])  # [M, W]
+    first_pos = start + keep - 1  # [M] the refed token's position
+    lens = torch.tensor([len(c) for c in chunks], device=dev)  # [M]
+    chunk_pos = (first_pos[:, None] + torch.arange(width, device=dev)[None] - (width - lens)[:, None]) * chunk_mask
+    attn = torch.cat([attn, chunk_mask], 1)  # [M, L + W]
+    out = model(input_ids=chunk, attention_mask=attn, position_ids=chunk_pos[None].expand(3, -1, -1),
+                past_key_values=cache, use_cache=True)  # logits [M, W, V]
+    trig_lp = _log_softmax(out.logits[:, :-1], s.logp_temperature, s.banned).gather(-1, chunk[:, 1:, None]).squeeze(-1)
+    return (trig_lp,) + _decode(model, cache, out.logits[:, -1], attn, first_pos + lens, cfg.max_new_tokens, s,
+                                cfg.temperature)[:4]  # [M, W - 1], then [M, T] x 3, [M]
+
+
+def _rethink(model, tok, cache, batch, start, attn, rows, ro: Rollout, stopped, records, g, grade, cfg, max_len, s):
+    """Forced Rethinking (Section 3.2): first response (maybe cut before its answer) + trigger +
+    a sampled continuation, kept in place of the first response by `keep_rethought`. Returns the
+    rows (ids, logp, loss mask) with the kept ones replaced; marks `ro`'s rethinking fields."""
+    dev = start.device
+    coins = torch.rand(len(rows), 3, generator=s.generator, device=dev).cpu()  # trigger?, cut?, which trigger
+    sel = who_rethinks([x.correct for x in ro.grades], stopped.tolist(), g, cfg, coins[:, 0].tolist())
     if not sel:
-        return 0, {"rethink_triggered": 0, "rethink_kept": 0}
-    plen = batch["input_ids"].shape[1]
-    chunks, keep, trig_lens = [], [], []
+        return rows
+    plen, keep, triggers, chunks = batch["input_ids"].shape[1], [], [], []
     for i in sel:
         body = rows[i][0][:-1].tolist()  # without the stop token
-        k = cut_point(tok, body) if rand[i, 1] < cfg.cut_prob else len(body)
-        trigger = tok.encode(TRIGGERS[int(rand[i, 2] * len(TRIGGERS))], add_special_tokens=False)
+        k = cut_point(tok, body) if coins[i, 1] < cfg.cut_prob else len(body)
+        trigger = tok.encode(TRIGGERS[int(coins[i, 2] * len(TRIGGERS))], add_special_tokens=False)
         refeed = body[k - 1] if k > 0 else int(batch["input_ids"][i // g, -1])
         chunks.append(torch.tensor([refeed] + trigger, device=dev))
-        keep.append(k), trig_lens.append(len(trigger))
-    sel_t = torch.tensor(sel, device=dev)
+        keep.append(k), triggers.append(trigger)
+    sel_t, keep_t = torch.tensor(sel, device=dev), torch.tensor(keep, device=dev)
     cache.batch_select_indices(sel_t)
-    keep_t = torch.tensor(keep, device=dev)
-    attn = attn[sel_t].clone()
-    slot = torch.arange(attn.shape[1], device=dev)
-    attn[slot[None] >= plen + keep_t[:, None] - 1] = 0  # the refed token's old slot and everything after
-    width = max(len(c) for c in chunks)
-    chunk = torch.stack([F.pad(c, (width - len(c), 0), value=ids["pad"]) for c in chunks])  # left-padded
-    chunk_mask = torch.stack([F.pad(torch.ones_like(c), (width - len(c), 0)) for c in chunks])
-    first_pos = start[sel_t] + keep_t - 1  # the refed token's position
-    lens = torch.tensor([len(c) for c in chunks], device=dev)
-    chunk_pos = (first_pos[:, None] + torch.arange(width, device=dev)[None] - (width - lens)[:, None]) * chunk_mask
-    attn = torch.cat([attn, chunk_mask], 1)
-    out = model(input_ids=chunk, attention_mask=attn, position_ids=chunk_pos[None].expand(3, -1, -1),
-                past_key_values=cache, use_cache=True)
-    trig_lp = _log_softmax(out.logits[:, :-1], lp_temp, ids["banned"]).gather(-1, chunk[:, 1:, None]).squeeze(-1)
-    cont, cont_lp, cont_real, cont_stopped, _ = _decode(
-        model, cache, out.logits[:, -1], attn, first_pos + lens, cfg.max_new_tokens,
-        cfg.temperature, lp_temp, top_p, ids, generator, top_k)
-    replaced = [0] * len(records)
-    fixed = kept = 0
-    for j, i in enumerate(sel):
-        k, m = keep[j], trig_lens[j]
+    trig_lp, cont, cont_lp, cont_real, cont_stopped = _continue(model, cache, attn[sel_t], start[sel_t], plen, keep_t,
+                                                                chunks, s, cfg)
+    cands = []
+    for j, (i, k, m) in enumerate(zip(sel, keep, (len(t) for t in triggers))):
         c = cont_real[j]
-        new_ids = torch.cat([rows[i][0][:k], chunk[j, -m:], cont[j][c]])
-        new_lp = torch.cat([rows[i][1][:k], trig_lp[j, -m:], cont_lp[j][c]])
-        new_loss = torch.cat([torch.ones(k, device=dev), torch.full((m,), float(cfg.train_trigger), device=dev),
-                              torch.ones(int(c.sum()), device=dev)])
-        text = tok.decode(new_ids, skip_special_tokens=True)
-        right = score(text, records[i // g]) >= 1.0
-        fixed += int(right and first_reward[i] < 1.0)
-        sane = bool(cont_stopped[j]) and text.lower().count("wait") <= cfg.max_waits and len(new_ids) <= max_len
-        triggered[i] = True
-        if right and sane and replaced[i // g] < cfg.max_replace:
-            replaced[i // g] += 1
-            kept += 1
-            rethought[i] = True
-            first_texts[i] = texts[i]
-            rows[i] = (new_ids, new_lp, new_loss)
-            texts[i] = text
-    return fixed, {"rethink_triggered": len(sel), "rethink_kept": kept}
+        ids = torch.cat([rows[i][0][:k], chunks[j][1:], cont[j][c]])
+        text = tok.decode(ids, skip_special_tokens=True)
+        cands.append(Rethought(
+            row=i, ids=ids, logp=torch.cat([rows[i][1][:k], trig_lp[j, -m:], cont_lp[j][c]]),
+            loss_mask=torch.cat([torch.ones(k, device=dev), torch.full((m,), float(cfg.train_trigger), device=dev),
+                                 torch.ones(int(c.sum()), device=dev)]),
+            text=text, stopped=bool(cont_stopped[j]), grade=grade(text, records[i // g], bool(cont_stopped[j]), True)))
+    rows = list(rows)
+    for c, kept in zip(cands, keep_rethought(cands, g, cfg, max_len)):
+        ro.triggered[c.row] = True
+        ro.rethink_fixed += int(c.grade.correct and not ro.grades[c.row].correct)
+        if kept:
+            ro.rethought[c.row], ro.first_texts[c.row] = True, ro.texts[c.row]
+            ro.texts[c.row], ro.grades[c.row] = c.text, c.grade
+            rows[c.row] = (c.ids, c.logp, c.loss_mask)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,12 +476,12 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     responses right-padded, images in row order."""
     prompt_ids = [r["prompt_ids"] for r in rows]
     resp = [r["response_ids"] for r in rows]
-    prompts = {"input_ids": _pad(prompt_ids, pad_id, "left"),
-               "attention_mask": _pad([torch.ones_like(x) for x in prompt_ids], 0, "left"),
-               "mm_token_type_ids": _pad([r["mm_token_type_ids"] for r in rows], 0, "left"),
+    prompts = {"input_ids": pad(prompt_ids, pad_id, "left"),
+               "attention_mask": pad([torch.ones_like(x) for x in prompt_ids], 0, "left"),
+               "mm_token_type_ids": pad([r["mm_token_type_ids"] for r in rows], 0, "left"),
                "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
                "image_grid_thw": torch.cat([r["image_grid_thw"] for r in rows])}
-    return {"prompts": prompts, "response_ids": _pad(resp, pad_id),
-            "response_mask": _pad([torch.ones_like(x) for x in resp], 0),
-            "logp": _pad([r["logp"] for r in rows], 0.0), "loss_mask": _pad([r["loss_mask"] for r in rows], 0.0)}
+    return {"prompts": prompts, "response_ids": pad(resp, pad_id),
+            "response_mask": pad([torch.ones_like(x) for x in resp], 0),
+            "logp": pad([r["logp"] for r in rows], 0.0), "loss_mask": pad([r["loss_mask"] for r in rows], 0.0)}
 

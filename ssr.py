@@ -34,6 +34,12 @@ import torch
 ZERO_ADV = 1e-6
 
 
+def zero_advantage(advantages) -> torch.Tensor:
+    """Which samples have zero advantage and so no gradient: the one definition the buffer, the
+    batch refill and the trainer's zero_adv_frac (a group whose samples all have it) share."""
+    return torch.as_tensor(advantages, dtype=torch.float32).abs() <= ZERO_ADV
+
+
 class ReplayBuffer:
     """The newest `capacity` samples with non-zero advantage, drawn with p_j ~ |A_j|^alpha.
 
@@ -52,10 +58,10 @@ class ReplayBuffer:
     def add(self, items, advantages) -> int:
         """Store the items whose |advantage| > ZERO_ADV (a zero-advantage sample has no gradient to
         replay); the oldest fall out beyond `capacity`. Returns how many were stored."""
-        adv = torch.as_tensor(advantages, dtype=torch.float32).flatten().tolist()
+        adv = torch.as_tensor(advantages, dtype=torch.float32).flatten()
         if len(adv) != len(items):
             raise ValueError(f"{len(items)} items but {len(adv)} advantages")
-        new = [(item, a) for item, a in zip(items, adv) if abs(a) > ZERO_ADV]
+        new = [(item, a) for item, a, zero in zip(items, adv.tolist(), zero_advantage(adv).tolist()) if not zero]
         self.entries.extend(new)
         return len(new)
 
@@ -97,7 +103,7 @@ def select_batch(current_items, current_advantages, buffer: ReplayBuffer, batch_
         raise ValueError(f"{len(current_items)} items but {len(adv)} advantages")
     if len(current_items) > batch_size:
         raise ValueError(f"{len(current_items)} samples do not fit a batch of {batch_size}")
-    keep = (adv.abs() > ZERO_ADV).nonzero().flatten().tolist()
+    keep = (~zero_advantage(adv)).nonzero().flatten().tolist()
     items, advs = [current_items[i] for i in keep], adv[keep].tolist()
 
     n_fresh = min(buffer.add(current_items, adv), buffer.capacity)  # this step's samples, at the buffer's end

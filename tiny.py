@@ -116,6 +116,26 @@ def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 
     return policy, processor
 
 
+def write_atomically(out: Path, write) -> None:
+    """Fill a folder so that whoever looks finds the old one or the new one, never half of one:
+    `write(tmp)` fills a temporary folder beside `out`, then two renames swap it in. A process
+    killed between the renames leaves only `.<name>-old` (`vlr.checkpoint_dir` looks there too).
+    Two processes writing the same folder at once (torchrun ranks building a model) both end with
+    a complete folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
+    write(tmp)
+    old = out.parent / f".{out.name}-old"
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError:  # another process swapped its folder in first; what it wrote is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and processor
 # ---------------------------------------------------------------------------------------------
@@ -208,10 +228,10 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
             enc = [tok.encode(text, add_special_tokens=False) for text, _ in parts]
             ids.append(torch.tensor(sum(enc, [])))
             loss_mask.append(torch.tensor(sum(([float(t)] * len(e) for e, (_, t) in zip(enc, parts)), [])))
-        resp = rollout._pad(ids, tok.pad_token_id)
-        mask = rollout._pad([torch.ones_like(i) for i in ids], 0)
+        resp = rollout.pad(ids, tok.pad_token_id)
+        mask = rollout.pad([torch.ones_like(i) for i in ids], 0)
         lp = rollout.logprobs(model, prompts, resp, mask, 1.0, banned)
-        weights = rollout._pad(loss_mask, 0.0)
+        weights = rollout.pad(loss_mask, 0.0)
         loss = -(lp * weights).sum() / weights.sum()
         opt.zero_grad()
         loss.backward()
@@ -233,21 +253,12 @@ def build(out: Path) -> dict:
     info = {"fingerprint": fingerprint(), "params": sum(p.numel() for p in model.parameters()),
             "vocab": len(processor.tokenizer), "build_s": round(t_build, 2),
             "warm_start_s": round(time.time() - t0 - t_build, 2), "warm_start_loss": round(loss, 4)}
-    # Written to a temporary folder then renamed: a crash never leaves half a model, and two
-    # processes building at once (torchrun ranks) both end with a complete folder.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "vlr_tiny.json").write_text(json.dumps(info, indent=1))
-    old = out.parent / f".old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first; its model is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "vlr_tiny.json").write_text(json.dumps(info, indent=1))
+
+    write_atomically(out, write)
     info["size_mb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 2**20, 2)
     return info
 

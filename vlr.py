@@ -1,8 +1,8 @@
 """vlr: VL-Rethinker from scratch. GRPO + Selective Sample Replay + Forced Rethinking.
 
-    python vlr.py                      # the toy lab: tiny Qwen2.5-VL, synthetic task, CPU, ~10 min
-    torchrun --nproc_per_node 8 vlr.py --model Qwen/Qwen2.5-VL-3B-Instruct --data virl39k.jsonl \
-        --bf16 --grad-checkpointing --freeze-vision      # the real thing (see README)
+    python vlr.py          # the toy run: the tiny Qwen2.5-VL learns a synthetic task on a CPU
+    torchrun --nproc_per_node 8 vlr.py --model Qwen/Qwen2.5-VL-3B-Instruct --data 39Krelease.parquet ...
+                           # the real thing: the README's "real runs" give the whole command
 
 One step (paper, Algorithm 1): sample prompts -> G responses each (rollout.sample, with Forced
 Rethinking) -> rewards (reward.reward) -> group advantages (Eq. 2) -> Selective Sample Replay
@@ -14,73 +14,84 @@ import json
 import math
 import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 
+def arg(default, help: str):
+    """A Config field with its --help text (the dataclass documents the command line, as CleanRL's Args)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    model: str = "tiny"  # "tiny", a local folder, or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct
-    data: str = "toy"  # "toy", ViRL39K as released (39Krelease.parquet) or a .jsonl (README)
-    toy_tiers: str = "colour"  # toy tiers trained on; the in-loop eval covers all tiers (eval_acc: the trained ones)
-    skip_bad: bool = False  # drop bad data lines (they are listed) instead of stopping
-    out: str = ""  # run folder; default runs/<data>-s<seed>
-    steps: int = 200
-    prompts_per_step: int = 32  # over all processes
-    group_size: int = 8  # G responses per prompt
-    lr: float = 5e-4  # tiny model; the rate the lab was measured at (1e-3: README, "The default run, measured")
-    warmup_steps: int = 10
-    clip_eps: float = 0.2
-    clip_eps_high: float = 0.2  # upper clip; the published code uses 0.35 ("clip-higher")
-    kl_coef: float = 0.0  # the published runs use no KL term
-    agg: str = "token"  # "token": mean over all tokens of the batch (DAPO); "seq": per-sequence mean
-    grad_clip: float = 1.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: all tokens; the published rollouts use top-p 0.95 and top-k 40
-    rollout_chunk: int = 0  # prompts sampled at a time per process (0: all); bounds the KV cache's memory
-    min_pixels: int = 0  # image budget; 0: the model's own, or 256*28^2 for a hub model (tiny.load_model)
-    max_pixels: int = 0  # 0: the model's own, or 1280*28^2 for a hub model (the published bounds)
-    # Response cap; a rethought response must fit in it too. Toy answers take ~16 tokens and a
-    # rethought one ~30-50: at 32, 4 in 5 right rethought responses were dropped for length.
-    max_new_tokens: int = 48
-    invalid_penalty: float = 0.1  # reward of a response cut by the length cap, without a box, or looping (reward.py)
-    rethink: bool = True  # Forced Rethinking (--no-rethink turns it off)
-    rethink_frac: float = 0.5  # share of a low-accuracy group's wrong responses that get a trigger
-    # The published code trains the trigger tokens too. But a rethought response is kept only when
-    # right, so its trigger only ever gets a positive advantage: the policy learns to say "Wait"
-    # whatever it saw. The tiny model then loops on it and its accuracy falls to chance or below
-    # (README, "Forced Rethinking"). Off here; --rethink-train-trigger as published.
-    rethink_train_trigger: bool = False
-    ssr: bool = True  # Selective Sample Replay (--no-ssr: plain GRPO)
-    ssr_alpha: float = 1.0  # replay probability ~ |advantage|^alpha
-    micro_batch: int = 64  # responses per forward/backward (memory knob, no effect on the math)
-    eval_every: int = 20  # in-loop eval on the toy test split (0: never)
-    save_every: int = 50
-    resume: bool = False
-    seed: int = 0
-    bf16: bool = False  # autocast to bfloat16 (fp32 master weights and optimizer)
-    grad_checkpointing: bool = False
-    freeze_vision: bool = False
-    min_format_rate: float = 0.2  # stop when fewer responses than this have a \boxed{} answer ...
-    collapse_patience: int = 20  # ... for this many steps in a row: a collapsed run teaches nothing
+    # What is trained, on what
+    model: str = arg("tiny", "'tiny' (the offline tiny Qwen2.5-VL), 'smoke-3b-<n>l' (3B-shaped test model), a folder or a hub id")
+    data: str = arg("toy", "'toy', ViRL39K as released (39Krelease.parquet) or a .jsonl of records (README)")
+    toy_tiers: str = arg("colour", "toy tiers trained on (comma-separated); the in-loop eval covers all tiers")
+    skip_bad: bool = arg(False, "drop bad data rows (they are listed) instead of stopping")
+    out: str = arg("", "run folder (default runs/<data>-s<seed>)")
+    min_pixels: int = arg(0, "image budget, fewest pixels; 0: the model's own, or 256*28^2 for a hub model")
+    max_pixels: int = arg(0, "image budget, most pixels; 0: the model's own, or 1280*28^2 for a hub model")
+    # GRPO (Section 2, Eq. 1 and 2)
+    steps: int = arg(200, "training steps (one rollout and one optimizer step each)")
+    prompts_per_step: int = arg(32, "prompts per step, over all processes")
+    group_size: int = arg(8, "G: responses sampled per prompt")
+    lr: float = arg(5e-4, "peak learning rate (tiny model; README, 'The default run, measured')")
+    warmup_steps: int = arg(10, "linear warmup steps, then cosine decay to 0")
+    clip_eps: float = arg(0.2, "lower clip of the ratio, 1 - eps (Eq. 1)")
+    clip_eps_high: float = arg(0.2, "upper clip, 1 + eps_high; the published code uses 0.35 ('clip-higher')")
+    kl_coef: float = arg(0.0, "weight of a k3 KL term to the starting policy (the published runs use none)")
+    agg: str = arg("token", "'token': mean over all tokens of the batch (DAPO); 'seq': per-response mean first")
+    grad_clip: float = arg(1.0, "gradient norm clip (0: none)")
+    temperature: float = arg(1.0, "sampling temperature of the rollouts (and of the trained distribution)")
+    top_p: float = arg(1.0, "nucleus sampling mass (the published rollouts: 0.95)")
+    top_k: int = arg(0, "sample from the k most likely tokens; 0: all (the published rollouts: 40)")
+    max_new_tokens: int = arg(48, "response cap; a rethought response must fit in it too")
+    invalid_penalty: float = arg(0.1, "reward -x for a response cut by the cap, without a box, or looping (reward.py)")
+    micro_batch: int = arg(64, "responses per forward/backward (memory only, no effect on the math)")
+    rollout_chunk: int = arg(0, "prompts sampled at a time per process (0: all); bounds the KV cache's memory")
+    # Selective Sample Replay (Section 3.1)
+    ssr: bool = arg(True, "Selective Sample Replay (--no-ssr: plain GRPO)")
+    ssr_alpha: float = arg(1.0, "replay probability proportional to |advantage|^alpha")
+    # Forced Rethinking (Section 3.2)
+    rethink: bool = arg(True, "Forced Rethinking (--no-rethink turns it off)")
+    rethink_frac: float = arg(0.5, "share of the eligible responses that get a trigger")
+    rethink_max_group_acc: float = arg(0.6, "only prompts whose group accuracy is at most this are rethought")
+    rethink_only_wrong: bool = arg(True, "only wrong first answers get a trigger (the published append_wait mode)")
+    rethink_cut_prob: float = arg(0.5, "chance to cut the first response just before its final answer")
+    rethink_temperature: float = arg(0.9, "sampling temperature of the continuation (the published value)")
+    rethink_max_waits: int = arg(3, "a rethought response with more 'wait's than this is not kept")
+    rethink_max_replace: int = arg(2, "at most this many rethought responses replace first ones per prompt")
+    # A rethought response is kept only when right, so its trigger only ever gets a positive
+    # advantage: trained, the policy learns to say "Wait" whatever it saw (README, section 3).
+    rethink_train_trigger: bool = arg(False, "train on the trigger tokens too (the published code does)")
+    # Bookkeeping
+    eval_every: int = arg(20, "in-loop greedy eval on the toy test split every this many steps (0: never)")
+    save_every: int = arg(50, "checkpoint every this many steps")
+    resume: bool = arg(False, "continue from <out>/ckpt, exactly")
+    seed: int = arg(0, "seed of sampling, replay draws and the prompt order")
+    bf16: bool = arg(False, "compute in bfloat16 under autocast (fp32 master weights and optimizer)")
+    grad_checkpointing: bool = arg(False, "recompute activations in the backward (memory for time)")
+    freeze_vision: bool = arg(False, "train the language model only")
+    min_format_rate: float = arg(0.2, "stop when fewer responses than this have a \\boxed{} answer ...")
+    collapse_patience: int = arg(20, "... for this many steps in a row: a collapsed run teaches nothing")
 
 
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool and f.default:  # on by default: --no-x turns it off
-            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=text)
         elif f.type is bool:
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=text)
         else:
-            p.add_argument(flag, type=f.type, default=f.default)
+            p.add_argument(flag, type=f.type, default=f.default, help=f"{text} (default: {f.default!r})")
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -91,9 +102,9 @@ def parse_args(argv=None) -> Config:
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """Eq. 2: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one value per response.
     A group whose rewards are all equal gets all zeros: the "vanishing advantages" of Section 3.1."""
-    r = rewards.view(-1, group_size).float()
-    std = r.std(1, keepdim=True)
-    adv = (r - r.mean(1, keepdim=True)) / (std + eps)
+    r = rewards.view(-1, group_size).float()  # [P, G]
+    std = r.std(1, keepdim=True)  # [P, 1]
+    adv = (r - r.mean(1, keepdim=True)) / (std + eps)  # [P, G]
     # exactly zero for equal rewards: float round-off in r - mean would otherwise make a fake signal
     return torch.where(std > 0, adv, torch.zeros_like(adv)).view(-1)
 
@@ -111,9 +122,9 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", ref_l
     of KL(pi || pi_ref) = exp(ref - logp) - (ref - logp) - 1 is added per token.
     Returns (loss, stats)."""
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
-    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv)
+    ratio = torch.exp(logp - old_logp)  # [N, T] rho of Eq. 1
+    adv = advantages[:, None]  # [N, 1] one advantage per response, on every token
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv)  # [N, T]
     if kl_coef:
         d = ref_logp - logp
         per_token = per_token + kl_coef * (torch.exp(d) - d - 1)
@@ -121,12 +132,12 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", ref_l
     if agg == "token":
         loss = per_token.sum() / (denom if denom is not None else mask.sum().clamp(min=1))
     elif agg == "seq":
-        per_seq = per_token.sum(1) / mask.sum(1).clamp(min=1)
+        per_seq = per_token.sum(1) / mask.sum(1).clamp(min=1)  # [N]
         loss = per_seq.sum() / (denom if denom is not None else per_seq.numel())
     else:
         raise ValueError(f"agg must be 'token' or 'seq', not {agg!r}")
     with torch.no_grad():  # tokens whose gradient the clip switched off
-        clipped = ((adv > 0) & (ratio > 1 + high)) | ((adv < 0) & (ratio < 1 - clip_eps))
+        clipped = ((adv > 0) & (ratio > 1 + high)) | ((adv < 0) & (ratio < 1 - clip_eps))  # [N, T]
         stats = {"clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1)).item()}
     return loss, stats
 
@@ -201,18 +212,16 @@ def param_checksum(model) -> float:
 
 
 def save_checkpoint(out: Path, model, processor, state: dict):
-    """Model folder + training state into out/ckpt, via a temporary folder and renames: a run
+    """Model folder + training state into out/ckpt, atomically (tiny.write_atomically): a run
     killed at any moment leaves the previous checkpoint or the new one, never half of one."""
-    tmp, ckpt, old = out / ".ckpt-tmp", out / "ckpt", out / ".ckpt-old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    torch.save(state, tmp / "train_state.pt")
-    if ckpt.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
+    import tiny
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        torch.save(state, tmp / "train_state.pt")
+
+    tiny.write_atomically(out / "ckpt", write)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -266,7 +275,7 @@ def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad
 
     model = getattr(ddp, "module", ddp)
     params = [p for p in model.parameters() if p.requires_grad]
-    n_tok = torch.tensor(float(sum(r["loss_mask"].sum() for r in batch)), device=device)
+    n_tok = torch.tensor(float(sum(r["loss_mask"].sum() for r in batch)), device=device)  # [] tokens trained on
     if world > 1:
         dist.all_reduce(n_tok)
     denom = n_tok / world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
@@ -275,12 +284,13 @@ def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad
     loss_sum, drift, clip = 0.0, 0.0, []
     for c0 in range(0, len(batch), cfg.micro_batch):
         part = slice(c0, c0 + cfg.micro_batch)
-        mb = rollout.collate(batch[part], pad_id)
+        mb = rollout.collate(batch[part], pad_id)  # B rows: prompts [B, L], responses [B, T]
         mb = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in mb.items()}
         last = c0 + cfg.micro_batch >= len(batch)
         sync = contextlib.nullcontext() if last or world == 1 else ddp.no_sync()  # all-reduce once, at the end
         with sync, autocast(cfg, device):
-            logp = rollout.logprobs(ddp, mb["prompts"], mb["response_ids"], mb["response_mask"], cfg.temperature, banned)
+            logp = rollout.logprobs(ddp, mb["prompts"], mb["response_ids"], mb["response_mask"], cfg.temperature,
+                                    banned)  # [B, T]
             ref_logp = None
             if cfg.kl_coef:  # the reference is fixed, so replayed rows get theirs now, like current ones
                 with torch.no_grad():
@@ -292,7 +302,7 @@ def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad
             loss.backward()
         loss_sum += loss.item()
         clip.append(st["clip_frac"])
-        now = torch.tensor(current[part], device=device)[:, None]
+        now = torch.tensor(current[part], device=device)[:, None]  # [B, 1] sampled this step
         drift = max(drift, ((logp.detach() - mb["logp"]).abs() * mb["response_mask"] * now).max().item())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     skipped = not torch.isfinite(grad_norm).item()
@@ -324,19 +334,55 @@ def autocast(cfg: Config, device):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg: Config):
-    import eval as evaluation
-    import reward
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    model: torch.nn.Module  # the policy; `ddp` wraps it when world > 1
+    ddp: torch.nn.Module
+    processor: object
+    ref: torch.nn.Module | None  # the frozen reference policy of the KL term
+    opt: torch.optim.Optimizer
+    sched: object
+    gen: torch.Generator  # sampling and replay draws
+    buffer: object  # ssr.ReplayBuffer
+    rethink: object  # rollout.RethinkConfig, or None without Forced Rethinking
+    train_set: object
+    test_set: object
+    start: int  # the first step to run
+    log: object  # metrics.jsonl, open on rank 0
+
+
+def rethink_config(cfg: Config):
+    """The Forced Rethinking rules (rollout.RethinkConfig) from the flags; None with --no-rethink.
+    The continuation may use the whole response budget: a rethought response longer than
+    --max-new-tokens in total is not kept anyway (rollout.keep_rethought)."""
     import rollout
+
+    if not cfg.rethink:
+        return None
+    return rollout.RethinkConfig(max_group_acc=cfg.rethink_max_group_acc, only_wrong=cfg.rethink_only_wrong,
+                                 frac=cfg.rethink_frac, cut_prob=cfg.rethink_cut_prob,
+                                 temperature=cfg.rethink_temperature, max_new_tokens=cfg.max_new_tokens,
+                                 max_waits=cfg.rethink_max_waits, max_replace=cfg.rethink_max_replace,
+                                 train_trigger=cfg.rethink_train_trigger)
+
+
+def setup(cfg: Config) -> Run:
+    """Processes, data (bad data stops here, before any model loads), model, optimizer, replay
+    buffer; on --resume all of it as the checkpoint left it, so the run continues exactly."""
     import ssr
-    from tqdm import tqdm
 
     rank, world, device = setup_distributed()
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
     out = Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
     train_set, test_set = load_data(cfg, rank)
-    state = None
+    state, ckpt = None, None
     if cfg.resume:
         check_resume_config(out, cfg)
         ckpt = checkpoint_dir(out)
@@ -344,10 +390,7 @@ def train(cfg: Config):
         # optimizer's load_state_dict moves its state to each parameter's device.
         state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
     model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, device)
-    tok = processor.tokenizer
-    banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     # KL term (off by default, as in the published runs): the reference is the starting policy,
     # loaded from --model again, so a resumed run keeps the same reference.
@@ -355,15 +398,9 @@ def train(cfg: Config):
     # All toy and jsonl records have images, so every parameter gets a gradient each step.
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not in a second copy.
     ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
-    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # sampling and replay draws
-    n_rows = cfg.prompts_per_step // world * cfg.group_size  # responses per process per step
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     # Section 3.1: the buffer keeps recent non-zero-advantage samples, about half a batch.
-    buffer = ssr.ReplayBuffer(capacity=max(1, n_rows // 2), alpha=cfg.ssr_alpha)
-    # The continuation may use the whole response budget; a rethought response longer than
-    # --max-new-tokens in total is discarded anyway (rollout.py).
-    rethink_cfg = rollout.RethinkConfig(frac=cfg.rethink_frac, train_trigger=cfg.rethink_train_trigger,
-                                        max_new_tokens=cfg.max_new_tokens) if cfg.rethink else None
-    start = 0
+    buffer = ssr.ReplayBuffer(capacity=max(1, rows_per_process(cfg, world) // 2), alpha=cfg.ssr_alpha)
     if state:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -371,124 +408,185 @@ def train(cfg: Config):
         buffer.load_state_dict(state["buffers"][rank])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        start = state["step"]
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        if state:  # drop lines past the checkpoint: those steps run again, identically
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] < start))
-        elif metrics_path.exists():
-            metrics_path.unlink()
-    log = open(metrics_path, "a") if rank == 0 else None
+    start = state["step"] if state else 0
+    return Run(cfg, rank, world, device, out, model, ddp, processor, ref, opt, sched, gen, buffer, rethink_config(cfg),
+               train_set, test_set, start, open_log(out, cfg, start, rank))
 
-    def correct(text, rec):  # what Forced Rethinking checks: is the (rethought) answer right?
-        return reward.accuracy(text, rec.answer, rec.choices)
 
-    trained_tiers = set(cfg.toy_tiers.split(","))
+def rows_per_process(cfg: Config, world: int) -> int:
+    return cfg.prompts_per_step // world * cfg.group_size
 
-    def run_eval():
-        """Greedy decoding on this rank's shard of the toy test split (all tiers), summed over ranks.
-        eval_acc is the accuracy on the tiers trained on; eval_acc_<tier> on each tier; eval_reflect
-        the share of responses with a self-reflection phrase (eval.reflects, as the paper reports)."""
-        recs = [test_set[i] for i in range(rank, len(test_set), world)]
-        with autocast(cfg, device):
-            rows = evaluation.evaluate(model, processor, recs, max_new_tokens=cfg.max_new_tokens)
-        per_rank = gather([(r["category"], r["correct"], r["rethinks"]) for r in rows], world)
-        allrows = [x for part in per_rank for x in part]
-        trained = [c for k, c, _ in allrows if k in trained_tiers]
-        res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(f for _, _, f in allrows) / len(allrows)}
-        for cat in sorted({k for k, _, _ in allrows}):
-            hits = [c for k, c, _ in allrows if k == cat]
-            res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
-        return res
 
-    low_format_steps, last_eval = 0, float("nan")  # the bar shows the latest eval between evals
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
+def open_log(out: Path, cfg: Config, start: int, rank: int):
+    """metrics.jsonl on rank 0, cut back to the checkpoint's step on resume: those steps run again, identically."""
+    if rank != 0:
+        return None
+    path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    lines = path.read_text().splitlines() if start and path.exists() else []
+    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+    return open(path, "a")
+
+
+def grader(cfg: Config):
+    """grade(text, record, finished, forced): each response graded once (reward.grade)."""
+    import reward
+
+    return lambda text, rec, finished, forced: reward.grade(text, rec.answer, rec.choices, finished,
+                                                            invalid_penalty=cfg.invalid_penalty,
+                                                            forced_waits=int(forced))
+
+
+def train(cfg: Config):
+    import rollout
+    import ssr
+    from tqdm import tqdm
+
+    run = setup(cfg)
+    g, n_rows, banned = cfg.group_size, rows_per_process(cfg, run.world), rollout.special_ids(
+        run.processor.tokenizer, rollout.VISION_TOKENS)
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
+               dynamic_ncols=True)
+    low_format_steps, last_eval = 0, float("nan")
     for step in bar:
         t0 = time.time()
-        recs = [train_set[i] for i in prompts_for_step(len(train_set), step, cfg.prompts_per_step, rank, world, cfg.seed)]
-        with autocast(cfg, device):
-            ro = rollout.sample(model, processor, recs, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                cfg.top_p, gen, score=correct, rethink=rethink_cfg, top_k=cfg.top_k,
+        recs = [run.train_set[i] for i in prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
+                                                           run.world, cfg.seed)]
+        # --- 1. Rollout: G responses per prompt, with Forced Rethinking (Section 3.2) ---
+        with autocast(cfg, run.device):
+            ro = rollout.sample(run.model, run.processor, recs, g, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                run.gen, grade=grader(cfg), rethink=run.rethink, top_k=cfg.top_k,
                                 chunk=cfg.rollout_chunk)
-        g = cfg.group_size
-        acc = torch.tensor([correct(t, recs[i // g]) for i, t in enumerate(ro.texts)])
-        rewards = torch.tensor([reward.reward(t, recs[i // g].answer, recs[i // g].choices, finished=not ro.truncated[i],
-                                              invalid_penalty=cfg.invalid_penalty) for i, t in enumerate(ro.texts)])
+        # --- 2. Rewards -> group advantages (Eq. 2) ---
+        rewards = torch.tensor([x.reward for x in ro.grades])
         adv = group_advantages(rewards, g)
+        # --- 3. Selective Sample Replay (Section 3.1): drop zero-advantage samples, refill from the buffer ---
         rows = rollout.split_rows(ro)
         for r in rows:
             r["step"] = step
-        if cfg.ssr:  # Section 3.1: drop zero-advantage samples, refill from the current ones and the buffer
-            batch, batch_adv, n_replayed = ssr.select_batch(rows, adv, buffer, n_rows, generator=gen)
+        if cfg.ssr:
+            batch, batch_adv, n_replayed = ssr.select_batch(rows, adv, run.buffer, n_rows, generator=run.gen)
         else:
             batch, batch_adv, n_replayed = rows, adv, 0
-        if len(batch) < n_rows:  # nothing to learn from anywhere: pad with zero-advantage rows, so that
-            pad = n_rows - len(batch)  # every process runs the same backward passes (DDP)
-            batch = list(batch) + rows[:pad]
-            batch_adv = torch.cat([torch.as_tensor(batch_adv, dtype=torch.float32), torch.zeros(pad)])
-        batch_adv = torch.as_tensor(batch_adv, dtype=torch.float32)
-
-        current = [r["step"] == step for r in batch]
-        up = policy_update(ddp, opt, batch, batch_adv, current, cfg, banned, tok.pad_token_id, device, world, ref)
+        batch, batch_adv = pad_batch(batch, batch_adv, rows, n_rows)
+        # --- 4. The clipped policy-gradient update (Eq. 1) ---
+        up = policy_update(run.ddp, run.opt, batch, batch_adv, [r["step"] == step for r in batch], cfg, banned,
+                           run.processor.tokenizer.pad_token_id, run.device, run.world, run.ref)
         if up["skipped"]:
             tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
-        sched.step()
+        run.sched.step()
 
-        # Metrics, summed over processes.
-        n_groups = len(recs)
-        zero_groups = int((rewards.view(-1, g).std(1) == 0).sum())
-        resp_len = ro.response_mask.sum(1).float()
-        sums = reduce({"n": len(ro.texts), "rsum": rewards.sum(), "csum": acc.sum(), "ng": n_groups, "zg": zero_groups,
-                       "boxed": sum(reward.has_boxed(t) for t in ro.texts), "trunc": ro.truncated.sum(),
-                       "trig": ro.triggered.sum(), "kept": ro.rethought.sum(), "fixed": ro.rethink_fixed,
-                       "lsum": resp_len.sum(), "buf": len(buffer), "rep": n_replayed, "lossum": up["loss"]},
-                      device, world)
-        up["logp_drift_max"] = reduce({"d": up["logp_drift_max"]}, device, world, dist.ReduceOp.MAX)["d"]
-        (n, rsum, csum, ng, zg, boxed, trunc, trig, kept, fixed, lsum, buf, rep, lossum) = sums.values()
+        m = step_metrics(run, step, ro, rewards, adv, n_replayed, up)
         dt = time.time() - t0
-        m = {"step": step, "reward_mean": rsum / n, "acc_mean": csum / n, "zero_adv_frac": zg / ng,
-             "format_rate": boxed / n, "truncated_frac": trunc / n, "ssr_buffer": int(buf), "ssr_replayed": int(rep),
-             "rethink_frac": trig / n, "rethink_kept": kept / trig if trig else 0.0,
-             "rethink_fixed": fixed / trig if trig else 0.0, "resp_len_mean": lsum / n,
-             "loss": lossum / world, "grad_norm": up["grad_norm"], "clip_frac": up["clip_frac"],
-             "logp_drift_max": up["logp_drift_max"], "lr": sched.get_last_lr()[0], "skipped": up["skipped"]}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            if test_set is not None:
-                m.update(run_eval())
-        m.update(step_s=time.time() - t0, tokens_per_s=lsum / dt)
-        if rank == 0:
-            log.write(json.dumps(m) + "\n")
-            log.flush()
-            last_eval = m.get("eval_acc", last_eval)
-            bar.set_postfix(reward=f"{m['reward_mean']:.2f}", zero_adv=f"{m['zero_adv_frac']:.2f}",
-                            fmt=f"{m['format_rate']:.2f}", eval=f"{last_eval:.2f}")
-
-        # A policy that stopped producing answers gets zero reward everywhere: every group has zero
-        # advantage and nothing can bring it back. Say so and stop, instead of burning compute.
-        low_format_steps = low_format_steps + 1 if m["format_rate"] < cfg.min_format_rate else 0
-        if low_format_steps >= cfg.collapse_patience:
-            raise SystemExit(f"step {step}: format collapse: fewer than {cfg.min_format_rate:.0%} of responses had a "
-                             f"\\boxed{{}} answer for {cfg.collapse_patience} steps (truncated: {m['truncated_frac']:.0%}). "
-                             "Lower --lr, or raise --max-new-tokens; see metrics.jsonl.")
-
+        if run.test_set is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            m.update(run_eval(run))
+        m.update(step_s=time.time() - t0, tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * g / dt)
+        last_eval = log_step(run, bar, m, last_eval)
+        low_format_steps = check_collapse(cfg, step, m, low_format_steps)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            sums = gather(param_checksum(model), world)
-            if len(set(sums)) != 1:
-                raise SystemExit(f"step {step}: processes disagree on the weights (checksums {sums}); not saving")
-            train_state = {"step": step + 1, "checksums": sums, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                           "generators": gather(gen.get_state(), world), "buffers": gather(buffer.state_dict(), world),
-                           "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-            if rank == 0:
-                save_checkpoint(out, model, processor, train_state)
-    if rank == 0:
-        model.save_pretrained(out / "final")
-        processor.save_pretrained(out / "final")
-        log.close()
-        print(f"done: {out}/final, metrics in {metrics_path}")
-    if world > 1:
+            save(run, step + 1)
+    finish(run)
+
+
+def pad_batch(batch, batch_adv, rows, n_rows):
+    """With nothing to learn from anywhere, SSR returns fewer rows than a batch: pad with this
+    step's rows at zero advantage, so that every process runs the same backward passes (DDP)."""
+    batch_adv = torch.as_tensor(batch_adv, dtype=torch.float32)
+    if len(batch) < n_rows:
+        pad = n_rows - len(batch)
+        batch = list(batch) + rows[:pad]
+        batch_adv = torch.cat([batch_adv, torch.zeros(pad)])
+    return batch, batch_adv
+
+
+def step_metrics(run: Run, step: int, ro, rewards, adv, n_replayed: int, up: dict) -> dict:
+    """The step's metrics, as named sums over all processes. zero_adv_frac: the share of groups
+    whose rewards are all equal ("vanishing advantages", Section 3.1)."""
+    import ssr
+
+    g = run.cfg.group_size
+    resp_len = ro.response_mask.sum(1).float()
+    s = reduce({"n": len(ro.texts), "reward": rewards.sum(), "correct": sum(x.correct for x in ro.grades),
+                "groups": len(ro.texts) // g, "zero_groups": ssr.zero_advantage(adv).view(-1, g).all(1).sum(),
+                "boxed": sum(x.boxed for x in ro.grades), "truncated": ro.truncated.sum(),
+                "triggered": ro.triggered.sum(), "kept": ro.rethought.sum(), "fixed": ro.rethink_fixed,
+                "resp_len": resp_len.sum(), "buffer": len(run.buffer), "replayed": n_replayed, "loss": up["loss"]},
+               run.device, run.world)
+    drift = reduce({"d": up["logp_drift_max"]}, run.device, run.world, dist.ReduceOp.MAX)["d"]
+    n, trig = s["n"], s["triggered"]
+    return {"step": step, "reward_mean": s["reward"] / n, "acc_mean": s["correct"] / n,
+            "zero_adv_frac": s["zero_groups"] / s["groups"], "format_rate": s["boxed"] / n,
+            "truncated_frac": s["truncated"] / n, "ssr_buffer": int(s["buffer"]), "ssr_replayed": int(s["replayed"]),
+            "rethink_frac": trig / n, "rethink_kept": s["kept"] / trig if trig else 0.0,
+            "rethink_fixed": s["fixed"] / trig if trig else 0.0, "resp_len_mean": s["resp_len"] / n,
+            "loss": s["loss"] / run.world, "grad_norm": up["grad_norm"], "clip_frac": up["clip_frac"],
+            "logp_drift_max": drift, "lr": run.sched.get_last_lr()[0], "skipped": up["skipped"]}
+
+
+def run_eval(run: Run) -> dict:
+    """Greedy decoding on this rank's shard of the toy test split (all tiers), summed over ranks.
+    eval_acc is the accuracy on the tiers trained on; eval_acc_<tier> on each tier; eval_reflect
+    the share of responses with a self-reflection phrase (eval.reflects, as the paper reports)."""
+    import eval as evaluation
+
+    recs = [run.test_set[i] for i in range(run.rank, len(run.test_set), run.world)]
+    with autocast(run.cfg, run.device):
+        rows = evaluation.evaluate(run.model, run.processor, recs, max_new_tokens=run.cfg.max_new_tokens)
+    allrows = [x for part in gather([(r["category"], r["correct"], r["rethinks"]) for r in rows], run.world)
+               for x in part]
+    trained_tiers = set(run.cfg.toy_tiers.split(","))
+    trained = [c for k, c, _ in allrows if k in trained_tiers]
+    res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(f for _, _, f in allrows) / len(allrows)}
+    for cat in sorted({k for k, _, _ in allrows}):
+        hits = [c for k, c, _ in allrows if k == cat]
+        res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
+    return res
+
+
+def log_step(run: Run, bar, m: dict, last_eval: float) -> float:
+    """One line of metrics.jsonl; the bar shows the latest eval between evals."""
+    if run.rank == 0:
+        run.log.write(json.dumps(m) + "\n")
+        run.log.flush()
+        last_eval = m.get("eval_acc", last_eval)
+        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", zero_adv=f"{m['zero_adv_frac']:.2f}",
+                        fmt=f"{m['format_rate']:.2f}", eval=f"{last_eval:.2f}")
+    return last_eval
+
+
+def check_collapse(cfg: Config, step: int, m: dict, low_format_steps: int) -> int:
+    """A policy that stopped producing answers gets zero reward everywhere: every group has zero
+    advantage and nothing can bring it back. Say so and stop, instead of burning compute."""
+    low_format_steps = low_format_steps + 1 if m["format_rate"] < cfg.min_format_rate else 0
+    if low_format_steps >= cfg.collapse_patience:
+        raise SystemExit(f"step {step}: format collapse: fewer than {cfg.min_format_rate:.0%} of responses had a "
+                         f"\\boxed{{}} answer for {cfg.collapse_patience} steps (truncated: {m['truncated_frac']:.0%}). "
+                         "Lower --lr, or raise --max-new-tokens; see metrics.jsonl.")
+    return low_format_steps
+
+
+def save(run: Run, next_step: int):
+    """A checkpoint that resumes exactly: weights, optimizer, schedule, every rank's generator and
+    replay buffer, and the host RNGs. Refused when the processes disagree on the weights."""
+    sums = gather(param_checksum(run.model), run.world)
+    if len(set(sums)) != 1:
+        raise SystemExit(f"step {next_step - 1}: processes disagree on the weights (checksums {sums}); not saving")
+    state = {"step": next_step, "checksums": sums, "optimizer": run.opt.state_dict(),
+             "scheduler": run.sched.state_dict(), "generators": gather(run.gen.get_state(), run.world),
+             "buffers": gather(run.buffer.state_dict(), run.world), "torch_rng": torch.get_rng_state(),
+             "python_rng": random.getstate()}
+    if run.rank == 0:
+        save_checkpoint(run.out, run.model, run.processor, state)
+
+
+def finish(run: Run):
+    if run.rank == 0:
+        run.model.save_pretrained(run.out / "final")
+        run.processor.save_pretrained(run.out / "final")
+        run.log.close()
+        print(f"done: {run.out}/final, metrics in {run.out / 'metrics.jsonl'}")
+    if run.world > 1:
         dist.destroy_process_group()
 
 
@@ -499,3 +597,5 @@ if __name__ == "__main__":
         train(parse_args())
     except DataError as e:  # bad input: say which file, line and field, and train nothing
         raise SystemExit(str(e))
+
+

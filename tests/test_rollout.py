@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import reward
 import rollout
 
 TOL = 1e-5  # fp32
@@ -42,8 +43,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def always_right(text, record):
-    return 1.0
+def always_right(text, record, finished, forced):
+    """A grader that calls every response right."""
+    return reward.Grade(correct=True, reward=1.0, boxed=True, valid=True)
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +257,36 @@ def test_under_bf16_autocast_the_kv_cache_is_bf16_and_results_unchanged(tiny_mod
 # Forced Rethinking
 # ---------------------------------------------------------------------------------------------
 
+def test_who_rethinks_low_accuracy_groups_wrong_stopped_responses_by_coin():
+    cfg = rollout.RethinkConfig(max_group_acc=0.5, only_wrong=True, frac=0.5)
+    # G = 4: group 0 at accuracy 0.25, group 1 at 0.75 (too sure: none), group 2 at 0.5
+    correct = [True, False, False, False, True, True, True, False, True, True, False, False]
+    stopped = [True, True, False, True, True, True, True, True, True, True, True, True]
+    coins = [0.0, 0.1, 0.2, 0.9, 0.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.49, 0.5]
+    # row 0 right, row 2 truncated, row 3 lost its coin; group 1 too sure; rows 10 in, 11 lost (0.5 is not < 0.5)
+    assert rollout.who_rethinks(correct, stopped, 4, cfg, coins) == [1, 10]
+    everyone = rollout.RethinkConfig(max_group_acc=1.0, only_wrong=False, frac=1.0)
+    assert rollout.who_rethinks(correct, stopped, 4, everyone, coins) == [i for i in range(12) if i != 2]
+    assert rollout.who_rethinks(correct, stopped, 4, cfg, [1.0] * 12) == []
+
+
+def candidate(row, correct=True, stopped=True, text="A red circle. \\boxed{red}", n=10):
+    return rollout.Rethought(row=row, ids=torch.zeros(n, dtype=torch.long), logp=torch.zeros(n),
+                             loss_mask=torch.ones(n), text=text, stopped=stopped,
+                             grade=reward.Grade(correct=correct, reward=float(correct), boxed=True, valid=True))
+
+
+def test_keep_rethought_right_sane_within_the_cap_at_most_max_replace_per_prompt():
+    cfg = rollout.RethinkConfig(max_waits=2, max_replace=2)
+    cands = [candidate(0), candidate(1, correct=False), candidate(2, stopped=False),
+             candidate(3, text="Wait wait WAIT"), candidate(4, n=21), candidate(5),  # prompt 0 (G = 8): rows 0-7
+             candidate(6), candidate(7),  # prompt 0 already has two replaced: 6 and 7 are over the cap
+             candidate(8, text="Wait, wait. \\boxed{red}"), candidate(9)]  # prompt 1: two waits is fine
+    assert rollout.keep_rethought(cands, 8, cfg, max_len=20) == [True, False, False, False, False, True, False, False,
+                                                                 True, True]
+    assert not any(rollout.keep_rethought([candidate(0)], 8, rollout.RethinkConfig(max_replace=0), max_len=20))
+
+
 def cut_text(tok, body):
     """Independent statement of the cut: the kept text ends before the last "\\boxed"."""
     text = tok.decode(body)
@@ -278,7 +310,7 @@ def rethink_rollout(tiny_model, cut, train_trigger, max_new_tokens=64):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rollout, "cut_point", recording_cut)
         ro = rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=max_new_tokens, temperature=1.0,
-                            generator=torch.Generator().manual_seed(3), score=always_right, rethink=cfg)
+                            generator=torch.Generator().manual_seed(3), grade=always_right, rethink=cfg)
     return ro, cuts
 
 

@@ -231,3 +231,21 @@ def test_kl_term_uses_the_reference_and_pulls_the_policy_towards_it(tiny_model):
     for _ in range(5):
         vlr.policy_update(model, opt, rows, zero_adv, [False] * 4, cfg, banned, pad, torch.device("cpu"), 1, ref)
     assert k3_mean() < 0.5 * before
+
+
+def test_help_names_every_flag_with_its_text_and_config_json_records_every_field(tmp_path, capsys):
+    from dataclasses import fields
+
+    with pytest.raises(SystemExit):
+        vlr.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields(vlr.Config):
+        flag = ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert " ".join(f.metadata["help"].split()) in text, f.name
+    cfg = vlr.parse_args(["--rethink-max-waits", "4", "--no-rethink-only-wrong", "--top-k", "40"])
+    assert (cfg.rethink_max_waits, cfg.rethink_only_wrong, cfg.top_k) == (4, False, 40)
+    rc = vlr.rethink_config(cfg)
+    assert (rc.max_waits, rc.only_wrong, rc.max_group_acc, rc.cut_prob) == (4, False, 0.6, 0.5)
+    vlr.open_log(tmp_path, cfg, 0, 0).close()
+    assert json.loads((tmp_path / "config.json").read_text()) == {f.name: getattr(cfg, f.name) for f in fields(cfg)}
