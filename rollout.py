@@ -16,7 +16,7 @@ Qwen2.5-VL details that matter (transformers 5.x):
   * A sampled `<|image_pad|>` would make the next forward fail (image features and image tokens
     no longer match), so vision special tokens get probability 0, in sampling and in training.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -124,6 +124,7 @@ def write_atomically(out: Path, write) -> None:
     a complete folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
+    os.chmod(tmp, 0o755)  # a plain folder, not mkdtemp's private one
     write(tmp)
     old = out.parent / f".{out.name}-old"
     shutil.rmtree(old, ignore_errors=True)

