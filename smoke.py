@@ -21,6 +21,7 @@ CPU cores (2.3-2.5 GB peak RSS), of which the warm start is 6-45 s.
     python smoke.py [smoke-3b-1l | smoke-3b-2l]   # build (or rebuild) into .cache/<name>, report
 """
 import base64
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -97,8 +98,8 @@ MODEL_MAX_LENGTH = 131072  # the hub tokenizer's
 N_NAMED_SPECIAL = 14  # Qwen2.5 marks <|endoftext|> .. <|video_pad|> special; <tool_call> .. <|file_sep|> are plain added tokens
 
 WARM_PROMPTS, WARM_PER_PROMPT, WARM_CHUNK = 16, 8, 8  # 128 responses, prompts encoded 8 at a time
-WARM_STEPS, WARM_BATCH, WARM_LR, WARM_NEGATIVES = 60, 512, 2e-2, 1024
-STOP_RECORDS, STOP_G, STOP_MAX_NEW = 4, 8, 24  # the stop check: 32 responses of at most 24 tokens
+WARM_STEPS, WARM_BATCH, WARM_LR, WARM_NEGATIVES = 200, 256, 2e-2, 512
+STOP_RECORDS, STOP_G, STOP_MAX_NEW = 2, 8, 24  # the stop check: 16 responses of at most 24 tokens
 
 
 def tiktoken_file() -> Path:
@@ -271,6 +272,26 @@ def build_model(n_layers: int):
 # The format warm start
 # ---------------------------------------------------------------------------------------------
 
+# Real-looking prompts: pictures of real sizes at the published budget (256..1280 visual tokens),
+# math-style questions, one and two pictures, the images where the question's <image> marks are.
+QUESTIONS = ("<image>What is the value of x?", "<image>Find the area of the shaded region.",
+             "Which of the two is larger? <image> <image>", "<image>Answer the question in the image.")
+SIZES = ((448, 448), (640, 480), (512, 768))
+
+
+def warm_records(n: int, seed: int) -> list[data.Record]:
+    """n prompts like the real data's: toy pictures drawn at real sizes, math-style questions; the
+    answers are drawn from the toy tier's answer space (random_response)."""
+    rng = random.Random(seed)
+    task = data.ToyTask("train", n=2 * n)
+    records = []
+    for i in range(n):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        images = [task[2 * i + j].images[0].resize(SIZES[(i + j) % len(SIZES)]) for j in range(question.count("<image>"))]
+        records.append(data.Record(f"warm-{i}", images, question, "", category=rng.choice(list(data.TIERS)[:4])))
+    return records
+
+
 def random_response(rec: data.Record, rng: random.Random) -> str:
     space = data.LETTERS[:len(rec.choices)] if rec.choices else data.TIERS[rec.category][1]
     return f"{rng.choice(tiny.REASONS)} The answer is \\boxed{{{rng.choice(space)}}}."
@@ -300,6 +321,18 @@ class _Taps:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def published_budget(processor):
+    """The published image budget while building (the saved processor keeps the hub's)."""
+    ip = processor.image_processor
+    hub_size = dict(ip.size)
+    ip.size = {"shortest_edge": tiny.PUBLISHED_MIN_PIXELS, "longest_edge": tiny.PUBLISHED_MAX_PIXELS}
+    try:
+        yield
+    finally:
+        ip.size = hub_size
 
 
 @torch.no_grad()
@@ -361,14 +394,8 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
     raised by log(others / negatives), the number of tokens each stands for. The returned
     `warm_start_loss` is the exact loss over the whole vocabulary, on a sample of the tokens."""
     tok = processor.tokenizer
-    ip = processor.image_processor
-    hub_size = dict(ip.size)
-    ip.size = {"shortest_edge": tiny.MIN_PIXELS, "longest_edge": tiny.MAX_PIXELS}  # the toy images' own budget
-    try:
-        task = data.ToyTask("train", n=WARM_PROMPTS)
-        h, a, m, y = warm_features(model, processor, [task[i] for i in range(len(task))], WARM_PER_PROMPT, seed)
-    finally:
-        ip.size = hub_size
+    with published_budget(processor):
+        h, a, m, y = warm_features(model, processor, warm_records(WARM_PROMPTS, seed), WARM_PER_PROMPT, seed)
     lm = model.model.language_model
     down, norm = lm.layers[-1].mlp.down_proj, lm.norm
     emb = model.get_output_embeddings().weight.detach()  # tied: the input embedding
@@ -424,17 +451,11 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
 
 @torch.no_grad()
 def stop_share(model, processor, n_records=STOP_RECORDS, g=STOP_G, max_new=STOP_MAX_NEW, seed=0) -> float:
-    """Share of responses sampled at temperature 1 (toy test prompts, tiny's pixel budget) that
-    stop within `max_new` tokens."""
-    ip = processor.image_processor
-    hub_size = dict(ip.size)
-    ip.size = {"shortest_edge": tiny.MIN_PIXELS, "longest_edge": tiny.MAX_PIXELS}
-    try:
-        test = data.ToyTask("test")
-        out = rollout.sample(model, processor, [test[i] for i in range(n_records)], g, max_new, temperature=1.0,
+    """Share of responses sampled at temperature 1 (real-looking prompts the warm start has not
+    seen, the published budget) that stop within `max_new` tokens."""
+    with published_budget(processor):
+        out = rollout.sample(model, processor, warm_records(n_records, seed + 1), g, max_new, temperature=1.0,
                              generator=torch.Generator().manual_seed(seed))
-    finally:
-        ip.size = hub_size
     return round(1.0 - out.truncated.float().mean().item(), 4)
 
 
