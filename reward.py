@@ -141,6 +141,11 @@ def _is_right(pred: str, answer: str, choices: list[str] | None) -> bool:
 _REFLECTION = re.compile(r"wait,|wait a|alternatively", re.IGNORECASE)
 
 
+def reflections(text: str) -> int:
+    """How many self-reflections `text` has, as the published code counts them (see _right_reward)."""
+    return len(_REFLECTION.findall(text))
+
+
 def _right_reward(response: str, invalid_penalty: float, reflection_bonus: float, wait_penalty: float,
                   forced_waits: int) -> float:
     """A right answer's reward: 1.0, with the published shaping by native reflections.
@@ -154,7 +159,7 @@ def _right_reward(response: str, invalid_penalty: float, reflection_bonus: float
     wait_penalty the 0.2, BONUS_WAITS the 2, and the floor -invalid_penalty. One difference: there the
     bonus also lifts an invalid response (cut at the length cap) to 1.1; here an invalid response
     scores -invalid_penalty whatever its answer, as it does without the shaping."""
-    n = 0 if forced_waits else len(_REFLECTION.findall(response))  # forced: not shaped (published)
+    n = 0 if forced_waits else reflections(response)  # forced: not shaped (published)
     if n == 0:
         return 1.0
     if n <= BONUS_WAITS:

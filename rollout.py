@@ -189,8 +189,11 @@ class RethinkConfig:
     temperature: float = 0.9  # sampling temperature of the continuation
     max_new_tokens: int = 64  # length budget of the continuation (the whole response must fit the rollout's cap)
     max_waits: int = 3  # more "wait"s than this is degenerate: not kept
-    max_replace: int = 2  # at most this many rethought responses replace originals per prompt
+    max_replace: int = 2  # at most this many rethought responses replace originals per prompt (-1: no cap)
     train_trigger: bool = True  # the trigger tokens are trained on: the policy learns to say them
+    cut: str = "answer"  # where cut_point cuts: "answer" (ours) or "published"
+    min_new_tokens: int = 0  # a continuation must be longer than this to be kept (published: 30)
+    count_markers: bool = False  # count waits as the published code: the continuation's reward.reflections
 
 
 @dataclass
@@ -333,14 +336,31 @@ def who_rethinks(correct: list, stopped: list, g: int, cfg: RethinkConfig, coins
             and not (cfg.only_wrong and correct[i]) and coins[i] < cfg.frac]
 
 
-def cut_point(tokenizer, body: list[int]) -> int:
-    """How many tokens to keep when cutting a response just before its final answer: before the
-    last "\\boxed", else before the last "answer"; the whole response if it has neither."""
+def cut_at(text: str, rule: str = "answer") -> int:
+    """Where (a character index) a first response is cut before the trigger. "answer": just before
+    its final answer, the last "\\boxed", else the last "answer"; the whole text if it has neither.
+    "published" (experience_maker.py, RemoteExperienceMaker._generate_vllm): four cuts, each made
+    when its pattern is found in what the one before kept: at the last "Wait", the last "\\boxed",
+    the *first* "answer" (any case), the last blank line; then trailing space goes (the published
+    code strips both ends; a token prefix can only lose its end)."""
+    if rule == "answer":
+        at = text.rfind("\\boxed")
+        at = text.lower().rfind("answer") if at < 0 else at
+        return len(text) if at < 0 else at
+    if rule != "published":
+        raise ValueError(f"cut rule must be 'answer' or 'published', not {rule!r}")
+    for find in (lambda t: t.rfind("Wait"), lambda t: t.rfind("\\boxed"), lambda t: t.lower().find("answer"),
+                 lambda t: t.rfind("\n\n")):
+        at = find(text)
+        text = text if at < 0 else text[:at]
+    return len(text.rstrip())
+
+
+def cut_point(tokenizer, body: list[int], rule: str = "answer") -> int:
+    """How many tokens of a response to keep before the trigger: the tokens before `cut_at`."""
     text = tokenizer.decode(body)
-    at = text.rfind("\\boxed")
-    if at < 0:
-        at = text.lower().rfind("answer")
-    if at < 0:
+    at = cut_at(text, rule)
+    if at >= len(text):
         return len(body)
     # The first token that reaches into the answer: the shortest prefix whose text is longer than
     # `at`. Prefixes are decoded whole, not token by token: a character split over several byte
@@ -366,17 +386,24 @@ class Rethought:
     text: str
     stopped: bool  # the continuation ended by itself
     grade: object  # the `grade` callback's result
+    continuation: str = ""  # the text after the trigger
+    new_tokens: int = 0  # the continuation's length in tokens
 
 
 def keep_rethought(cands: list[Rethought], g: int, cfg: RethinkConfig, max_len: int) -> list[bool]:
     """Which rethought responses replace their first response: right ones that stopped by
-    themselves, say "wait" at most cfg.max_waits times (more is a loop) and fit the response cap
-    `max_len` (so the policy trains only on responses it could have produced itself), at most
-    cfg.max_replace per prompt, first come first kept."""
+    themselves, say "wait" at most cfg.max_waits times (more is a loop; with cfg.count_markers the
+    continuation's reflections, as published), have a continuation longer than cfg.min_new_tokens,
+    and fit the response cap `max_len` (so the policy trains only on responses it could have
+    produced itself), at most cfg.max_replace per prompt (-1: any number), first come first kept."""
+    import reward
+
     replaced, keep = {}, []
     for c in cands:
-        ok = (c.grade.correct and c.stopped and c.text.lower().count("wait") <= cfg.max_waits
-              and len(c.ids) <= max_len and replaced.get(c.row // g, 0) < cfg.max_replace)
+        waits = reward.reflections(c.continuation) if cfg.count_markers else c.text.lower().count("wait")
+        room = cfg.max_replace < 0 or replaced.get(c.row // g, 0) < cfg.max_replace
+        ok = (c.grade.correct and c.stopped and waits <= cfg.max_waits and c.new_tokens > cfg.min_new_tokens
+              and len(c.ids) <= max_len and room)
         replaced[c.row // g] = replaced.get(c.row // g, 0) + ok
         keep.append(ok)
     return keep
@@ -419,7 +446,7 @@ def _rethink(model, tok, cache, batch, start, attn, rows, ro: Rollout, stopped, 
     plen, keep, triggers, chunks = batch["input_ids"].shape[1], [], [], []
     for i in sel:
         body = rows[i][0][:-1].tolist()  # without the stop token
-        k = cut_point(tok, body) if coins[i, 1] < cfg.cut_prob else len(body)
+        k = cut_point(tok, body, cfg.cut) if coins[i, 1] < cfg.cut_prob else len(body)
         trigger = tok.encode(TRIGGERS[int(coins[i, 2] * len(TRIGGERS))], add_special_tokens=False)
         refeed = body[k - 1] if k > 0 else int(batch["input_ids"][i // g, -1])
         chunks.append(torch.tensor([refeed] + trigger, device=dev))
@@ -437,7 +464,8 @@ def _rethink(model, tok, cache, batch, start, attn, rows, ro: Rollout, stopped, 
             row=i, ids=ids, logp=torch.cat([rows[i][1][:k], trig_lp[j, -m:], cont_lp[j][c]]),
             loss_mask=torch.cat([torch.ones(k, device=dev), torch.full((m,), float(cfg.train_trigger), device=dev),
                                  torch.ones(int(c.sum()), device=dev)]),
-            text=text, stopped=bool(cont_stopped[j]), grade=grade(text, records[i // g], bool(cont_stopped[j]), True)))
+            text=text, stopped=bool(cont_stopped[j]), grade=grade(text, records[i // g], bool(cont_stopped[j]), True),
+            continuation=tok.decode(cont[j][c], skip_special_tokens=True), new_tokens=int(c.sum())))
     rows = list(rows)
     for c, kept in zip(cands, keep_rethought(cands, g, cfg, max_len)):
         ro.triggered[c.row] = True

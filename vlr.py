@@ -35,6 +35,7 @@ class Config:
     toy_tiers: str = arg("colour", "toy tiers trained on (comma-separated); the in-loop eval covers all tiers")
     skip_bad: bool = arg(False, "drop bad data rows (they are listed) instead of stopping")
     out: str = arg("", "run folder (default runs/<data>-s<seed>)")
+    recipe: str = arg("", "'published': every setting of the published code we reproduce (README table); flags given win")
     min_pixels: int = arg(0, "image budget, fewest pixels; 0: the model's own, or 256*28^2 for a hub model")
     max_pixels: int = arg(0, "image budget, most pixels; 0: the model's own, or 1280*28^2 for a hub model")
     # GRPO (Section 2, Eq. 1 and 2)
@@ -42,7 +43,12 @@ class Config:
     prompts_per_step: int = arg(32, "prompts per step, over all processes")
     group_size: int = arg(8, "G: responses sampled per prompt")
     lr: float = arg(5e-4, "peak learning rate (tiny model; README, 'The default run, measured')")
-    warmup_steps: int = arg(10, "linear warmup steps, then cosine decay to 0")
+    warmup_steps: int = arg(10, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = arg(0.0, "the cosine decays to this share of the peak learning rate")
+    adam_beta2: float = arg(0.999, "AdamW's second-moment decay")
+    minibatches: int = arg(1, "optimizer steps per rollout, each on an equal part of the batch; after the first, "
+                              "the policy has moved: the ratio is off 1 and the clip acts")
+    adv_std: bool = arg(True, "divide advantages by the group's std (Eq. 2); --no-adv-std: r - mean only")
     clip_eps: float = arg(0.2, "lower clip of the ratio, 1 - eps (Eq. 1)")
     clip_eps_high: float = arg(0.2, "upper clip, 1 + eps_high; the published code uses 0.35 ('clip-higher')")
     kl_coef: float = arg(0.0, "weight of a k3 KL term to the starting policy (the published runs use none)")
@@ -53,6 +59,9 @@ class Config:
     top_k: int = arg(0, "sample from the k most likely tokens; 0: all (the published rollouts: 40)")
     max_new_tokens: int = arg(48, "response cap; a rethought response must fit in it too")
     invalid_penalty: float = arg(0.1, "reward -x for a response cut by the cap, without a box, or looping (reward.py)")
+    reflection_bonus: float = arg(0.0, "extra reward of a right answer with 1 or 2 native reflections (reward.py)")
+    wait_penalty: float = arg(0.0, "a right answer with 3+ native reflections loses this much per reflection")
+    sft_coef: float = arg(0.0, "weight of an SFT term on positive-advantage responses with a reflection")
     micro_batch: int = arg(64, "responses per forward/backward (memory only, no effect on the math)")
     rollout_chunk: int = arg(0, "prompts sampled at a time per process (0: all); bounds the KV cache's memory")
     # Selective Sample Replay (Section 3.1)
@@ -66,7 +75,10 @@ class Config:
     rethink_cut_prob: float = arg(0.5, "chance to cut the first response just before its final answer")
     rethink_temperature: float = arg(0.9, "sampling temperature of the continuation (the published value)")
     rethink_max_waits: int = arg(3, "a rethought response with more 'wait's than this is not kept")
-    rethink_max_replace: int = arg(2, "at most this many rethought responses replace first ones per prompt")
+    rethink_max_replace: int = arg(2, "at most this many rethought responses replace first ones per prompt (-1: any)")
+    rethink_cut: str = arg("answer", "where the first response is cut: 'answer' (before the final answer) or 'published'")
+    rethink_min_new_tokens: int = arg(0, "a continuation must be longer than this to be kept")
+    rethink_count_markers: bool = arg(False, "count waits as published: the continuation's 'wait,', 'wait a', 'alternatively'")
     # A rethought response is kept only when right, so its trigger only ever gets a positive
     # advantage: trained, the policy learns to say "Wait" whatever it saw (README, section 3).
     rethink_train_trigger: bool = arg(False, "train on the trigger tokens too (the published code does)")
@@ -82,7 +94,23 @@ class Config:
     collapse_patience: int = arg(20, "... for this many steps in a row: a collapsed run teaches nothing")
 
 
+# What `--recipe published` sets: the settings of TIGER-AI-Lab/VL-Rethinker @ dd2c17d that this
+# code reproduces (scripts/train_vlm_multi.sh, experience_maker.py, loss.py, ppo_actor.py). The
+# README's table "Differences from the published implementation" gives each one's source and why
+# our defaults differ; a test holds the table to these values. Not in it: the learning rate
+# (1e-6 for 7B/72B; the README's 3B command sets it) and the data, model and batch sizes.
+RECIPES = {"published": {
+    "minibatches": 8, "adv_std": False, "clip_eps": 0.2, "clip_eps_high": 0.35, "kl_coef": 0.0,
+    "invalid_penalty": 0.1, "reflection_bonus": 0.1, "wait_penalty": 0.2, "sft_coef": 0.05,
+    "top_p": 0.95, "top_k": 40, "temperature": 1.0, "adam_beta2": 0.95, "min_lr_ratio": 0.5,
+    "rethink_frac": 1.0, "rethink_max_group_acc": 0.6, "rethink_only_wrong": True, "rethink_cut_prob": 0.5,
+    "rethink_cut": "published", "rethink_temperature": 0.9, "rethink_max_waits": 3, "rethink_count_markers": True,
+    "rethink_min_new_tokens": 30, "rethink_max_replace": -1, "rethink_train_trigger": True,
+}}
+
+
 def parse_args(argv=None) -> Config:
+    """Flags into a Config; --recipe sets other defaults first, so that flags given still win."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
@@ -92,6 +120,10 @@ def parse_args(argv=None) -> Config:
             p.add_argument(flag, action="store_true", help=text)
         else:
             p.add_argument(flag, type=f.type, default=f.default, help=f"{text} (default: {f.default!r})")
+    recipe = p.parse_known_args(argv)[0].recipe
+    if recipe and recipe not in RECIPES:
+        p.error(f"--recipe must be one of {list(RECIPES)}, not {recipe!r}")
+    p.set_defaults(**RECIPES.get(recipe, {}))
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -99,14 +131,16 @@ def parse_args(argv=None) -> Config:
 # GRPO (paper, Section 2)
 # ---------------------------------------------------------------------------------------------
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Eq. 2: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one value per response.
-    A group whose rewards are all equal gets all zeros: the "vanishing advantages" of Section 3.1."""
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, std: bool = True) -> torch.Tensor:
+    """Eq. 2: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one value per response; with
+    std=False only r_i - mean (the published code's "group" estimator, experience_maker.py,
+    handle_advantages). A group whose rewards are all equal gets all zeros: the "vanishing
+    advantages" of Section 3.1."""
     r = rewards.view(-1, group_size).float()  # [P, G]
-    std = r.std(1, keepdim=True)  # [P, 1]
-    adv = (r - r.mean(1, keepdim=True)) / (std + eps)  # [P, G]
+    spread = r.std(1, keepdim=True)  # [P, 1]
+    adv = (r - r.mean(1, keepdim=True)) / ((spread + eps) if std else 1.0)  # [P, G]
     # exactly zero for equal rewards: float round-off in r - mean would otherwise make a fake signal
-    return torch.where(std > 0, adv, torch.zeros_like(adv)).view(-1)
+    return torch.where(spread > 0, adv, torch.zeros_like(adv)).view(-1)
 
 
 def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", ref_logp=None, kl_coef=0.0, denom=None,
@@ -262,14 +296,37 @@ def gather(obj, world):
     return objs
 
 
-def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad_id, device, world, ref=None) -> dict:
-    """One optimizer step of Eq. 1 on the batch's rows, in micro-batches (gradients accumulate).
+def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad_id, device, world, ref=None,
+                  generator=None) -> dict:
+    """cfg.minibatches optimizer steps of Eq. 1, each on an equal part of the batch, shuffled first
+    as the published trainer draws its minibatches (it takes 8 per rollout). The first part is
+    on-policy: for this step's rows (`current`) the training forward must reproduce the sampler's
+    log-probs before the update (`logp_drift_max`, a live check that rollout and training agree).
+    Each later part meets a policy that the steps before it moved: its ratio is off 1 and the
+    clip acts."""
+    if cfg.minibatches > 1:
+        order = torch.randperm(len(batch), generator=generator, device=generator.device if generator else "cpu").tolist()
+        batch, advantages, current = [batch[i] for i in order], advantages[order], [current[i] for i in order]
+    size = len(batch) // cfg.minibatches
+    parts = [optimizer_step(ddp, opt, batch[i:i + size], advantages[i:i + size],
+                            current[i:i + size] if i == 0 else [False] * size, cfg, banned, pad_id, device, world, ref)
+             for i in range(0, size * cfg.minibatches, size)]
+
+    def mean(key):
+        return sum(p[key] for p in parts) / len(parts)
+
+    return {"loss": mean("loss"), "grad_norm": mean("grad_norm"), "clip_frac": mean("clip_frac"),
+            "logp_drift_max": parts[0]["logp_drift_max"], "skipped": sum(p["skipped"] for p in parts)}
+
+
+def optimizer_step(ddp, opt, batch, advantages, current, cfg: Config, banned, pad_id, device, world, ref=None) -> dict:
+    """One optimizer step of Eq. 1 on `batch`'s rows, in micro-batches (gradients accumulate).
 
     The loss is the token-level mean over the whole batch of all processes: each process divides
-    its sum by (all tokens / processes), since DDP averages gradients over processes. `current`
-    marks the rows sampled this step: for them the training forward must reproduce the sampler's
-    log-probs before the update (`logp_drift_max`, a live check that rollout and training agree).
-    `ref` is the frozen reference policy of the KL term (used only when cfg.kl_coef > 0).
+    its sum by (all tokens / processes), since DDP averages gradients over processes. `ref` is the
+    frozen reference policy of the KL term (used only when cfg.kl_coef > 0). With cfg.sft_coef, an
+    SFT term on the rows with a positive advantage and a reflection (the published aux loss:
+    loss.py, PolicyLoss; there a token mean per micro-batch, here over the step's SFT tokens).
     A non-finite loss or gradient skips the update instead of corrupting the weights."""
     import rollout
 
@@ -279,6 +336,8 @@ def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad
     if world > 1:
         dist.all_reduce(n_tok)
     denom = n_tok / world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
+    sft_rows = [bool(a > 0) and r.get("reflects", False) for r, a in zip(batch, advantages.tolist())]
+    sft_tok = max(1.0, float(sum(r["loss_mask"].sum() for r, s in zip(batch, sft_rows) if s)))
     model.train()
     opt.zero_grad(set_to_none=True)
     loss_sum, drift, clip = 0.0, 0.0, []
@@ -299,6 +358,9 @@ def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad
             loss, st = grpo_loss(logp, mb["logp"], advantages[part].to(device), mb["loss_mask"], cfg.clip_eps,
                                  cfg.agg, ref_logp=ref_logp, kl_coef=cfg.kl_coef, denom=denom,
                                  clip_eps_high=cfg.clip_eps_high)
+            if cfg.sft_coef and any(sft_rows[part]):
+                sft = torch.tensor(sft_rows[part], device=device)[:, None]  # [B, 1]
+                loss = loss - cfg.sft_coef * (logp * mb["loss_mask"] * sft).sum() / sft_tok
             loss.backward()
         loss_sum += loss.item()
         clip.append(st["clip_frac"])
@@ -315,12 +377,13 @@ def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad
             "logp_drift_max": drift, "skipped": int(skipped)}
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup, then cosine decay to 0 at the last step (the published runs use a cosine
-    schedule too). The late, small steps let the policy settle instead of drifting on noise."""
+def lr_factor(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to `floor` (a share of the peak) at the last step (the
+    published runs decay to half). The late, small steps let the policy settle instead of
+    drifting on noise."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def autocast(cfg: Config, device):
@@ -369,7 +432,8 @@ def rethink_config(cfg: Config):
                                  frac=cfg.rethink_frac, cut_prob=cfg.rethink_cut_prob,
                                  temperature=cfg.rethink_temperature, max_new_tokens=cfg.max_new_tokens,
                                  max_waits=cfg.rethink_max_waits, max_replace=cfg.rethink_max_replace,
-                                 train_trigger=cfg.rethink_train_trigger)
+                                 train_trigger=cfg.rethink_train_trigger, cut=cfg.rethink_cut,
+                                 min_new_tokens=cfg.rethink_min_new_tokens, count_markers=cfg.rethink_count_markers)
 
 
 def setup(cfg: Config) -> Run:
@@ -380,6 +444,9 @@ def setup(cfg: Config) -> Run:
     rank, world, device = setup_distributed()
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
+    if rows_per_process(cfg, world) % cfg.minibatches:
+        raise SystemExit(f"--minibatches {cfg.minibatches} must divide the {rows_per_process(cfg, world)} rows "
+                         "of a process's batch")
     out = Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
     train_set, test_set = load_data(cfg, rank)
     state, ckpt = None, None
@@ -390,8 +457,10 @@ def setup(cfg: Config) -> Run:
         # optimizer's load_state_dict moves its state to each parameter's device.
         state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
     model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
+                            betas=(0.9, cfg.adam_beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps,
+                                                                       cfg.min_lr_ratio))
     # KL term (off by default, as in the published runs): the reference is the starting policy,
     # loaded from --model again, so a resumed run keeps the same reference.
     ref = load_policy(cfg, cfg.model, device)[0].requires_grad_(False).eval() if cfg.kl_coef else None
@@ -433,12 +502,13 @@ def grader(cfg: Config):
     """grade(text, record, finished, forced): each response graded once (reward.grade)."""
     import reward
 
-    return lambda text, rec, finished, forced: reward.grade(text, rec.answer, rec.choices, finished,
-                                                            invalid_penalty=cfg.invalid_penalty,
-                                                            forced_waits=int(forced))
+    return lambda text, rec, finished, forced: reward.grade(
+        text, rec.answer, rec.choices, finished, invalid_penalty=cfg.invalid_penalty,
+        reflection_bonus=cfg.reflection_bonus, wait_penalty=cfg.wait_penalty, forced_waits=int(forced))
 
 
 def train(cfg: Config):
+    import reward
     import rollout
     import ssr
     from tqdm import tqdm
@@ -460,11 +530,11 @@ def train(cfg: Config):
                                 chunk=cfg.rollout_chunk)
         # --- 2. Rewards -> group advantages (Eq. 2) ---
         rewards = torch.tensor([x.reward for x in ro.grades])
-        adv = group_advantages(rewards, g)
+        adv = group_advantages(rewards, g, std=cfg.adv_std)
         # --- 3. Selective Sample Replay (Section 3.1): drop zero-advantage samples, refill from the buffer ---
         rows = rollout.split_rows(ro)
-        for r in rows:
-            r["step"] = step
+        for r, text, forced in zip(rows, ro.texts, ro.rethought.tolist()):  # `reflects`: for the SFT term
+            r["step"], r["reflects"] = step, forced or reward.reflections(text) > 0
         if cfg.ssr:
             batch, batch_adv, n_replayed = ssr.select_batch(rows, adv, run.buffer, n_rows, generator=run.gen)
         else:
@@ -472,7 +542,7 @@ def train(cfg: Config):
         batch, batch_adv = pad_batch(batch, batch_adv, rows, n_rows)
         # --- 4. The clipped policy-gradient update (Eq. 1) ---
         up = policy_update(run.ddp, run.opt, batch, batch_adv, [r["step"] == step for r in batch], cfg, banned,
-                           run.processor.tokenizer.pad_token_id, run.device, run.world, run.ref)
+                           run.processor.tokenizer.pad_token_id, run.device, run.world, run.ref, run.gen)
         if up["skipped"]:
             tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
         run.sched.step()

@@ -273,7 +273,8 @@ def test_who_rethinks_low_accuracy_groups_wrong_stopped_responses_by_coin():
 def candidate(row, correct=True, stopped=True, text="A red circle. \\boxed{red}", n=10):
     return rollout.Rethought(row=row, ids=torch.zeros(n, dtype=torch.long), logp=torch.zeros(n),
                              loss_mask=torch.ones(n), text=text, stopped=stopped,
-                             grade=reward.Grade(correct=correct, reward=float(correct), boxed=True, valid=True))
+                             grade=reward.Grade(correct=correct, reward=float(correct), boxed=True, valid=True),
+                             continuation=text, new_tokens=n)
 
 
 def test_keep_rethought_right_sane_within_the_cap_at_most_max_replace_per_prompt():
@@ -285,6 +286,23 @@ def test_keep_rethought_right_sane_within_the_cap_at_most_max_replace_per_prompt
     assert rollout.keep_rethought(cands, 8, cfg, max_len=20) == [True, False, False, False, False, True, False, False,
                                                                  True, True]
     assert not any(rollout.keep_rethought([candidate(0)], 8, rollout.RethinkConfig(max_replace=0), max_len=20))
+    assert all(rollout.keep_rethought([candidate(r) for r in range(5)], 8, rollout.RethinkConfig(max_replace=-1),
+                                      max_len=20))
+
+
+def test_keep_rethought_as_published_long_enough_continuations_with_at_most_three_reflections():
+    cfg = rollout.RethinkConfig(max_waits=3, min_new_tokens=30, count_markers=True, max_replace=-1)
+
+    def cont(row, text, new_tokens=31, correct=True):
+        c = candidate(row, correct=correct, text="first. Wait" + text, n=10)
+        c.continuation, c.new_tokens = text, new_tokens
+        return c
+
+    cands = [cont(0, "ok \\boxed{1}"), cont(1, "ok", new_tokens=30),  # 30 is not > 30
+             cont(2, "wait, wait a sec, alternatively, wait, \\boxed{1}"),  # 4 reflections
+             cont(3, "wait, wait a bit, alternatively \\boxed{1}"),  # 3: kept; the trigger's "Wait" is not counted
+             cont(4, "fine", correct=False), cont(5, "fine"), cont(6, "fine")]  # no cap per prompt
+    assert rollout.keep_rethought(cands, 8, cfg, max_len=20) == [True, False, False, True, False, True, True]
 
 
 def cut_text(tok, body):
@@ -301,8 +319,8 @@ def rethink_rollout(tiny_model, cut, train_trigger, max_new_tokens=64):
     model, processor = tiny_model
     cuts = []
 
-    def recording_cut(tokenizer, body):
-        cuts.append((list(body), cut(tokenizer, body)))
+    def recording_cut(tokenizer, body, rule):
+        cuts.append((list(body), cut(tokenizer, body, rule)))
         return cuts[-1][1]
 
     cfg = rollout.RethinkConfig(max_group_acc=1.0, only_wrong=False, frac=1.0, cut_prob=1.0, max_waits=100, max_replace=2,
@@ -356,7 +374,7 @@ def test_rethought_logprobs_at_any_cut(tiny_model, tok, banned):
     the reused KV cache must mask exactly the dropped tail."""
     ks = itertools.cycle([0, 1, None, -1])
 
-    def cut(tokenizer, body):
+    def cut(tokenizer, body, rule):
         k = next(ks)
         return len(body) // 2 if k is None else len(body) if k == -1 else k
 
@@ -370,7 +388,7 @@ def test_rethought_responses_longer_than_the_cap_are_not_kept(tiny_model):
     """The cap holds for every final response. With the whole first response kept (no cut), most
     rethought responses cannot fit in 20 tokens: those keep their first response. (At a cap of 64
     every triggered response of this rollout is kept: see check_rethought.)"""
-    ro, cuts = rethink_rollout(tiny_model, lambda tokenizer, body: len(body), train_trigger=True, max_new_tokens=20)
+    ro, cuts = rethink_rollout(tiny_model, lambda tokenizer, body, rule: len(body), train_trigger=True, max_new_tokens=20)
     assert len(cuts) >= 4 and int(ro.triggered.sum()) == len(cuts)
     assert (ro.response_mask.sum(1) <= 20).all()
     assert int(ro.rethought.sum()) < len(cuts)  # the rule bit
@@ -393,6 +411,22 @@ def test_cut_point(tok):
     assert kept("So the Answer: 5").rstrip() == "So the"
     assert kept("no final answer here").rstrip() == "no final"
     assert kept("nothing to cut") == "nothing to cut"
+
+
+def test_the_published_cut_makes_four_cuts_in_turn():
+    """The last "Wait", then the last "\\boxed", then the first "answer", then the last blank line."""
+    def kept(text):
+        return text[:rollout.cut_at(text, "published")]
+
+    assert kept("I see red.\n\nSo the answer is \\boxed{red}.") == "I see red."  # answer, then the blank line
+    assert kept("First \\boxed{1}. Wait, no: \\boxed{2}") == "First"  # Wait, then \boxed, then stripped
+    assert kept("The answer: maybe. Or the answer is \\boxed{3}") == "The"  # the FIRST "answer"
+    assert kept("Red.\n\nBlue.") == "Red."
+    assert kept("nothing to cut") == "nothing to cut"
+    assert kept("wait, lower case is not cut") == "wait, lower case is not cut"
+    assert rollout.cut_at("a \\boxed{b}", "answer") == 2 and rollout.cut_at("ab", "answer") == 2
+    with pytest.raises(ValueError):
+        rollout.cut_at("x", "first")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -249,3 +249,74 @@ def test_help_names_every_flag_with_its_text_and_config_json_records_every_field
     assert (rc.max_waits, rc.only_wrong, rc.max_group_acc, rc.cut_prob) == (4, False, 0.6, 0.5)
     vlr.open_log(tmp_path, cfg, 0, 0).close()
     assert json.loads((tmp_path / "config.json").read_text()) == {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def test_minibatches_the_first_is_on_policy_the_later_ones_are_clipped(tiny_model, monkeypatch):
+    """--minibatches 2: two optimizer steps; the ratio is 1 on every token of the first part and
+    off 1 on the second, which meets the policy the first step moved."""
+    import copy
+
+    import data
+    import rollout
+
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    ro = rollout.sample(model, processor, recs, 4, 12, 1.0, generator=torch.Generator().manual_seed(0))
+    rows = rollout.split_rows(ro)
+    ratios, real_loss = [], vlr.grpo_loss
+
+    def spy(logp, old_logp, advantages, mask, *args, **kwargs):
+        ratios.append(((logp.detach() - old_logp).exp() - 1).abs()[mask.bool()].max().item())
+        return real_loss(logp, old_logp, advantages, mask, *args, **kwargs)
+
+    monkeypatch.setattr(vlr, "grpo_loss", spy)
+    cfg = vlr.Config(micro_batch=8, minibatches=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    steps = []
+    monkeypatch.setattr(opt, "step", lambda *a, **k: steps.append(1) or torch.optim.AdamW.step(opt))
+    banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
+    up = vlr.policy_update(model, opt, rows, torch.tensor([1.0, -1.0] * 4), [True] * 8, cfg, banned,
+                           processor.tokenizer.pad_token_id, torch.device("cpu"), 1,
+                           generator=torch.Generator().manual_seed(0))
+    assert len(steps) == 2 and len(ratios) == 2
+    assert ratios[0] < 1e-5 and ratios[1] > 1e-3
+    assert up["logp_drift_max"] < 1e-4 and up["skipped"] == 0
+
+
+def test_recipe_published_sets_its_values_and_flags_given_still_win():
+    cfg = vlr.parse_args(["--recipe", "published", "--top-k", "20"])
+    for name, value in vlr.RECIPES["published"].items():
+        assert getattr(cfg, name) == (20 if name == "top_k" else value), name
+    assert vlr.parse_args([]).minibatches == 1
+    with pytest.raises(SystemExit):
+        vlr.parse_args(["--recipe", "nonsense"])
+
+
+def readme_table():
+    """The README's differences table: {flag: (published, ours)} from its `--flag` rows."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Differences from the published implementation"):]
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| setting |")) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[1].startswith("`--"):
+            rows[cells[1].strip("`")] = (cells[2].strip("`"), cells[3].strip("`"))
+    return rows
+
+
+def test_readme_differences_table_matches_the_flags_real_defaults():
+    """Every setting of --recipe published has a row, and each row's two values are the recipe's
+    and the default's: the table cannot go stale."""
+    from dataclasses import fields
+
+    rows, defaults = readme_table(), {f.name: f.default for f in fields(vlr.Config)}
+    for name, value in vlr.RECIPES["published"].items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in rows, f"README table has no row for {flag}"
+        published, ours = rows[flag]
+        assert published == str(value), (flag, published, value)
+        assert ours == str(defaults[name]), (flag, ours, defaults[name])
