@@ -225,16 +225,6 @@ def test_there_are_enough_cases():
     assert len(BOXED_GOLDS) + len(BOXED_GOLD_CHOICES) >= 30
 
 
-@pytest.mark.parametrize("response,answer,expected", BOXED_GOLDS)
-def test_a_boxed_gold_is_unwrapped_like_a_response(response, answer, expected):
-    assert reward.accuracy(response, answer) == expected
-
-
-@pytest.mark.parametrize("response,answer,choices,expected", BOXED_GOLD_CHOICES)
-def test_a_boxed_gold_with_choices(response, answer, choices, expected):
-    assert reward.accuracy(response, answer, choices) == expected
-
-
 @pytest.mark.parametrize("response,answer,expected", CASES)
 def test_every_plain_gold_grades_the_same_when_boxed(response, answer, expected):
     assert reward.accuracy(response, f"\\boxed{{{answer}}}") == expected
@@ -249,12 +239,12 @@ def test_latex_equivalent_compares_math_only():
     assert not latex.equivalent("9" * 1000, "1")
 
 
-@pytest.mark.parametrize("response,answer,expected", CASES)
+@pytest.mark.parametrize("response,answer,expected", CASES + BOXED_GOLDS)  # boxed golds: unwrapped like a response
 def test_accuracy(response, answer, expected):
     assert reward.accuracy(response, answer) == expected
 
 
-@pytest.mark.parametrize("response,answer,choices,expected", CHOICE_TEXTS)
+@pytest.mark.parametrize("response,answer,choices,expected", CHOICE_TEXTS + BOXED_GOLD_CHOICES)
 def test_accuracy_with_choices(response, answer, choices, expected):
     assert reward.accuracy(response, answer, choices) == expected
 
