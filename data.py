@@ -246,9 +246,8 @@ def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
 # probability (5/6)^8 = 0.23; counting and "largest" questions have five and six answers: the
 # vanishing-advantage situation that Selective Sample Replay exists for (paper, Section 3.1).
 
-# Six colours far apart in RGB. (With orange in place of black, plain GRPO learned every colour
-# but orange, which it kept calling yellow: once no sample of a group is right, its advantages
-# vanish and nothing corrects the mistake. Telling such colours apart is a job for a bigger model.)
+# Six colours far apart in RGB: a colour the tiny model cannot tell from another is never learned,
+# since a group with no right sample has no advantage to correct it (README, section 5).
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 210, 40), "purple": (140, 60, 180), "black": (30, 30, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -261,8 +260,7 @@ TIERS = {  # tier -> (question, answer space); easiest first
     "largest": ("What colour is the largest shape?", list(COLOURS)),
     # Multiple choice: the colour question with four lettered options, answered by a letter. It is
     # its own tier, the hardest: besides the colour the model must find it among the options and
-    # answer with that option's letter. (Measured: supervised training on true answers takes the
-    # tiny model's free-form colour accuracy to 1.0 in 200 steps while its letters stay at chance.)
+    # answer with that option's letter (README, section 5).
     "choice": ("What colour is the shape?", list(COLOURS)),
 }
 TEST_SEED, TRAIN_SEED = 1_000_003, 7  # two disjoint random streams
