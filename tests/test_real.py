@@ -105,12 +105,13 @@ def test_train_resume_and_eval_as_the_readme_runs_them(virl, tmp_path):
     assert (saved["shortest_edge"], saved["longest_edge"]) == (256 * 28 * 28, 1280 * 28 * 28)  # the published budget
 
     bench = tmp_path / "mathvista.jsonl"
-    bench.write_text(json.dumps({"pid": "1", "question": "What is the area?", "image": str(virl.parent / "images/b.jpg"),
-                                 "answer": "28.27", "question_type": "free_form", "answer_type": "float",
-                                 "precision": 2, "metadata": {"task": "geometry problem solving"}}) + "\n")
+    bench.write_text("".join(json.dumps({"pid": str(i), "question": "What is the area?", "image": str(virl.parent / image),
+                                         "answer": "28.27", "question_type": "free_form", "answer_type": "float",
+                                         "precision": 2, "metadata": {"task": "geometry problem solving"}}) + "\n"
+                             for i, image in enumerate(["images/b.jpg", "images/a.png"])))
     res = run(["eval.py", "--model", str(out / "final"), "--bench", "mathvista", "--data", str(bench),
-               "--max-new-tokens", "16", "--out", str(tmp_path / "eval.jsonl")])
-    assert json.loads(res.stdout.strip().splitlines()[-1])["n"] == 1
+               "--max-new-tokens", "16", "--out", str(tmp_path / "eval.jsonl")], nproc=2)  # as the README: torchrun
+    assert json.loads(res.stdout.strip().splitlines()[-1])["n"] == 2
 
 
 def test_torchrun_two_processes(virl, tmp_path):
