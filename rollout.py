@@ -92,22 +92,67 @@ def positions(model, input_ids, mm_token_type_ids, image_grid_thw, attention_mas
 # The teacher-forced forward (what the trainer differentiates)
 # ---------------------------------------------------------------------------------------------
 
-def logprobs(model, prompts: dict, response_ids, response_mask, temperature: float, banned: list[int]):
+def logprobs(model, prompts: dict, response_ids, response_mask, temperature: float, banned: list[int],
+             share_vision: bool = True):
     """Log-probability of each response token given prompt + earlier tokens, in one forward pass.
 
     The sequence is [left-padded prompt | right-padded response]; padding is masked out of
     attention and gets no position, so every real token sees exactly what it saw while sampled.
-    Returns [N, T], zero where response_mask is 0."""
+    `share_vision`: each distinct image of the batch goes through the vision tower once
+    (`embed_shared`); False runs it once per row's image, as the model's own forward does (the
+    reference path, kept for bench.py). Returns [N, T], zero where response_mask is 0."""
     n_resp = response_ids.shape[1]  # T
     input_ids = torch.cat([prompts["input_ids"], response_ids], 1)  # [N, L + T]
     attn = torch.cat([prompts["attention_mask"], response_mask.long()], 1)  # [N, L + T]
     mm = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(response_ids, dtype=prompts["mm_token_type_ids"].dtype)], 1)
     pos = positions(model, input_ids, mm, prompts["image_grid_thw"], attn)  # [3, N, L + T]
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, pixel_values=prompts["pixel_values"],
-                image_grid_thw=prompts["image_grid_thw"], logits_to_keep=n_resp + 1, use_cache=False)
+    if share_vision:
+        embeds = embed_shared(model, input_ids, prompts["pixel_values"], prompts["image_grid_thw"])  # [N, L + T, H]
+        out = model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, logits_to_keep=n_resp + 1,
+                    use_cache=False)
+    else:
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, pixel_values=prompts["pixel_values"],
+                    image_grid_thw=prompts["image_grid_thw"], logits_to_keep=n_resp + 1, use_cache=False)
     # logits at position t predict token t+1: the last prompt position predicts response token 0
     lp = _log_softmax(out.logits[:, :-1], temperature, banned)  # [N, T, V]
     return lp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask  # [N, T]
+
+
+def distinct_images(pixel_values, grid) -> tuple[list[int], list[int]]:
+    """Which images of a batch are the same picture. The rows of a group carry copies of their
+    prompt's images, and a replayed row (Section 3.1) may carry a picture of any earlier step; only
+    the content says which are equal: a block's sum finds the candidates, exact equality decides.
+    Returns the first block of each distinct picture, and for every block which distinct one it is."""
+    blocks = torch.split(pixel_values, grid.prod(-1).tolist())
+    sums = torch.stack([b.sum() for b in blocks]).tolist() if blocks else []  # one sync, not one a block
+    firsts, which, seen = [], [], {}
+    for i, (block, key) in enumerate(zip(blocks, zip(map(tuple, grid.tolist()), sums))):
+        same = next((j for j in seen.get(key, []) if torch.equal(blocks[firsts[j]], block)), None)
+        if same is None:
+            same = len(firsts)
+            firsts.append(i)
+            seen.setdefault(key, []).append(same)
+        which.append(same)
+    return firsts, which
+
+
+def embed_shared(model, input_ids, pixel_values, grid) -> torch.Tensor:
+    """The decoder's input embeddings, as the model's forward builds them (token embeddings, each
+    image's features scattered over its image tokens in row order), with each distinct picture
+    encoded once and its features handed to every row that shows it: the G rows of a group no
+    longer pay G vision forwards. When the tower trains, the gradient of a picture's features is
+    the sum over the rows that use it, as it is when each row encodes its own copy. A frozen tower
+    (--freeze-vision) encodes here too, instead of reusing the rollout's features: those would
+    travel in every row and the replay buffer (1280 x 2048 floats, 10 MB, a picture at the
+    published budget), for the one encoding per picture and micro-batch that is left."""
+    inner = getattr(model, "module", model).model  # under DDP the trainer passes the wrapper
+    firsts, which = distinct_images(pixel_values, grid)
+    blocks = torch.split(pixel_values, grid.prod(-1).tolist())
+    feats = inner.get_image_features(torch.cat([blocks[i] for i in firsts]), grid[firsts],
+                                     return_dict=True).pooler_output  # one [tokens, H] per distinct picture
+    embeds = inner.get_input_embeddings()(input_ids)  # [N, S, H]
+    image = torch.cat([feats[j] for j in which]).to(embeds.dtype)  # [image tokens of the batch, H]
+    return embeds.masked_scatter((input_ids == inner.config.image_token_id)[..., None], image)
 
 
 # ---------------------------------------------------------------------------------------------

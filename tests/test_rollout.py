@@ -222,6 +222,44 @@ def test_top_k_keeps_the_k_most_likely_then_top_p_within_them():
     assert set(draws.tolist()) == {1, 2} and abs((draws == 1).float().mean() - 0.6) < 0.02
 
 
+def test_each_distinct_picture_is_encoded_once_with_replayed_rows_and_logprobs_unchanged(tiny_model, tok, banned):
+    """A micro-batch of this step's rows and rows replayed from an earlier step, one of which shows
+    the same picture as a current prompt: the vision tower sees each picture once, and every row's
+    log-probs are those of the model's own forward, which encodes every row's copy."""
+    model, processor = tiny_model
+    earlier = rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    new = data.Record("new", [picture((84, 112), (120, 40, 160))], "What colour is the shape?", "purple")
+    now = rollout.sample(model, processor, [RECORDS[1], new], g=2, max_new_tokens=12,
+                         generator=torch.Generator().manual_seed(1))
+    rows = rollout.split_rows(now)
+    replayed = rollout.split_rows(earlier)
+    mb = rollout.collate([rows[0], replayed[3], rows[2], replayed[0], replayed[5], rows[1], rows[3]], tok.pad_token_id)
+    shown = [RECORDS[1], RECORDS[1], new, RECORDS[0], RECORDS[2], RECORDS[1], new]  # each row's prompt
+    distinct = {(r.id, i): img for r in shown for i, img in enumerate(r.images)}  # 4 pictures, not 8
+    patches = sum(int(data.encode_prompts(processor, [data.Record("x", [img], "q", "a")])["image_grid_thw"].prod())
+                  for img in distinct.values())
+    seen = []
+    hook = model.model.visual.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            shared = rollout.logprobs(model, mb["prompts"], mb["response_ids"], mb["response_mask"], 1.0, banned)
+            assert seen == [patches]
+            per_row = rollout.logprobs(model, mb["prompts"], mb["response_ids"], mb["response_mask"], 1.0, banned,
+                                       share_vision=False)
+            assert seen[1] == mb["prompts"]["pixel_values"].shape[0] > patches
+    finally:
+        hook.remove()
+    assert (shared - per_row).abs().max() <= TOL and (shared - mb["logp"]).abs().max() <= TOL
+
+
+def test_distinct_images_compares_content_not_sums():
+    a = torch.arange(12.0).view(4, 3)  # one picture: 4 patches of 3 values, grid 1 x 2 x 2
+    flipped = a.flip(0)  # the same sum, another picture
+    grid = torch.tensor([[1, 2, 2], [1, 2, 2], [1, 2, 2], [1, 1, 4], [1, 2, 2]])  # [1, 1, 4]: another shape
+    firsts, which = rollout.distinct_images(torch.cat([a, flipped, a.clone(), a, flipped]), grid)
+    assert firsts == [0, 1, 3] and which == [0, 1, 0, 2, 1]
+
+
 def test_sampling_in_chunks_of_prompts_gives_the_batch_result(tiny_model, greedy, banned):
     """--rollout-chunk: greedy responses and their log-probs are those of one batch, laid out alike."""
     model, processor = tiny_model
