@@ -201,9 +201,17 @@ def _draw(probs, generator, rows=None, n: int = 0) -> torch.Tensor:
     """One token per row of `probs` [B, V], drawn as torch.multinomial(probs, 1) draws it (the
     argmax of p / q with one q ~ Exp(1) per entry), but with the noise of all n rows of the decode
     batch drawn, of which these are `rows`. So the generator is used alike, and each row gets the
-    same noise, whichever rows have already left the batch (`_decode`)."""
-    q = probs.new_empty(n or probs.shape[0], probs.shape[1]).exponential_(generator=generator)  # [n, V]
-    return (probs / (q if rows is None else q[rows])).argmax(-1)  # [B]
+    same noise, whichever rows have already left the batch (`_decode`). On the CPU, exponential_
+    is -log1p(-u) of float64 uniforms: the uniforms of all rows keep the generator's stream, and
+    the log, most of the cost, is taken for the rows still in the batch only."""
+    n, v = n or probs.shape[0], probs.shape[1]
+    if probs.device.type == "cpu":
+        u = torch.rand(n, v, dtype=torch.float64, generator=generator)  # [n, V]
+        q = -torch.log1p(-(u if rows is None else u[rows])).float()  # [B, V]
+    else:
+        q = probs.new_empty(n, v).exponential_(generator=generator)  # [n, V]
+        q = q if rows is None else q[rows]  # [B, V]
+    return (probs / q).argmax(-1)  # [B]
 
 
 LEAVE_AT = 0.25  # finished rows leave the decode batch once they are this share of it (inf: never)
@@ -263,7 +271,8 @@ class Parked:
 
     def add(self, cache, attn, rows, which=slice(None)):
         """Keep the rows `which` (a mask over the batch, default all) of the cache and attention mask."""
-        self.parts.append((rows[which], attn[which], [(layer.keys[which], layer.values[which]) for layer in cache.layers]))
+        kv = [(layer.keys[which], layer.values[which]) for layer in cache.layers]
+        self.parts.append((rows[which], attn[which], kv))
 
     def select(self, rows: torch.Tensor):
         """A cache and attention mask [M, S] of `rows`, in this order, as if they had never left: a
