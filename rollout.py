@@ -500,13 +500,14 @@ def keep_rethought(cands: list[Rethought], g: int, cfg: RethinkConfig, max_len: 
 
 
 def _continue(model, cache, attn, start, plen: int, keep, chunks: list, s: Sampling, cfg: RethinkConfig):
-    """The mechanism: continue the first pass's KV cache (already narrowed to the triggered rows)
+    """The mechanism: continue the first pass's KV cache of the triggered rows (`Parked.select`)
     after the kept part of each response, with `chunks` = [last kept token, trigger...] per row.
 
     The cut-off tail is masked out of attention, and the last kept token is fed again with the
     trigger, so that its logits (which predict the trigger's first token) are computed afresh.
     Positions continue from the last kept token: the final sequence has the positions of a
-    contiguous one. Returns the trigger's log-probs and what `_decode` returns."""
+    contiguous one. Returns the trigger's log-probs and the tokens, log-probs, real-token mask
+    and stopped flags of `_decode`."""
     dev = start.device
     slot = torch.arange(attn.shape[1], device=dev)  # [L]
     attn = attn.masked_fill(slot[None] >= plen + keep[:, None] - 1, 0)  # [M, L] the refed token's old slot and after
