@@ -92,22 +92,67 @@ def positions(model, input_ids, mm_token_type_ids, image_grid_thw, attention_mas
 # The teacher-forced forward (what the trainer differentiates)
 # ---------------------------------------------------------------------------------------------
 
-def logprobs(model, prompts: dict, response_ids, response_mask, temperature: float, banned: list[int]):
+def logprobs(model, prompts: dict, response_ids, response_mask, temperature: float, banned: list[int],
+             share_vision: bool = True):
     """Log-probability of each response token given prompt + earlier tokens, in one forward pass.
 
     The sequence is [left-padded prompt | right-padded response]; padding is masked out of
     attention and gets no position, so every real token sees exactly what it saw while sampled.
-    Returns [N, T], zero where response_mask is 0."""
+    `share_vision`: each distinct image of the batch goes through the vision tower once
+    (`embed_shared`); False runs it once per row's image, as the model's own forward does (the
+    reference path, kept for bench.py). Returns [N, T], zero where response_mask is 0."""
     n_resp = response_ids.shape[1]  # T
     input_ids = torch.cat([prompts["input_ids"], response_ids], 1)  # [N, L + T]
     attn = torch.cat([prompts["attention_mask"], response_mask.long()], 1)  # [N, L + T]
     mm = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(response_ids, dtype=prompts["mm_token_type_ids"].dtype)], 1)
     pos = positions(model, input_ids, mm, prompts["image_grid_thw"], attn)  # [3, N, L + T]
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, pixel_values=prompts["pixel_values"],
-                image_grid_thw=prompts["image_grid_thw"], logits_to_keep=n_resp + 1, use_cache=False)
+    if share_vision:
+        embeds = embed_shared(model, input_ids, prompts["pixel_values"], prompts["image_grid_thw"])  # [N, L + T, H]
+        out = model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, logits_to_keep=n_resp + 1,
+                    use_cache=False)
+    else:
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, pixel_values=prompts["pixel_values"],
+                    image_grid_thw=prompts["image_grid_thw"], logits_to_keep=n_resp + 1, use_cache=False)
     # logits at position t predict token t+1: the last prompt position predicts response token 0
     lp = _log_softmax(out.logits[:, :-1], temperature, banned)  # [N, T, V]
     return lp.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask  # [N, T]
+
+
+def distinct_images(pixel_values, grid) -> tuple[list[int], list[int]]:
+    """Which images of a batch are the same picture. The rows of a group carry copies of their
+    prompt's images, and a replayed row (Section 3.1) may carry a picture of any earlier step; only
+    the content says which are equal: a block's sum finds the candidates, exact equality decides.
+    Returns the first block of each distinct picture, and for every block which distinct one it is."""
+    blocks = torch.split(pixel_values, grid.prod(-1).tolist())
+    sums = torch.stack([b.sum() for b in blocks]).tolist() if blocks else []  # one sync, not one a block
+    firsts, which, seen = [], [], {}
+    for i, (block, key) in enumerate(zip(blocks, zip(map(tuple, grid.tolist()), sums))):
+        same = next((j for j in seen.get(key, []) if torch.equal(blocks[firsts[j]], block)), None)
+        if same is None:
+            same = len(firsts)
+            firsts.append(i)
+            seen.setdefault(key, []).append(same)
+        which.append(same)
+    return firsts, which
+
+
+def embed_shared(model, input_ids, pixel_values, grid) -> torch.Tensor:
+    """The decoder's input embeddings, as the model's forward builds them (token embeddings, each
+    image's features scattered over its image tokens in row order), with each distinct picture
+    encoded once and its features handed to every row that shows it: the G rows of a group no
+    longer pay G vision forwards. When the tower trains, the gradient of a picture's features is
+    the sum over the rows that use it, as it is when each row encodes its own copy. A frozen tower
+    (--freeze-vision) encodes here too, instead of reusing the rollout's features: those would
+    travel in every row and the replay buffer (1280 x 2048 floats, 10 MB, a picture at the
+    published budget), for the one encoding per picture and micro-batch that is left."""
+    inner = getattr(model, "module", model).model  # under DDP the trainer passes the wrapper
+    firsts, which = distinct_images(pixel_values, grid)
+    blocks = torch.split(pixel_values, grid.prod(-1).tolist())
+    feats = inner.get_image_features(torch.cat([blocks[i] for i in firsts]), grid[firsts],
+                                     return_dict=True).pooler_output  # one [tokens, H] per distinct picture
+    embeds = inner.get_input_embeddings()(input_ids)  # [N, S, H]
+    image = torch.cat([feats[j] for j in which]).to(embeds.dtype)  # [image tokens of the batch, H]
+    return embeds.masked_scatter((input_ids == inner.config.image_token_id)[..., None], image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,51 +176,121 @@ class Sampling:
         return self.temperature if self.temperature > 0 else 1.0
 
 
-def _pick(logits, temperature: float, top_p: float, banned: list[int], generator, top_k: int = 0) -> torch.Tensor:
+def _pick(logits, temperature: float, top_p: float, banned: list[int], generator, top_k: int = 0, rows=None,
+          n: int = 0) -> torch.Tensor:
     """Next token per row: greedy at temperature 0, else sampling from the top_k most likely tokens
     (0: all) and of those the nucleus of mass top_p (the published rollouts: top-k 40, top-p 0.95).
-    The recorded log-prob stays that of the full distribution, the one training differentiates."""
+    The recorded log-prob stays that of the full distribution, the one training differentiates.
+    `rows`, `n`: these logits are those rows of a decode batch of n (see `_draw`)."""
     if temperature == 0:
         logits = logits.float().clone()
         logits[:, banned] = float("-inf")
         return logits.argmax(-1)
-    probs = _log_softmax(logits, temperature, banned).exp()  # [N, V]
+    probs = _log_softmax(logits, temperature, banned).exp()  # [B, V]
     if 0 < top_k < probs.shape[-1]:
-        kth = probs.topk(top_k, dim=-1).values[:, -1:]  # [N, 1] the k-th largest probability
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]  # [B, 1] the k-th largest probability
         probs = probs.masked_fill(probs < kth, 0.0)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(-1, descending=True)  # [N, V]
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # [N, V] the tokens before already reach top_p
+        sorted_p, order = probs.sort(-1, descending=True)  # [B, V]
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # [B, V] the tokens before already reach top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [N]
+    return _draw(probs, generator, rows, n)  # [B]
 
 
-def _decode(model, cache, logits, attn, start, max_new: int, s: Sampling, temperature: float):
+def _draw(probs, generator, rows=None, n: int = 0) -> torch.Tensor:
+    """One token per row of `probs` [B, V], drawn as torch.multinomial(probs, 1) draws it (the
+    argmax of p / q with one q ~ Exp(1) per entry), but with the noise of all n rows of the decode
+    batch drawn, of which these are `rows`. So the generator is used alike, and each row gets the
+    same noise, whichever rows have already left the batch (`_decode`). On the CPU, exponential_
+    is -log1p(-u) of float64 uniforms: the uniforms of all rows keep the generator's stream, and
+    the log, most of the cost, is taken for the rows still in the batch only."""
+    n, v = n or probs.shape[0], probs.shape[1]
+    if probs.device.type == "cpu":
+        u = torch.rand(n, v, dtype=torch.float64, generator=generator)  # [n, V]
+        q = -torch.log1p(-(u if rows is None else u[rows])).float()  # [B, V]
+    else:
+        q = probs.new_empty(n, v).exponential_(generator=generator)  # [n, V]
+        q = q if rows is None else q[rows]  # [B, V]
+    return (probs / q).argmax(-1)  # [B]
+
+
+LEAVE_AT = 0.25  # finished rows leave the decode batch once they are this share of it (inf: never)
+
+
+def _decode(model, cache, logits, attn, start, max_new: int, s: Sampling, temperature: float, park: bool = False):
     """The KV-cache loop: one token per row per step until every row has stopped.
 
     `logits` are the next-token logits of each row, `attn` the attention mask of what is in the
     cache, `start` the position of each row's first new token. Tokens are drawn at `temperature`
-    and recorded at s.logp_temperature. Finished rows are fed padding, masked out of attention,
-    so the batch runs on until the last row stops or hits max_new. Returns tokens, recorded
-    log-probs, the real-token mask, whether each row stopped, and the final attention mask (for
-    Forced Rethinking, which continues the cache)."""
-    n = logits.shape[0]  # logits [N, V], attn [N, L], start [N]
-    done = torch.zeros(n, dtype=torch.bool, device=logits.device)  # [N]
+    and recorded at s.logp_temperature. A row that stopped is fed padding, masked out of attention,
+    until LEAVE_AT of the batch has stopped: then those rows leave the batch and the cache, and the
+    rest decodes on a smaller batch. With long-tailed lengths most rows stop early and would be
+    fed padding until the longest ends. The noise of every row is drawn at every step (`_draw`):
+    no token depends on when other rows left. Returns tokens, recorded log-probs, the real-token
+    mask, whether each row stopped, and with `park` the caches of all rows (`Parked`, for Forced
+    Rethinking, which continues them), else None."""
+    n, dev = logits.shape[0], logits.device  # logits [N, V], attn [N, L], start [N]
+    rows = torch.arange(n, device=dev)  # [B] the row of each batch entry; B shrinks as rows leave
+    done = torch.zeros(n, dtype=torch.bool, device=dev)  # [N]
+    parked = Parked() if park else None
     toks, lps, real = [], [], []
     for t in range(max_new):
-        tok = _pick(logits, temperature, s.top_p, s.banned, s.generator, s.top_k)  # [N]
-        lp = _log_softmax(logits, s.logp_temperature, s.banned).gather(1, tok[:, None]).squeeze(1)  # [N]
-        live = ~done  # [N]
+        tok = _pick(logits, temperature, s.top_p, s.banned, s.generator, s.top_k, rows, n)  # [B]
+        lp = _log_softmax(logits, s.logp_temperature, s.banned).gather(1, tok[:, None]).squeeze(1)  # [B]
+        live = ~done[rows]  # [B] not stopped before this token: the token is real
         tok = torch.where(live, tok, s.pad)
-        toks.append(tok), lps.append(torch.where(live, lp, 0.0)), real.append(live)
-        done = done | torch.isin(tok, s.stop)
+        toks.append(torch.full((n,), s.pad, device=dev).index_put((rows,), tok))  # [N]
+        lps.append(torch.zeros(n, device=dev).index_put((rows,), torch.where(live, lp, 0.0)))  # [N]
+        real.append(torch.zeros(n, dtype=torch.bool, device=dev).index_put((rows,), live))  # [N]
+        done[rows] = done[rows] | torch.isin(tok, s.stop)
         if done.all() or t == max_new - 1:
             break
-        attn = torch.cat([attn, live[:, None].long()], 1)  # [N, L + t + 1]
-        pos = (start + t).view(1, n, 1).expand(3, n, 1)  # [3, N, 1] text: one position on all 3 mrope axes
+        stopped = done[rows]  # [B]
+        if stopped.sum() >= LEAVE_AT * len(rows):  # they leave; their token is not fed, the cache ends before it
+            if parked is not None:
+                parked.add(cache, attn, rows, stopped)
+            going = (~stopped).nonzero().squeeze(1)  # [B'] positions in the batch
+            cache.batch_select_indices(going)
+            rows, attn, tok, live = rows[going], attn[going], tok[going], live[going]
+        attn = torch.cat([attn, live[:, None].long()], 1)  # [B, L + t + 1]
+        pos = (start[rows] + t).view(1, -1, 1).expand(3, -1, 1)  # [3, B, 1] text: one position on all 3 mrope axes
         logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos,
-                       past_key_values=cache, use_cache=True).logits[:, -1]  # [N, V]
-    return torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(real, 1), done, attn  # [N, T] x 3, [N], [N, L']
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # [B, V]
+    if parked is not None:
+        parked.add(cache, attn, rows)
+    return torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(real, 1), done, parked  # [N, T] x 3, [N]
+
+
+class Parked:
+    """The KV caches of the rows that left the decode loop, and of those still in it at its end,
+    kept for Forced Rethinking, which continues some of them. A part per leaving: its rows' cache
+    stops where they left, so parts differ in length."""
+
+    def __init__(self):
+        self.parts = []  # (rows [k], attn [k, S], per layer (keys, values) [k, heads, S, dim])
+
+    def add(self, cache, attn, rows, which=slice(None)):
+        """Keep the rows `which` (a mask over the batch, default all) of the cache and attention mask."""
+        kv = [(layer.keys[which], layer.values[which]) for layer in cache.layers]
+        self.parts.append((rows[which], attn[which], kv))
+
+    def select(self, rows: torch.Tensor):
+        """A cache and attention mask [M, S] of `rows`, in this order, as if they had never left: a
+        shorter part is padded on the right to the longest, masked out (as the loop's finished rows
+        were fed padding, masked out), so attention reads exactly the same keys and values."""
+        width = max(attn.shape[1] for _, attn, _ in self.parts)
+        got, attns, kvs = [], [], []
+        for part_rows, attn, kv in self.parts:
+            pick = torch.isin(part_rows, rows).nonzero().squeeze(1)  # [k'] positions in the part
+            got.append(part_rows[pick])
+            attns.append(F.pad(attn[pick], (0, width - attn.shape[1])))
+            kvs.append([tuple(F.pad(x[pick], (0, 0, 0, width - x.shape[2])) for x in layer) for layer in kv])
+        where = {r: i for i, r in enumerate(torch.cat(got).tolist())}
+        order = torch.tensor([where[r] for r in rows.tolist()], device=rows.device)  # [M]
+        cache = new_cache(rows.device)
+        for layer, per_part in enumerate(zip(*kvs)):
+            cache.update(torch.cat([k for k, _ in per_part])[order], torch.cat([v for _, v in per_part])[order], layer)
+        return cache, torch.cat(attns)[order]  # [M, width]
 
 
 @dataclass
@@ -274,7 +389,9 @@ def _sample_chunk(model, processor, records, g, max_new_tokens, s: Sampling, gra
     logits = out.logits[:, -1].repeat_interleave(g, 0)  # [N, V], N = P * G
     attn = batch["attention_mask"].repeat_interleave(g, 0)  # [N, L]
     start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(g)  # [N] text after the prompt: max position + 1
-    resp, lp, real, stopped, attn = _decode(model, cache, logits, attn, start, max_new_tokens, s, s.temperature)
+    rethinking = rethink is not None and grade is not None
+    resp, lp, real, stopped, parked = _decode(model, cache, logits, attn, start, max_new_tokens, s, s.temperature,
+                                              park=rethinking)
     n = resp.shape[0]
     rows = [(resp[i][real[i]], lp[i][real[i]], torch.ones(int(real[i].sum()), device=dev)) for i in range(n)]
     texts = tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
@@ -282,10 +399,10 @@ def _sample_chunk(model, processor, records, g, max_new_tokens, s: Sampling, gra
     ro = Rollout(prompts=repeat_prompts(batch, g), response_ids=None, response_mask=None, logp=None, loss_mask=None,
                  texts=texts, truncated=(~stopped).cpu(), triggered=torch.zeros(n, dtype=torch.bool),
                  rethought=torch.zeros(n, dtype=torch.bool), first_texts=[None] * n, grades=grades)
-    if rethink is not None and grade is not None:
-        rows = _rethink(model, tok, cache, batch, start, attn, rows, ro, stopped, records, g, grade, rethink,
+    if rethinking:
+        rows = _rethink(model, tok, parked, batch, start, rows, ro, stopped, records, g, grade, rethink,
                         max_new_tokens, s)
-    del cache  # the chunk's KV cache is freed before the next chunk is sampled
+    del cache, parked  # the chunk's KV cache is freed before the next chunk is sampled
     ro.prompts = {k: v.cpu() for k, v in ro.prompts.items()}
     ro.response_ids = pad([r[0] for r in rows], s.pad).cpu()
     ro.response_mask = pad([torch.ones_like(r[0]) for r in rows], 0).cpu()
@@ -410,13 +527,14 @@ def keep_rethought(cands: list[Rethought], g: int, cfg: RethinkConfig, max_len: 
 
 
 def _continue(model, cache, attn, start, plen: int, keep, chunks: list, s: Sampling, cfg: RethinkConfig):
-    """The mechanism: continue the first pass's KV cache (already narrowed to the triggered rows)
+    """The mechanism: continue the first pass's KV cache of the triggered rows (`Parked.select`)
     after the kept part of each response, with `chunks` = [last kept token, trigger...] per row.
 
     The cut-off tail is masked out of attention, and the last kept token is fed again with the
     trigger, so that its logits (which predict the trigger's first token) are computed afresh.
     Positions continue from the last kept token: the final sequence has the positions of a
-    contiguous one. Returns the trigger's log-probs and what `_decode` returns."""
+    contiguous one. Returns the trigger's log-probs and the tokens, log-probs, real-token mask
+    and stopped flags of `_decode`."""
     dev = start.device
     slot = torch.arange(attn.shape[1], device=dev)  # [L]
     attn = attn.masked_fill(slot[None] >= plen + keep[:, None] - 1, 0)  # [M, L] the refed token's old slot and after
@@ -434,10 +552,11 @@ def _continue(model, cache, attn, start, plen: int, keep, chunks: list, s: Sampl
                                 cfg.temperature)[:4]  # [M, W - 1], then [M, T] x 3, [M]
 
 
-def _rethink(model, tok, cache, batch, start, attn, rows, ro: Rollout, stopped, records, g, grade, cfg, max_len, s):
+def _rethink(model, tok, parked, batch, start, rows, ro: Rollout, stopped, records, g, grade, cfg, max_len, s):
     """Forced Rethinking (Section 3.2): first response (maybe cut before its answer) + trigger +
-    a sampled continuation, kept in place of the first response by `keep_rethought`. Returns the
-    rows (ids, logp, loss mask) with the kept ones replaced; marks `ro`'s rethinking fields."""
+    a sampled continuation, kept in place of the first response by `keep_rethought`; `parked`
+    holds the first pass's KV caches. Returns the rows (ids, logp, loss mask) with the kept ones
+    replaced; marks `ro`'s rethinking fields."""
     dev = start.device
     coins = torch.rand(len(rows), 3, generator=s.generator, device=dev).cpu()  # trigger?, cut?, which trigger
     sel = who_rethinks([x.correct for x in ro.grades], stopped.tolist(), g, cfg, coins[:, 0].tolist())
@@ -452,8 +571,8 @@ def _rethink(model, tok, cache, batch, start, attn, rows, ro: Rollout, stopped, 
         chunks.append(torch.tensor([refeed] + trigger, device=dev))
         keep.append(k), triggers.append(trigger)
     sel_t, keep_t = torch.tensor(sel, device=dev), torch.tensor(keep, device=dev)
-    cache.batch_select_indices(sel_t)
-    trig_lp, cont, cont_lp, cont_real, cont_stopped = _continue(model, cache, attn[sel_t], start[sel_t], plen, keep_t,
+    cache, attn = parked.select(sel_t)
+    trig_lp, cont, cont_lp, cont_real, cont_stopped = _continue(model, cache, attn, start[sel_t], plen, keep_t,
                                                                 chunks, s, cfg)
     cands = []
     for j, (i, k, m) in enumerate(zip(sel, keep, (len(t) for t in triggers))):

@@ -63,6 +63,8 @@ class Config:
     wait_penalty: float = arg(0.0, "a right answer with 3+ native reflections loses this much per reflection")
     sft_coef: float = arg(0.0, "weight of an SFT term on positive-advantage responses with a reflection")
     micro_batch: int = arg(64, "responses per forward/backward (memory only, no effect on the math)")
+    share_vision: bool = arg(True, "encode each distinct image once per micro-batch, not once per response "
+                                   "(--no-share-vision: the reference path that bench.py compares against)")
     rollout_chunk: int = arg(0, "prompts sampled at a time per process (0: all); bounds the KV cache's memory")
     # Selective Sample Replay (Section 3.1)
     ssr: bool = arg(True, "Selective Sample Replay (--no-ssr: plain GRPO)")
@@ -266,7 +268,8 @@ def checkpoint_dir(out: Path) -> Path:
     raise SystemExit(f"--resume: no checkpoint in {out}/ckpt")
 
 
-RESUMABLE = {"resume", "save_every", "eval_every", "out"}  # may differ on resume (--steps shapes the lr schedule)
+# may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
+RESUMABLE = {"resume", "save_every", "eval_every", "out", "share_vision"}
 
 
 def check_resume_config(out: Path, cfg: Config):
@@ -349,12 +352,12 @@ def optimizer_step(ddp, opt, batch, advantages, current, cfg: Config, banned, pa
         sync = contextlib.nullcontext() if last or world == 1 else ddp.no_sync()  # all-reduce once, at the end
         with sync, autocast(cfg, device):
             logp = rollout.logprobs(ddp, mb["prompts"], mb["response_ids"], mb["response_mask"], cfg.temperature,
-                                    banned)  # [B, T]
+                                    banned, cfg.share_vision)  # [B, T]
             ref_logp = None
             if cfg.kl_coef:  # the reference is fixed, so replayed rows get theirs now, like current ones
                 with torch.no_grad():
                     ref_logp = rollout.logprobs(ref, mb["prompts"], mb["response_ids"], mb["response_mask"],
-                                                cfg.temperature, banned)
+                                                cfg.temperature, banned, cfg.share_vision)
             loss, st = grpo_loss(logp, mb["logp"], advantages[part].to(device), mb["loss_mask"], cfg.clip_eps,
                                  cfg.agg, ref_logp=ref_logp, kl_coef=cfg.kl_coef, denom=denom,
                                  clip_eps_high=cfg.clip_eps_high)

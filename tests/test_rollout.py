@@ -222,6 +222,87 @@ def test_top_k_keeps_the_k_most_likely_then_top_p_within_them():
     assert set(draws.tolist()) == {1, 2} and abs((draws == 1).float().mean() - 0.6) < 0.02
 
 
+def test_draw_is_torch_multinomial_and_a_row_keeps_its_noise_in_a_smaller_batch():
+    probs = torch.rand(6, 50, generator=torch.Generator().manual_seed(0))
+    probs[:, :20] = 0.0  # cut by top-k / top-p: never drawn
+    gens = [torch.Generator().manual_seed(7) for _ in range(3)]
+    expect = torch.multinomial(probs, 1, generator=gens[0]).squeeze(1)
+    assert torch.equal(rollout._draw(probs, gens[1]), expect)
+    rows = torch.tensor([1, 4, 5])  # rows 0, 2 and 3 have left the batch: the others draw what they drew
+    assert torch.equal(rollout._draw(probs[rows], gens[2], rows, 6), expect[rows])
+    assert all(torch.equal(gens[0].get_state(), g.get_state()) for g in gens[1:])  # the generator used alike
+    assert (expect >= 20).all()
+
+
+def test_finished_rows_leave_the_batch_and_change_no_token(tiny_model, tok):
+    """The same rollouts with rows leaving the decode batch (LEAVE_AT) and without: the same tokens,
+    texts, masks and generator state after; log-probs equal up to the last bits of a matmul over
+    fewer rows. Forced Rethinking continues caches of rows that left at different steps."""
+    model, processor = tiny_model
+    rethink = rollout.RethinkConfig(max_group_acc=1.0, only_wrong=False, frac=1.0, cut_prob=0.5, max_waits=100)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: batch_sizes.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        for seed, kw in ((0, dict(g=3, max_new_tokens=32, temperature=2.0, top_p=0.9)),  # lengths 3 to 28
+                         (3, dict(g=4, max_new_tokens=64, temperature=1.0, grade=always_right, rethink=rethink))):
+            out, rows_fed = {}, {}
+            for leave in (float("inf"), rollout.LEAVE_AT):
+                batch_sizes.clear()
+                gen = torch.Generator().manual_seed(seed)
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(rollout, "LEAVE_AT", leave)
+                    out[leave] = rollout.sample(model, processor, RECORDS, generator=gen, **kw), gen.get_state()
+                rows_fed[leave] = sum(batch_sizes)
+            assert rows_fed[rollout.LEAVE_AT] < rows_fed[float("inf")]  # rows did leave
+            (a, state_a), (b, state_b) = out.values()
+            for key in ("response_ids", "response_mask", "loss_mask", "truncated", "triggered", "rethought"):
+                assert torch.equal(getattr(a, key), getattr(b, key)), key
+            assert a.texts == b.texts and a.first_texts == b.first_texts and torch.equal(state_a, state_b)
+            assert (a.logp - b.logp).abs().max() <= TOL
+        assert int(b.rethought.sum()) >= 4
+    finally:
+        hook.remove()
+
+
+def test_each_distinct_picture_is_encoded_once_with_replayed_rows_and_logprobs_unchanged(tiny_model, tok, banned):
+    """A micro-batch of this step's rows and rows replayed from an earlier step, one of which shows
+    the same picture as a current prompt: the vision tower sees each picture once, and every row's
+    log-probs are those of the model's own forward, which encodes every row's copy."""
+    model, processor = tiny_model
+    earlier = rollout.sample(model, processor, RECORDS, g=2, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    new = data.Record("new", [picture((84, 112), (120, 40, 160))], "What colour is the shape?", "purple")
+    now = rollout.sample(model, processor, [RECORDS[1], new], g=2, max_new_tokens=12,
+                         generator=torch.Generator().manual_seed(1))
+    rows = rollout.split_rows(now)
+    replayed = rollout.split_rows(earlier)
+    mb = rollout.collate([rows[0], replayed[3], rows[2], replayed[0], replayed[5], rows[1], rows[3]], tok.pad_token_id)
+    shown = [RECORDS[1], RECORDS[1], new, RECORDS[0], RECORDS[2], RECORDS[1], new]  # each row's prompt
+    distinct = {(r.id, i): img for r in shown for i, img in enumerate(r.images)}  # 4 pictures, not 8
+    patches = sum(int(data.encode_prompts(processor, [data.Record("x", [img], "q", "a")])["image_grid_thw"].prod())
+                  for img in distinct.values())
+    seen = []
+    hook = model.model.visual.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            shared = rollout.logprobs(model, mb["prompts"], mb["response_ids"], mb["response_mask"], 1.0, banned)
+            assert seen == [patches]
+            per_row = rollout.logprobs(model, mb["prompts"], mb["response_ids"], mb["response_mask"], 1.0, banned,
+                                       share_vision=False)
+            assert seen[1] == mb["prompts"]["pixel_values"].shape[0] > patches
+    finally:
+        hook.remove()
+    assert (shared - per_row).abs().max() <= TOL and (shared - mb["logp"]).abs().max() <= TOL
+
+
+def test_distinct_images_compares_content_not_sums():
+    a = torch.arange(12.0).view(4, 3)  # one picture: 4 patches of 3 values, grid 1 x 2 x 2
+    flipped = a.flip(0)  # the same sum, another picture
+    grid = torch.tensor([[1, 2, 2], [1, 2, 2], [1, 2, 2], [1, 1, 4], [1, 2, 2]])  # [1, 1, 4]: another shape
+    firsts, which = rollout.distinct_images(torch.cat([a, flipped, a.clone(), a, flipped]), grid)
+    assert firsts == [0, 1, 3] and which == [0, 1, 0, 2, 1]
+
+
 def test_sampling_in_chunks_of_prompts_gives_the_batch_result(tiny_model, greedy, banned):
     """--rollout-chunk: greedy responses and their log-probs are those of one batch, laid out alike."""
     model, processor = tiny_model

@@ -196,6 +196,39 @@ def test_policy_update_skips_a_non_finite_step_and_takes_a_finite_one(tiny_model
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("freeze_vision", [False, True])
+def test_shared_vision_gives_the_per_row_gradients_with_replayed_rows(tiny_model, freeze_vision):
+    """One picture encoded once per micro-batch (--share-vision) against once per row (the model's
+    own forward): the same loss and parameter gradients, the tower's included, on a batch of this
+    step's rows and replayed ones in two micro-batches (a group split over both)."""
+    import copy
+
+    import data
+    import rollout
+
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    model.model.visual.requires_grad_(not freeze_vision)
+    task = data.ToyTask("train", ["colour"])
+    earlier = rollout.sample(model, processor, [task[0], task[1]], 2, 12, 1.0, generator=torch.Generator().manual_seed(0))
+    now = rollout.sample(model, processor, [task[1], task[2]], 2, 12, 1.0, generator=torch.Generator().manual_seed(1))
+    rows = rollout.split_rows(now) + [rollout.split_rows(earlier)[i] for i in (0, 3)]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.8, -0.3])
+    banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
+    grads, ups = {}, {}
+    for share in (True, False):
+        cfg = vlr.Config(micro_batch=4, grad_clip=0.0, share_vision=share)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # weights stay
+        ups[share] = vlr.policy_update(model, opt, rows, adv, [True] * 4 + [False] * 2, cfg, banned,
+                                       processor.tokenizer.pad_token_id, torch.device("cpu"), 1)
+        grads[share] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any(n.startswith("model.visual.") and g.abs().sum() > 0 for n, g in grads[False].items()) != freeze_vision
+    for name, g in grads[False].items():
+        assert (grads[True][name] - g).norm() <= 1e-5 * g.norm() + 1e-9, name
+    assert ups[True]["loss"] == pytest.approx(ups[False]["loss"], rel=1e-6)
+    assert ups[True]["logp_drift_max"] < 1e-4 and ups[False]["logp_drift_max"] < 1e-4
+
+
 def test_kl_term_uses_the_reference_and_pulls_the_policy_towards_it(tiny_model):
     import copy
 
