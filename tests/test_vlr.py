@@ -271,11 +271,12 @@ def test_help_names_every_flag_with_its_text_and_config_json_records_every_field
 
     with pytest.raises(SystemExit):
         vlr.parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    out = capsys.readouterr().out
+    text, squeezed = " ".join(out.split()), "".join(out.split())  # argparse wraps lines, also at hyphens
     for f in fields(vlr.Config):
         flag = ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
         assert flag in text, flag
-        assert " ".join(f.metadata["help"].split()) in text, f.name
+        assert "".join(f.metadata["help"].split()) in squeezed, f.name
     cfg = vlr.parse_args(["--rethink-max-waits", "4", "--no-rethink-only-wrong", "--top-k", "40"])
     assert (cfg.rethink_max_waits, cfg.rethink_only_wrong, cfg.top_k) == (4, False, 40)
     rc = vlr.rethink_config(cfg)
