@@ -424,19 +424,16 @@ class Run:
 
 
 def rethink_config(cfg: Config):
-    """The Forced Rethinking rules (rollout.RethinkConfig) from the flags; None with --no-rethink.
-    The continuation may use the whole response budget: a rethought response longer than
-    --max-new-tokens in total is not kept anyway (rollout.keep_rethought)."""
+    """The Forced Rethinking rules (rollout.RethinkConfig) from the flags: field x is --rethink-x.
+    None with --no-rethink. The continuation may use the whole response budget: a rethought
+    response longer than --max-new-tokens in total is not kept anyway (rollout.keep_rethought)."""
     import rollout
 
     if not cfg.rethink:
         return None
-    return rollout.RethinkConfig(max_group_acc=cfg.rethink_max_group_acc, only_wrong=cfg.rethink_only_wrong,
-                                 frac=cfg.rethink_frac, cut_prob=cfg.rethink_cut_prob,
-                                 temperature=cfg.rethink_temperature, max_new_tokens=cfg.max_new_tokens,
-                                 max_waits=cfg.rethink_max_waits, max_replace=cfg.rethink_max_replace,
-                                 train_trigger=cfg.rethink_train_trigger, cut=cfg.rethink_cut,
-                                 min_new_tokens=cfg.rethink_min_new_tokens, count_markers=cfg.rethink_count_markers)
+    rules = {f.name: getattr(cfg, "rethink_" + f.name) for f in fields(rollout.RethinkConfig)
+             if f.name != "max_new_tokens"}
+    return rollout.RethinkConfig(max_new_tokens=cfg.max_new_tokens, **rules)
 
 
 def setup(cfg: Config) -> Run:
