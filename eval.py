@@ -54,6 +54,17 @@ def reflects(text: str) -> bool:
     return _REFLECTION.search(text) is not None
 
 
+def revises(text: str) -> bool:
+    """A reflection that changes the answer: the last boxed answer before the first reflection
+    phrase differs from the final one. A policy can learn to say "wait" and repeat itself (a
+    reward that pays for reflections invites it); this tells that apart from a second look."""
+    m = _REFLECTION.search(text)
+    if m is None:
+        return False
+    before, final = reward.extract_answer(text[:m.start()]), reward.extract_answer(text)
+    return before is not None and final is not None and before != final
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation and the summary
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +74,8 @@ def row(rec: data.Record, response: str, n_tokens: int) -> dict:
     reward.accuracy also accepts the text of the right option."""
     return {"id": rec.id, "category": rec.category, "question": rec.question, "choices": rec.choices,
             "answer": rec.answer, "response": response, "extracted": reward.extract_answer(response),
-            "correct": grade(rec, response), "rethinks": reflects(response), "len": n_tokens}
+            "correct": grade(rec, response), "rethinks": reflects(response), "revises": revises(response),
+            "len": n_tokens}
 
 
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")

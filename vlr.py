@@ -597,19 +597,21 @@ def step_metrics(run: Run, step: int, ro, rewards, adv, n_replayed: int, up: dic
 def run_eval(run: Run) -> dict:
     """Greedy decoding on this rank's shard of the toy test split (all tiers), summed over ranks.
     eval_acc is the accuracy on the tiers trained on; eval_acc_<tier> on each tier; eval_reflect
-    the share of responses with a self-reflection phrase (eval.reflects, as the paper reports)."""
+    the share of responses with a self-reflection phrase (eval.reflects, as the paper reports);
+    eval_revise the share whose reflection changes the answer (eval.revises)."""
     import eval as evaluation
 
     recs = [run.test_set[i] for i in range(run.rank, len(run.test_set), run.world)]
     with autocast(run.cfg, run.device):
         rows = evaluation.evaluate(run.model, run.processor, recs, max_new_tokens=run.cfg.max_new_tokens)
-    allrows = [x for part in gather([(r["category"], r["correct"], r["rethinks"]) for r in rows], run.world)
-               for x in part]
+    mine = [(r["category"], r["correct"], r["rethinks"], r["revises"]) for r in rows]
+    allrows = [x for part in gather(mine, run.world) for x in part]
     trained_tiers = set(run.cfg.toy_tiers.split(","))
-    trained = [c for k, c, _ in allrows if k in trained_tiers]
-    res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(f for _, _, f in allrows) / len(allrows)}
-    for cat in sorted({k for k, _, _ in allrows}):
-        hits = [c for k, c, _ in allrows if k == cat]
+    trained = [c for k, c, _, _ in allrows if k in trained_tiers]
+    res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(f for _, _, f, _ in allrows) / len(allrows),
+           "eval_revise": sum(v for *_, v in allrows) / len(allrows)}
+    for cat in sorted({k for k, *_ in allrows}):
+        hits = [c for k, c, *_ in allrows if k == cat]
         res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
     return res
 

@@ -358,3 +358,10 @@ def test_two_gloo_processes_give_the_same_results_as_one(tmp_path):
     assert [(r["id"], r["response"], r["correct"]) for r in rows2] == [
         (r["id"], r["response"], r["correct"]) for r in rows1]
     assert one[2].split()[:2] == ["toy", "10"]  # the table: header, then the benchmark's row
+
+
+def test_revises_only_a_reflection_that_changes_the_answer():
+    assert ev.revises("The answer is \\boxed{red}.\nWait, does it seem right? The answer is \\boxed{blue}.")
+    assert not ev.revises("The answer is \\boxed{red}.\nWait, right. The answer is \\boxed{red}.")  # repeats itself
+    assert not ev.revises("Let me think.\nWait, the answer is \\boxed{blue}.")  # no first answer to change
+    assert not ev.revises("The answer is \\boxed{red}, then \\boxed{blue}.")  # no reflection
