@@ -18,7 +18,7 @@
    (`Clock`), for the toy default run (32 prompts x 8, micro-batch 64, 48-token cap) and the
    3B-shaped model (`smoke-3b-2l`: one prompt x 8, its 448-pixel image 256 visual tokens, a
    16-token cap). Each on the current path and on the reference path (`--no-share-vision`, rows
-   never leave the decode loop): the same seed gives both the same samples, so they do the same
+   never leave the decode loop, the KV cache grows by torch.cat): the same seed gives both the same samples, so they do the same
    work. The toy runs alternate (new, old, new, old, after a warm-up run) so that a busy
    machine slows both alike.
 4. The 3B-shaped update with the vision tower frozen, new path against old, on the batch of (3).
@@ -42,7 +42,7 @@ from collections import defaultdict
 from unittest import mock
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import data
 import rollout
@@ -249,7 +249,10 @@ def clocked(clock: Clock, reference: bool, checkpoint: bool, keep: dict, hooks: 
             (rollout, "logprobs", clock.wrap("text_forward", rollout.logprobs)),
             (rollout, "split_rows", clock.wrap("ssr", rollout.split_rows)),
             (ssr, "select_batch", clock.wrap("ssr", ssr.select_batch)),
-            (rollout, "LEAVE_AT", math.inf if reference else rollout.LEAVE_AT)]
+            (rollout, "LEAVE_AT", math.inf if reference else rollout.LEAVE_AT),
+            # The cache before the preallocated one: bench runs in fp32, where it was a plain
+            # DynamicCache, grown by torch.cat at every step.
+            (rollout, "new_cache", (lambda device, length=0: DynamicCache()) if reference else rollout.new_cache)]
 
 
 def timed_train(cfg: vlr.Config, reference: bool, keep: dict | None = None, checkpoint: bool = True) -> dict:
