@@ -1,16 +1,16 @@
 """The teaching lab: the paper's ablation (Table 4) in miniature, on the toy task and the tiny model.
 
-    python lab.py                          # 3 configurations x 3 seeds, about 35 minutes on 2 CPU cores
-    python lab.py --seeds 0 1 --steps 300
-    python lab.py --out runs/lab-cap32 -- --max-new-tokens 32    # flags after -- go to every vlr.py run
+    python lab.py                          # 4 configurations x 3 seeds, about 40 minutes on 2 CPU cores
+    python lab.py --seeds 0 1 --steps 200
+    python lab.py --out runs/lab-mb1 -- --minibatches 1    # flags after -- go to every vlr.py run
     python lab.py --compare runs/ex/base runs/ex/alpha0 --out runs/ex/alpha0.png   # any runs: table, plot
 
-GRPO, GRPO + Selective Sample Replay, GRPO + SSR + Forced Rethinking: each is a `vlr.py` run with
-the same settings but for the switches, in runs/lab/<config>-s<seed>. Two runs go at a time, one
-CPU thread each (on 2 cores that is faster than one run on two threads). A finished run is not
-run again, so an interrupted lab continues where it stopped. Then the seeds are pooled into a
-table (runs/lab/table.md) and every run is plotted (runs/lab/lab.png); `--compare` does the same
-for any run folders written by vlr.py.
+GRPO, GRPO + Selective Sample Replay, GRPO + SSR + Forced Rethinking, and the published recipe:
+each is a `vlr.py` run with the lab's settings (LAB) and its own switches, in
+runs/lab/<config>-s<seed>. Two runs go at a time, one CPU thread each (on 2 cores that is faster
+than one run on two threads). A finished run is not run again, so an interrupted lab continues
+where it stopped. Then the seeds are pooled into a table (runs/lab/table.md) and every run is
+plotted (runs/lab/lab.png); `--compare` does the same for any run folders written by vlr.py.
 """
 import argparse
 import itertools
@@ -23,17 +23,29 @@ from pathlib import Path
 from data import DataError
 from eval import read_rows
 
-CONFIGS = {  # name -> the vlr.py switches (everything else is the default toy run)
+# Every run: eight optimizer steps a rollout, as published (README, "Differences"). With them the
+# toy's colours are learned within the lab's 100 steps, after which most groups are all right:
+# the vanishing advantages SSR is for (Section 3.1). At one step a rollout that takes ~150 steps,
+# and SSR hardly replays (README, "The lab").
+LAB = ["--minibatches", "8", "--eval-every", "10"]
+CONFIGS = {  # name -> the vlr.py switches
     "grpo": ["--no-ssr", "--no-rethink"],
     "grpo+ssr": ["--no-rethink"],
-    "grpo+ssr+rethink": [],
+    # Forced Rethinking as the paper means it, a policy that comes to rethink unprompted: the
+    # trigger is trained (as published; the default masks it, and the policy never says "wait"),
+    # and a right answer with one or two reflections earns the published bonus. Without the bonus
+    # the toy policy drops its reflections once it is right (README, "The lab").
+    "grpo+ssr+rethink": ["--rethink-train-trigger", "--reflection-bonus", "0.1", "--wait-penalty", "0.2"],
+    # The published keep rule wants continuations over 30 tokens: a toy answer is ~16, so it would
+    # keep none. Scaled to the toy, every length is allowed.
+    "published": ["--recipe", "published", "--rethink-min-new-tokens", "0"],
 }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--out", help="the lab's folder (default runs/lab); with --compare, the plot (default compare.png)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
@@ -61,7 +73,7 @@ def run_lab(out: Path, seeds: list, steps: int, parallel: int, vlr_args: list) -
         if (run_dir / "final" / "model.safetensors").exists():
             print(f"{run_dir}: done before, kept")
             continue
-        cmd = [sys.executable, "vlr.py", *CONFIGS[name], "--seed", str(seed), "--steps", str(steps),
+        cmd = [sys.executable, "vlr.py", *LAB, *CONFIGS[name], "--seed", str(seed), "--steps", str(steps),
                "--out", str(run_dir), *vlr_args]
         print(" ".join(cmd[1:]), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +100,8 @@ def wait(job):
 # (metric, title, shares from 0 to 1?). Response length is there because a policy can drift into
 # filler (responses that grow while the reward stays flat) with every other panel looking calm.
 PLOTTED = (("reward_mean", "mean reward", True), ("zero_adv_frac", "zero-advantage share of groups", True),
-           ("eval_acc", "eval accuracy (greedy)", True), ("resp_len_mean", "mean response length (tokens)", False))
+           ("eval_acc", "eval accuracy (greedy)", True), ("eval_reflect", "eval reflection rate (no trigger)", True),
+           ("resp_len_mean", "mean response length (tokens)", False))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -122,14 +135,16 @@ def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
     """A markdown table of runs, seeds pooled: folders named NAME-s<seed> are one row, NAME.
 
     Per row: final eval accuracy (mean ± sample std over seeds), the share of zero-advantage groups
-    over all steps, the first eval step at which eval accuracy reached `target` (mean over the seeds
-    that reached it, and how many did), the reflection rate of the last eval, and rethink_fixed (the
-    share of triggered responses that rethinking turned from wrong to right), averaged over steps."""
+    over all steps, the share of steps on which SSR replayed a sample of an earlier step, the first
+    eval step at which eval accuracy reached `target` (mean over the seeds that reached it, and how
+    many did), the reflection rate and the revision rate (a reflection that changes the answer) of
+    the last eval, and rethink_fixed (the share of triggered responses that rethinking turned from
+    wrong to right), averaged over steps."""
     groups = {}
     for d in run_dirs:
         groups.setdefault(_run_name(d), []).append(read_metrics(d))
-    lines = [f"| run | seeds | final eval acc | zero-adv share | steps to {target:.1f} | reflection rate "
-             "| rethink_fixed |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| run | seeds | final eval acc | zero-adv share | steps replaying | steps to {target:.1f} "
+             "| reflection rate | revision rate | rethink_fixed |", "| --- " * 9 + "|"]
     for name, runs in groups.items():
         evals = [[m for m in rows if "eval_acc" in m] for rows in runs]
         final = [e[-1]["eval_acc"] for e in evals if e]
@@ -137,16 +152,18 @@ def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
         hit = [r for r in reached if r is not None]
         steps = f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(runs)})" if hit else f"never (0/{len(runs)})"
         zero = [sum(m["zero_adv_frac"] for m in rows) / len(rows) for rows in runs]
+        replaying = [sum(m.get("ssr_replayed", 0) > 0 for m in rows) / len(rows) for rows in runs]
         reflect = [e[-1]["eval_reflect"] for e in evals if e and "eval_reflect" in e[-1]]
+        revise = [e[-1]["eval_revise"] for e in evals if e and "eval_revise" in e[-1]]
         fixed = [sum(m.get("rethink_fixed", 0.0) for m in rows) / len(rows) for rows in runs]
-        lines.append(f"| {name} | {len(runs)} | {_mean_std(final)} | {_mean_std(zero)} | {steps} | "
-                     f"{_mean_std(reflect)} | {_mean_std(fixed)} |")
+        lines.append(f"| {name} | {len(runs)} | {_mean_std(final)} | {_mean_std(zero)} | {_mean_std(replaying)} | "
+                     f"{steps} | {_mean_std(reflect)} | {_mean_std(revise)} | {_mean_std(fixed)} |")
     return "\n".join(lines)
 
 
 def plot(run_dirs: list[str], out: str) -> str:
     """One panel per metric, one colour per run: the raw curve faint, its running average solid
-    (rewards of a few prompts per step are noisy); eval accuracy is sparse, so as points."""
+    (rewards of a few prompts per step are noisy); the eval metrics are sparse, so as points."""
     runs = {d: read_metrics(d) for d in run_dirs}  # all files checked before matplotlib is loaded
     try:
         import matplotlib
@@ -168,7 +185,7 @@ def plot(run_dirs: list[str], out: str) -> str:
             if not pts:
                 continue
             steps, vals = zip(*pts)
-            if key == "eval_acc":
+            if key.startswith("eval_"):
                 ax.plot(steps, vals, "o-", color=colour, label=label)
                 continue
             ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=0.8)

@@ -23,10 +23,10 @@ def test_compare_plots_runs_and_rejects_bad_metrics(tmp_path):
                           **({"eval_acc": 0.25 + slope * s} if s % 25 == 24 else {})) for s in range(100)])
     out = lab.plot([str(tmp_path / "ssr"), str(tmp_path / "no-ssr")], str(tmp_path / "compare.png"))
     img = Image.open(out).convert("RGB")
-    assert img.size == (2200, 418)  # four panels, 20 x 3.8 inches at 110 dpi
+    assert img.size == (2750, 418)  # five panels, 25 x 3.8 inches at 110 dpi
     colours = {c for _, c in img.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours  # one colour per run
-    lengths = {c for _, c in img.crop((1650, 0, 2200, 418)).getcolors(maxcolors=1 << 20)}
+    lengths = {c for _, c in img.crop((2200, 0, 2750, 418)).getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in lengths and (255, 127, 14) in lengths  # lengths of 16..416 tokens are on their panel
     (tmp_path / "bad").mkdir()
     write_jsonl(tmp_path / "bad" / "metrics.jsonl",
@@ -36,24 +36,29 @@ def test_compare_plots_runs_and_rejects_bad_metrics(tmp_path):
 
 
 def test_compare_table_pools_seeds_and_matches_hand_counts(tmp_path):
-    def run(name, evals, zero, fixed):
+    def run(name, evals, zero, fixed, replayed):
         (tmp_path / name).mkdir()
-        rows = [{"step": s, "reward_mean": 0.0, "zero_adv_frac": z, "rethink_fixed": f}
-                for s, (z, f) in enumerate(zip(zero, fixed))]
-        for step, acc, reflect in evals:
-            rows[step].update(eval_acc=acc, eval_reflect=reflect)
+        rows = [{"step": s, "reward_mean": 0.0, "zero_adv_frac": z, "rethink_fixed": f, "ssr_replayed": r}
+                for s, (z, f, r) in enumerate(zip(zero, fixed, replayed))]
+        for step, acc, reflect, revise in evals:
+            rows[step].update(eval_acc=acc, eval_reflect=reflect, eval_revise=revise)
         write_jsonl(tmp_path / name / "metrics.jsonl", rows)
         return str(tmp_path / name)
 
-    runs = [run("full-s0", [(1, 0.5, 0.0), (3, 0.9, 0.2)], [0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.2, 0.0]),
-            run("full-s1", [(1, 0.8, 0.1), (3, 0.7, 0.4)], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),
-            run("plain-s0", [(3, 0.3, 0.0)], [0.25, 0.25, 0.25, 0.25], [0.0] * 4)]
+    runs = [run("full-s0", [(1, 0.5, 0.0, 0.0), (3, 0.9, 0.2, 0.1)], [0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.2, 0.0],
+                [0, 3, 1, 0]),
+            run("full-s1", [(1, 0.8, 0.1, 0.0), (3, 0.7, 0.4, 0.0)], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                [0, 0, 0, 0]),
+            run("plain-s0", [(3, 0.3, 0.0, 0.0)], [0.25, 0.25, 0.25, 0.25], [0.0] * 4, [0, 0, 0, 0])]
     lines = lab.compare_table(runs).splitlines()
     assert len(lines) == 4
-    # full: final acc 0.9 and 0.7 -> 0.8 +- 0.1414; zero-adv 0.25 and 0.25; steps to 0.8: 4 (s0) and 2 (s1) -> 3;
-    # reflection 0.2 and 0.4 -> 0.3 +- 0.1414; rethink_fixed 0.1 and 0.0 -> 0.05 +- 0.0707
-    assert lines[2] == "| full | 2 | 0.800 ± 0.141 | 0.250 ± 0.000 | 3 (2/2) | 0.300 ± 0.141 | 0.050 ± 0.071 |"
-    assert lines[3] == "| plain | 1 | 0.300 ± 0.000 | 0.250 ± 0.000 | never (0/1) | 0.000 ± 0.000 | 0.000 ± 0.000 |"
+    # full: final acc 0.9 and 0.7 -> 0.8 +- 0.1414; zero-adv 0.25 and 0.25; steps replaying 2/4 and 0/4 ->
+    # 0.25 +- 0.3536; steps to 0.8: 4 (s0) and 2 (s1) -> 3; reflection 0.2 and 0.4 -> 0.3 +- 0.1414;
+    # revision 0.1 and 0.0 -> 0.05 +- 0.0707; rethink_fixed 0.1 and 0.0 -> 0.05 +- 0.0707
+    assert lines[2] == ("| full | 2 | 0.800 ± 0.141 | 0.250 ± 0.000 | 0.250 ± 0.354 | 3 (2/2) | 0.300 ± 0.141 "
+                        "| 0.050 ± 0.071 | 0.050 ± 0.071 |")
+    assert lines[3] == ("| plain | 1 | 0.300 ± 0.000 | 0.250 ± 0.000 | 0.000 ± 0.000 | never (0/1) | 0.000 ± 0.000 "
+                        "| 0.000 ± 0.000 | 0.000 ± 0.000 |")
 
 
 def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
@@ -66,8 +71,8 @@ def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     lab.main(["--compare", *(str(tmp_path / n) for n in ("a-s0", "a-s1", "b-s0")), "--out", str(out)])
     lines = capsys.readouterr().out.splitlines()
     # a: final acc 0.5 and 0.7 -> 0.6 +- 0.1414, reached 0.8 never; b: 0.9 at step 0 -> 1 step
-    assert lines[2] == "| a | 2 | 0.600 ± 0.141 | 0.500 ± 0.000 | never (0/2) | 0.000 ± 0.000 | 0.000 ± 0.000 |"
-    assert lines[3] == "| b | 1 | 0.900 ± 0.000 | 0.500 ± 0.000 | 1 (1/1) | 0.000 ± 0.000 | 0.000 ± 0.000 |"
-    assert lines[4] == f"wrote {out}" and Image.open(out).size == (2200, 418)
+    assert lines[2] == "| a | 2 | 0.600 ± 0.141 | 0.500 ± 0.000 | 0.000 ± 0.000 | never (0/2) | 0.000 ± 0.000 | - | 0.000 ± 0.000 |"
+    assert lines[3] == "| b | 1 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.000 ± 0.000 | 1 (1/1) | 0.000 ± 0.000 | - | 0.000 ± 0.000 |"
+    assert lines[4] == f"wrote {out}" and Image.open(out).size == (2750, 418)
     with pytest.raises(data.DataError, match=r"nowhere/metrics.jsonl: file not found"):
         lab.main(["--compare", str(tmp_path / "nowhere")])
