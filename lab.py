@@ -99,7 +99,7 @@ def wait(job):
 
 # (metric, title, shares from 0 to 1?). Response length is there because a policy can drift into
 # filler (responses that grow while the reward stays flat) with every other panel looking calm.
-PLOTTED = (("reward_mean", "mean reward", True), ("zero_adv_frac", "zero-advantage share of groups", True),
+PLOTTED = (("reward_mean", "mean reward", False), ("zero_adv_frac", "zero-advantage share of groups", True),
            ("eval_acc", "eval accuracy (greedy)", True), ("eval_reflect", "eval reflection rate (no trigger)", True),
            ("resp_len_mean", "mean response length (tokens)", False))
 

@@ -115,13 +115,16 @@ def test_train_resume_and_eval_as_the_readme_runs_them(virl, tmp_path):
 
 
 def test_torchrun_two_processes(virl, tmp_path):
-    """One step on two processes (each ~7 GB: two of them fit this machine), then the checkpoint."""
+    """One step of the published recipe (two optimizer steps here, SFT term, reflection bonus) on two
+    processes (each ~7 GB: two of them fit this machine), then the checkpoint: the ranks agree."""
     out = tmp_path / "ddp"
     run(["vlr.py", "--model", "smoke-3b-1l", "--data", str(virl), "--out", str(out), *REAL_FLAGS, *SMALL,
-         "--steps", "1"], nproc=2)
+         "--recipe", "published", "--minibatches", "2", "--steps", "1"], nproc=2)
     state = torch.load(out / "ckpt" / "train_state.pt", weights_only=False)
     assert len(set(state["checksums"])) == 1 and len(state["generators"]) == 2
     assert [m["step"] for m in metrics(out)] == [0]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["minibatches"], cfg["sft_coef"], cfg["adv_std"]) == (2, 0.05, False)
 
 
 @pytest.fixture(scope="module")
