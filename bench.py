@@ -18,9 +18,9 @@
    (`Clock`), for the toy default run (32 prompts x 8, micro-batch 64, 48-token cap) and the
    3B-shaped model (`smoke-3b-2l`: one prompt x 8, its 448-pixel image 256 visual tokens, a
    16-token cap). Each on the current path and on the reference path (`--no-share-vision`, rows
-   never leave the decode loop, the KV cache grows by torch.cat): the same seed gives both the same samples, so they do the same
-   work. The toy runs alternate (new, old, new, old, after a warm-up run) so that a busy
-   machine slows both alike.
+   never leave the decode loop, the KV cache grows by torch.cat): the same seed gives both the
+   same samples, so they do the same work. The toy runs alternate (new, old, new, old, after a
+   warm-up run) so that a busy machine slows both alike.
 4. The 3B-shaped update with the vision tower frozen, new path against old, on the batch of (3).
 The checkpoint is one save (model and optimizer state), timed on the new path only for the
 3B-shaped model: it does not depend on the path, and it writes 6.5 GB.

@@ -1,6 +1,6 @@
 """The teaching lab: the paper's ablation (Table 4) in miniature, on the toy task and the tiny model.
 
-    python lab.py                          # 4 configurations x 3 seeds, about 40 minutes on 2 CPU cores
+    python lab.py                          # 4 configurations x 3 seeds, about 30 minutes on 2 CPU cores
     python lab.py --seeds 0 1 --steps 200
     python lab.py --out runs/lab-mb1 -- --minibatches 1    # flags after -- go to every vlr.py run
     python lab.py --compare runs/ex/base runs/ex/alpha0 --out runs/ex/alpha0.png   # any runs: table, plot
@@ -26,7 +26,7 @@ from eval import read_rows
 # Every run: eight optimizer steps a rollout, as published (README, "Differences"). With them the
 # toy's colours are learned within the lab's 100 steps, after which most groups are all right:
 # the vanishing advantages SSR is for (Section 3.1). At one step a rollout that takes ~150 steps,
-# and SSR hardly replays (README, "The lab").
+# and SSR hardly replays (README, "The regime").
 LAB = ["--minibatches", "8", "--eval-every", "10"]
 CONFIGS = {  # name -> the vlr.py switches
     "grpo": ["--no-ssr", "--no-rethink"],
@@ -34,7 +34,7 @@ CONFIGS = {  # name -> the vlr.py switches
     # Forced Rethinking as the paper means it, a policy that comes to rethink unprompted: the
     # trigger is trained (as published; the default masks it, and the policy never says "wait"),
     # and a right answer with one or two reflections earns the published bonus. Without the bonus
-    # the toy policy drops its reflections once it is right (README, "The lab").
+    # the toy policy drops its reflections once it is right (README, section 3).
     "grpo+ssr+rethink": ["--rethink-train-trigger", "--reflection-bonus", "0.1", "--wait-penalty", "0.2"],
     # The published keep rule wants continuations over 30 tokens: a toy answer is ~16, so it would
     # keep none. Scaled to the toy, every length is allowed.
