@@ -129,15 +129,19 @@ def resolve(name: str) -> str:
     out = CACHE_ROOT / name
     if _fresh(out):
         return str(out)
+    with build_lock(name):
+        if not _fresh(out):
+            build(name, out)
+    return str(out)
+
+
+@contextlib.contextmanager
+def build_lock(name: str):
+    """One builder of `name` at a time, across processes; the lock goes with the file's close."""
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     with open(CACHE_ROOT / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not _fresh(out):
-                build(name, out)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return str(out)
+        yield
 
 
 def _fresh(out: Path) -> bool:
@@ -476,6 +480,7 @@ def build(name: str, out: Path | None = None) -> dict:
     t1 = time.time()
     info["stop_share"] = stop_share(model, processor)
     info["stop_check_s"] = round(time.time() - t1, 2)
+
     def write(tmp: Path):
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -492,7 +497,5 @@ if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "smoke-3b-1l"
     if name not in NAMES:
         sys.exit(f"usage: python smoke.py [{' | '.join(NAMES)}]")
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_ROOT / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(name):
         print(json.dumps(build(name)))

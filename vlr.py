@@ -669,5 +669,3 @@ if __name__ == "__main__":
         train(parse_args())
     except DataError as e:  # bad input: say which file, line and field, and train nothing
         raise SystemExit(str(e))
-
-
