@@ -263,6 +263,17 @@ TIERS = {  # tier -> (question, answer space); easiest first
     # answer with that option's letter (README, section 5).
     "choice": ("What colour is the shape?", list(COLOURS)),
 }
+# Beyond the model: ViRL39K also holds questions that no sample of a group ever gets right (its
+# pass-rate-0 questions), and each gives an all-wrong group, zero advantage, nothing to learn. This
+# tier stands for them: the colour question about a shape in a colour outside the six, which the
+# model has never named and whose answer no reward ever shows it (a group with no right sample
+# has no advantage to teach it). Train on it beside a learnable tier and, however well that tier
+# goes, at least its share of groups has vanishing advantages (README, "The lab"). It is kept out
+# of TIERS: the warm start, the tokenizer's corpus and the test split stay as they were.
+UNSEEN_COLOURS = {"orange": (245, 140, 20), "pink": (245, 150, 200), "brown": (125, 75, 35)}
+BEYOND = {"unseen": ("What colour is the shape?", list(UNSEEN_COLOURS))}
+PALETTE = {**COLOURS, **UNSEEN_COLOURS}
+
 TEST_SEED, TRAIN_SEED = 1_000_003, 7  # two disjoint random streams
 TOY_TEST_SIZE = 300  # the fixed test split: 60 questions of each tier
 
@@ -273,19 +284,20 @@ def _draw(shapes) -> Image.Image:
     for kind, colour, x, y, r in shapes:
         box = (x - r, y - r, x + r, y + r)
         if kind == "circle":
-            d.ellipse(box, fill=COLOURS[colour])
+            d.ellipse(box, fill=PALETTE[colour])
         elif kind == "square":
-            d.rectangle(box, fill=COLOURS[colour])
+            d.rectangle(box, fill=PALETTE[colour])
         else:
-            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLOURS[colour])
+            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=PALETTE[colour])
     return img
 
 
 def _scene(tier: str, rng: random.Random):
     """Random shapes (kind, colour, centre x, centre y, half-size) for one question of `tier`."""
-    if tier in ("colour", "shape", "choice"):  # one big shape anywhere
+    if tier in ("colour", "shape", "choice", "unseen"):  # one big shape anywhere
         r = rng.randint(22, 40)
-        return ((rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.randint(r, SIZE - r), rng.randint(r, SIZE - r), r),)
+        colours = list(UNSEEN_COLOURS if tier == "unseen" else COLOURS)
+        return ((rng.choice(SHAPES), rng.choice(colours), rng.randint(r, SIZE - r), rng.randint(r, SIZE - r), r),)
     n = rng.randint(1, 5) if tier == "count" else rng.randint(2, 3)
     if tier == "largest":  # the largest is at least 5 pixels bigger than the others: no ties by eye
         big = rng.randint(14, 18)
@@ -298,7 +310,7 @@ def _scene(tier: str, rng: random.Random):
 
 
 def _answer(tier: str, shapes) -> str:
-    if tier in ("colour", "choice"):
+    if tier in ("colour", "choice", "unseen"):
         return shapes[0][1]
     if tier == "shape":
         return shapes[0][0]
@@ -318,8 +330,8 @@ class ToyTask:
         if split not in ("train", "test"):
             raise ValueError(f"toy split must be 'train' or 'test', not '{split}'")
         for t in tiers:
-            if t not in TIERS:
-                raise ValueError(f"unknown toy tier '{t}'; choose from {list(TIERS)}")
+            if t not in TIERS and t not in BEYOND:
+                raise ValueError(f"unknown toy tier '{t}'; choose from {list(TIERS) + list(BEYOND)}")
         test = list(_stream(TEST_SEED, list(TIERS), TOY_TEST_SIZE))
         if split == "test":
             self.specs = [s for s in test if s[1] in tiers]
@@ -333,7 +345,7 @@ class ToyTask:
 
     def __getitem__(self, i: int) -> Record:
         idx, tier, shapes, mc, dseed = self.specs[i]
-        question, space = TIERS[tier]
+        question, space = TIERS[tier] if tier in TIERS else BEYOND[tier]
         answer, choices = _answer(tier, shapes), None
         if mc:  # up to three distractors from the same answer space, in a seeded order
             rng = random.Random(dseed)

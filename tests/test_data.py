@@ -129,6 +129,29 @@ def test_toy_answers_follow_from_the_picture():
             assert top == data.COLOURS[colour]
 
 
+def test_unseen_tier_asks_for_a_colour_no_other_tier_answers():
+    """The 'unseen' tier (pass rate 0 by construction): its answer is the shape's colour, read
+    back from the pixels, and is never an answer of a tier the model learns to name; it stays out
+    of the test split; trained beside 'colour', it is every second question."""
+    train = data.ToyTask("train", ("colour", "unseen"), n=200)
+    named = {a for _, space in data.TIERS.values() for a in space}
+    assert [train[i].category for i in range(6)] == ["colour", "unseen"] * 3
+    for i in range(len(train)):
+        rec = train[i]
+        raw = rec.images[0].tobytes()
+        pixels = [tuple(raw[k:k + 3]) for k in range(0, len(raw), 3) if raw[k:k + 3] != b"\xff\xff\xff"]
+        top = max(set(pixels), key=pixels.count)
+        if rec.category == "unseen":
+            assert rec.answer not in named and top == data.UNSEEN_COLOURS[rec.answer]
+            assert rec.question == data.TIERS["colour"][0]  # the same question as the learnable tier
+        else:
+            assert top == data.COLOURS[rec.answer]
+    assert {train[i].answer for i in range(1, 200, 2)} == set(data.UNSEEN_COLOURS)
+    assert "unseen" not in {r.category for r in data.ToyTask("test")}
+    with pytest.raises(ValueError, match="unknown toy tier 'mauve'.*'unseen'"):
+        data.ToyTask("train", ("mauve",))
+
+
 def test_toy_chance_groups_often_have_equal_rewards():
     """At chance (1/6 on colours), a group of 8 is all-wrong with probability (5/6)^8 ~ 0.23."""
     p_all_wrong = (1 - 1 / len(data.TIERS["colour"][1])) ** 8
