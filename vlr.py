@@ -32,7 +32,8 @@ class Config:
     # What is trained, on what
     model: str = arg("tiny", "'tiny' (the offline tiny Qwen2.5-VL), 'smoke-3b-<n>l' (3B-shaped test model), a folder or a hub id")
     data: str = arg("toy", "'toy', ViRL39K as released (39Krelease.parquet) or a .jsonl of records (README)")
-    toy_tiers: str = arg("colour", "toy tiers trained on (comma-separated); the in-loop eval covers all tiers")
+    toy_tiers: str = arg("colour", "toy tiers trained on, in turn (comma-separated; a tier named twice comes twice as "
+                                   "often; 'unseen': no sample is ever right); the in-loop eval covers the test tiers")
     skip_bad: bool = arg(False, "drop bad data rows (they are listed) instead of stopping")
     out: str = arg("", "run folder (default runs/<data>-s<seed>)")
     recipe: str = arg("", "'published': every setting of the published code we reproduce (README table); flags given win")
