@@ -147,6 +147,8 @@ def test_unseen_tier_asks_for_a_colour_no_other_tier_answers():
         else:
             assert top == data.COLOURS[rec.answer]
     assert {train[i].answer for i in range(1, 200, 2)} == set(data.UNSEEN_COLOURS)
+    mix = data.ToyTask("train", ("colour", "unseen", "unseen"), n=300)  # a tier named twice comes twice as often
+    assert [mix[i].category for i in range(300)] == ["colour", "unseen", "unseen"] * 100
     assert "unseen" not in {r.category for r in data.ToyTask("test")}
     with pytest.raises(ValueError, match="unknown toy tier 'mauve'.*'unseen'"):
         data.ToyTask("train", ("mauve",))
