@@ -87,3 +87,15 @@ def test_warm_base_follows_the_format_at_chance_accuracy(tiny_model):
     assert boxed >= 0.9
     assert abs(acc - chance) < 0.08, (acc, chance)  # 600 samples: a binomial std of about 0.017
     assert ro.truncated.float().mean() < 0.05  # the base stops after its answer
+
+
+def test_warm_base_never_names_an_unseen_colour(tiny_model):
+    """The 'unseen' tier's pass rate is 0 for the base: sampled answers to its questions name one
+    of the six colours, never the shape's own (orange, pink or brown)."""
+    model, processor = tiny_model
+    task = data.ToyTask("train", ("unseen",), n=64)
+    recs = [task[i] for i in range(len(task))]
+    ro = rollout.sample(model, processor, recs, g=8, max_new_tokens=48, temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+    assert sum(reward.has_boxed(t) for t in ro.texts) >= 0.9 * len(ro.texts)  # answers were given
+    assert not [t for t in ro.texts if any(c in t.lower() for c in data.UNSEEN_COLOURS)]
