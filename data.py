@@ -273,6 +273,7 @@ TIERS = {  # tier -> (question, answer space); easiest first
 UNSEEN_COLOURS = {"orange": (245, 140, 20), "pink": (245, 150, 200), "brown": (125, 75, 35)}
 BEYOND = {"unseen": ("What colour is the shape?", list(UNSEEN_COLOURS))}
 PALETTE = {**COLOURS, **UNSEEN_COLOURS}
+ALL_TIERS = {**TIERS, **BEYOND}  # every tier a ToyTask can hold
 
 TEST_SEED, TRAIN_SEED = 1_000_003, 7  # two disjoint random streams
 TOY_TEST_SIZE = 300  # the fixed test split: 60 questions of each tier
@@ -330,8 +331,8 @@ class ToyTask:
         if split not in ("train", "test"):
             raise ValueError(f"toy split must be 'train' or 'test', not '{split}'")
         for t in tiers:
-            if t not in TIERS and t not in BEYOND:
-                raise ValueError(f"unknown toy tier '{t}'; choose from {list(TIERS) + list(BEYOND)}")
+            if t not in ALL_TIERS:
+                raise ValueError(f"unknown toy tier '{t}'; choose from {list(ALL_TIERS)}")
         test = list(_stream(TEST_SEED, list(TIERS), TOY_TEST_SIZE))
         if split == "test":
             self.specs = [s for s in test if s[1] in tiers]
@@ -345,7 +346,7 @@ class ToyTask:
 
     def __getitem__(self, i: int) -> Record:
         idx, tier, shapes, mc, dseed = self.specs[i]
-        question, space = TIERS[tier] if tier in TIERS else BEYOND[tier]
+        question, space = ALL_TIERS[tier]
         answer, choices = _answer(tier, shapes), None
         if mc:  # up to three distractors from the same answer space, in a seeded order
             rng = random.Random(dseed)
