@@ -121,12 +121,15 @@ def test_toy_answers_follow_from_the_picture():
     for i in range(len(test)):
         rec = test[i]
         if rec.category in ("colour", "choice"):
-            raw = rec.images[0].tobytes()
-            pixels = [raw[k:k + 3] for k in range(0, len(raw), 3)]
-            pixels = [tuple(p) for p in pixels if p != b"\xff\xff\xff"]
-            top = max(set(pixels), key=pixels.count)
             colour = rec.choices[data.LETTERS.index(rec.answer)] if rec.choices else rec.answer
-            assert top == data.COLOURS[colour]
+            assert _top_colour(rec.images[0]) == data.COLOURS[colour]
+
+
+def _top_colour(img) -> tuple:
+    """The RGB of most non-white pixels."""
+    raw = img.tobytes()
+    pixels = [tuple(raw[k:k + 3]) for k in range(0, len(raw), 3) if raw[k:k + 3] != b"\xff\xff\xff"]
+    return max(set(pixels), key=pixels.count)
 
 
 def test_unseen_tier_asks_for_a_colour_no_other_tier_answers():
@@ -138,9 +141,7 @@ def test_unseen_tier_asks_for_a_colour_no_other_tier_answers():
     assert [train[i].category for i in range(6)] == ["colour", "unseen"] * 3
     for i in range(len(train)):
         rec = train[i]
-        raw = rec.images[0].tobytes()
-        pixels = [tuple(raw[k:k + 3]) for k in range(0, len(raw), 3) if raw[k:k + 3] != b"\xff\xff\xff"]
-        top = max(set(pixels), key=pixels.count)
+        top = _top_colour(rec.images[0])
         if rec.category == "unseen":
             assert rec.answer not in named and top == data.UNSEEN_COLOURS[rec.answer]
             assert rec.question == data.TIERS["colour"][0]  # the same question as the learnable tier
