@@ -1,10 +1,39 @@
-"""Shared fixtures. The repository root goes on sys.path so tests import the top-level modules."""
+"""Shared fixtures. The repository root goes on sys.path so tests import the top-level modules.
+
+No test leaves a process behind: pytest is made a child subreaper, so whatever a test's children
+start and orphan (torchrun's workers when the launcher dies) becomes pytest's child, and a fixture
+fails the test that left one running, after killing it."""
+import ctypes
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+import procs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def pytest_configure(config):
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+# multiprocessing's resource tracker: one per interpreter, started on first use, meant to outlive the test
+KEPT = "from multiprocessing.resource_tracker import main"
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    yield
+    left = [pid for pid in procs.descendants(os.getpid()) if KEPT not in procs.cmdline(pid)]
+    if left:
+        names = [f"{pid}: {procs.cmdline(pid)}" for pid in left]
+        procs.kill_tree(left)
+        pytest.fail("the test left processes running (now killed):\n" + "\n".join(names))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """data.py: jsonl and parquet (ViRL39K) validation, the prompt, and the toy task's splits."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import pytest
 from PIL import Image
 
 import data
+import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,8 +57,7 @@ def test_skip_bad_keeps_the_good_lines(tmp_path):
 
 def test_trainer_stops_before_training_on_bad_data(tmp_path):
     path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES])
-    run = subprocess.run([sys.executable, "vlr.py", "--data", str(path), "--out", str(tmp_path / "run")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = procs.run([sys.executable, "vlr.py", "--data", str(path), "--out", str(tmp_path / "run")], 120, cwd=ROOT)
     assert run.returncode != 0
     reported = [l for l in run.stderr.splitlines() if l.startswith(f"{path}:")]
     assert len(reported) == 5, run.stderr

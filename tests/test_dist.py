@@ -29,8 +29,8 @@ def _worker(rank, world, backend, store, results):
 
 
 def _run(backend):
-    with tempfile.TemporaryDirectory() as d:
-        results = mp.Manager().dict()
+    with tempfile.TemporaryDirectory() as d, mp.Manager() as manager:  # the manager's process ends with it
+        results = manager.dict()
         mp.spawn(_worker, args=(2, backend, f"{d}/store", results), nprocs=2)
         return dict(results)
 

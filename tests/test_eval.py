@@ -4,7 +4,6 @@ import base64
 import dataclasses
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from PIL import Image
 
 import data
 import eval as ev
+import procs
 import reward
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,8 +242,8 @@ def test_bad_benchmark_files_name_the_file_and_what_was_expected(tmp_path):
 
 
 def test_cli_reports_a_bad_file_without_loading_a_model(tmp_path):
-    run = subprocess.run([sys.executable, "eval.py", "--bench", "mmmu-pro", "--data", str(tmp_path / "missing.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    run = procs.run([sys.executable, "eval.py", "--bench", "mmmu-pro", "--data", str(tmp_path / "missing.json")], 60,
+                    cwd=ROOT)
     assert run.returncode != 0 and f"{tmp_path / 'missing.json'}: file not found" in run.stderr
 
 
@@ -341,8 +341,8 @@ def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
 
 def run_cli(tmp_path, name, launcher):
     out = tmp_path / f"{name}.jsonl"
-    run = subprocess.run([*launcher, "eval.py", "--bench", "toy", "--limit", "10", "--max-new-tokens", "24",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = procs.run([*launcher, "eval.py", "--bench", "toy", "--limit", "10", "--max-new-tokens", "24",
+                     "--out", str(out)], 300, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     return run.stdout.strip().splitlines(), [json.loads(l) for l in out.read_text().splitlines()]
 

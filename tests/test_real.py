@@ -16,12 +16,15 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import data
+import procs
 import rollout
 import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-# The README's 3B command, but for the sizes (steps, prompts, G, response cap, micro-batch, chunk).
-REAL_FLAGS = ["--bf16", "--grad-checkpointing", "--freeze-vision", "--lr", "1e-6", "--clip-eps-high", "0.35",
+# The README's 3B command, but for the sizes (steps, prompts, G, response cap, micro-batch, chunk)
+# and without --bf16: on a CPU without native bf16 (no AVX512_BF16/AMX) a bf16 step of this model
+# takes over 20 minutes instead of one. tests/test_vlr.py runs the loop under --bf16 on the tiny model.
+REAL_FLAGS = ["--grad-checkpointing", "--freeze-vision", "--lr", "1e-6", "--clip-eps-high", "0.35",
               "--top-p", "0.95", "--top-k", "40", "--rethink-train-trigger"]
 SMALL = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "16", "--micro-batch", "2",
          "--rollout-chunk", "1"]
@@ -60,7 +63,7 @@ def run(args, nproc=1, timeout=600):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
            else [sys.executable]) + args
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, 2 // nproc)))
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    res = procs.run(cmd, timeout, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -81,22 +84,21 @@ def test_train_resume_and_eval_as_the_readme_runs_them(virl, tmp_path):
     out = tmp_path / "3b"
     cmd = ["vlr.py", "--model", "smoke-3b-1l", "--data", str(virl), "--out", str(out), *REAL_FLAGS, *SMALL,
            "--steps", "3", "--save-every", "2"]
-    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = procs.start([sys.executable, *cmd], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (out / "ckpt" / "train_state.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    proc.kill()
-    proc.wait()
+    procs.stop(proc)
     first = metrics(out)
     assert [m["step"] for m in first] == [0, 1]
-    assert all(m["logp_drift_max"] < 0.1 and m["skipped"] == 0 for m in first)  # bf16: ~0.05 on this model
+    assert all(m["logp_drift_max"] < 1e-3 and m["skipped"] == 0 for m in first)  # fp32: sampler = trainer
     assert any(m["truncated_frac"] < 1 for m in first)  # the warm-started responses stop
 
     run(cmd + ["--resume"])
     resumed = metrics(out)
     assert [m["step"] for m in resumed] == [0, 1, 2] and resumed[:2] == first
-    # the frozen tower is saved exactly as loaded (bf16 on disk; no gradient ever reached it)
+    # the frozen tower is saved exactly as loaded (no gradient ever reached it)
     start = visual_weights(tiny.resolve("smoke-3b-1l"))
     after = visual_weights(out / "final")
     assert start and start.keys() == after.keys()

@@ -2,7 +2,6 @@
 image token per merged patch, and the warm-started base follows the format at chance accuracy."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import procs
 import reward
 import rollout
 import tiny
@@ -37,8 +37,7 @@ print(json.dumps({"processor": type(processor).__name__, "shape": list(logits.sh
 def test_reloads_offline_as_a_plain_model_folder_and_runs_with_an_image(tiny_model):
     src = tiny.resolve("tiny")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", RELOAD, src], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = procs.run([sys.executable, "-c", RELOAD, src], 300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     # AutoProcessor must give the whole processor (images too), not just the tokenizer

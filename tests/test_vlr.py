@@ -2,7 +2,6 @@
 (kill and resume, DDP on gloo, the ablation switches)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import procs
 import vlr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,8 +115,7 @@ TIMINGS = {"step_s", "tokens_per_s"}
 
 
 def run(args, out, **kw):
-    return subprocess.run([sys.executable, "vlr.py", *SMALL, "--out", str(out), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, **kw)
+    return procs.run([sys.executable, "vlr.py", *SMALL, "--out", str(out), *args], 600, cwd=ROOT, **kw)
 
 
 def metrics(out):
@@ -128,15 +128,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     a = run(steps, tmp_path / "a")
     assert a.returncode == 0, a.stderr[-2000:]
     b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "vlr.py", *SMALL, "--out", str(b), *steps], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = procs.start([sys.executable, "vlr.py", *SMALL, "--out", str(b), *steps], cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline:  # kill it after step 4 started: the checkpoint holds step 4
         if (b / "metrics.jsonl").exists() and len((b / "metrics.jsonl").read_text().splitlines()) >= 5:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    procs.stop(proc)
     assert len(metrics(b)) < 6, "killed too late to test anything"
     resumed = run(steps + ["--resume"], b)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -159,11 +158,20 @@ def test_ablation_switches(tmp_path):
         assert m["logp_drift_max"] < 1e-4
 
 
+def test_bf16_computes_under_autocast_and_keeps_fp32_master_weights(tmp_path):
+    """The README's real runs use --bf16; here on the tiny model, where bf16 is cheap on any CPU."""
+    res = run(["--steps", "1", "--bf16"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (m,) = metrics(tmp_path)
+    assert 0 < m["logp_drift_max"] < 0.1 and m["skipped"] == 0  # bf16 rounding shows, and stays small
+    weights = load_file(tmp_path / "final" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
 def test_ddp_with_two_gloo_processes_keeps_identical_weights(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "vlr.py", *SMALL, "--steps", "2", "--out", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=env)
+    ddp = procs.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     "vlr.py", *SMALL, "--steps", "2", "--out", str(tmp_path)], 600, cwd=ROOT, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     state = torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=False)
     assert len(state["checksums"]) == 2 and state["checksums"][0] == state["checksums"][1]
