@@ -24,6 +24,10 @@ IMAGE = "<image>"
 # (The published code, too, puts an image at each `<image>` of the question, else first.)
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
+# The published training bounds every image to 256..1280 visual tokens (28 x 28 pixels each). The
+# hub processor of Qwen2.5-VL allows 12.8M pixels (~16k tokens a picture): far over any budget.
+PUBLISHED_MIN_PIXELS, PUBLISHED_MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28
+
 
 @dataclass
 class Record:

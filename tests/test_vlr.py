@@ -1,16 +1,20 @@
 """vlr.py: the GRPO loss and advantages against hand computations; the trainer end to end
 (kill and resume, DDP on gloo, the ablation switches)."""
+import copy
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
+import data
+import rollout
 import vlr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +46,8 @@ def test_grpo_loss_value_and_gradient_match_an_independent_formula(agg, eps_high
     old = (logp.detach() + 0.4 * torch.randn(5, 7, generator=g, dtype=torch.float64))
     adv = torch.randn(5, generator=g, dtype=torch.float64)
     mask = (torch.rand(5, 7, generator=g) > 0.3).double()
-    loss, _ = vlr.grpo_loss(logp, old, adv, mask, 0.2, agg, clip_eps_high=eps_high)
-    high = 0.2 if eps_high is None else eps_high
+    high = 0.2 if eps_high is None else eps_high  # None: the symmetric clip of Eq. 1
+    loss, _ = vlr.grpo_loss(logp, old, adv, mask, vlr.Config(clip_eps=0.2, clip_eps_high=high, agg=agg))
     assert loss.item() == pytest.approx(reference_loss(logp.detach(), old, adv, mask, 0.2, high, agg), rel=1e-12)
     loss.backward()
     # finite differences of the reference, token by token
@@ -62,9 +66,9 @@ def test_on_policy_loss_is_minus_the_mean_advantage_per_token():
     logp = torch.randn(3, 4)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float)
     adv = torch.tensor([1.0, -2.0, 0.5])
-    loss, st = vlr.grpo_loss(logp, logp.clone(), adv, mask)
+    loss, st = vlr.grpo_loss(logp, logp.clone(), adv, mask, vlr.Config())
     assert loss.item() == pytest.approx(-(4 * 1.0 + 2 * -2.0 + 1 * 0.5) / 7)
-    seq, _ = vlr.grpo_loss(logp, logp.clone(), adv, mask, agg="seq")
+    seq, _ = vlr.grpo_loss(logp, logp.clone(), adv, mask, vlr.Config(agg="seq"))
     assert seq.item() == pytest.approx(-(1.0 - 2.0 + 0.5) / 3)
     assert st["clip_frac"] == 0.0
 
@@ -74,15 +78,23 @@ def test_clipping_stops_the_gradient_outside_the_trust_region():
     # ratio 1.5 with A > 0 and ratio 0.5 with A < 0: clipped; ratio 1.1 / 0.9: inside
     logp = torch.log(torch.tensor([[1.5], [0.5], [1.1], [0.9]])).requires_grad_()
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    loss, st = vlr.grpo_loss(logp, old, adv, torch.ones(4, 1), clip_eps=0.2)
+    loss, st = vlr.grpo_loss(logp, old, adv, torch.ones(4, 1), vlr.Config(clip_eps=0.2, clip_eps_high=0.2))
     loss.backward()
     assert logp.grad[0].item() == 0 and logp.grad[1].item() == 0
     assert logp.grad[2].item() == pytest.approx(-1.1 / 4) and logp.grad[3].item() == pytest.approx(0.9 / 4)
     assert st["clip_frac"] == 0.5
     # the other side of the region is not clipped: a bad token's ratio below 1 - eps with A > 0 still learns
     lp = torch.log(torch.tensor([[0.5]])).requires_grad_()
-    vlr.grpo_loss(lp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1))[0].backward()
+    vlr.grpo_loss(lp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1), vlr.Config())[0].backward()
     assert lp.grad.item() == pytest.approx(-0.5)
+
+
+def test_the_sft_term_adds_minus_the_mean_log_likelihood_of_its_rows():
+    logp, mask = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]])), torch.ones(2, 2)
+    adv = torch.tensor([1.0, -1.0])
+    plain, _ = vlr.grpo_loss(logp, logp.clone(), adv, mask, vlr.Config(sft_coef=0.1))
+    sft, _ = vlr.grpo_loss(logp, logp.clone(), adv, mask, vlr.Config(sft_coef=0.1), sft=(torch.tensor([True, False]), 4.0))
+    assert sft.item() == pytest.approx(plain.item() - 0.1 * (logp[0].sum().item()) / 4.0)
 
 
 def test_group_advantages():
@@ -171,27 +183,30 @@ def test_ddp_with_two_gloo_processes_keeps_identical_weights(tmp_path):
     assert len(metrics(tmp_path)) == 2
 
 
+def run_of(model, processor, cfg, opt, ref=None, gen=None) -> vlr.Run:
+    """A one-process Run on the CPU holding what the update uses."""
+    return vlr.Run(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), out=None, model=model, ddp=model,
+                   processor=processor, ref=ref, opt=opt, sched=None, gen=gen or torch.Generator(), buffer=None,
+                   rethink=None, decoding=None, train_set=None, test_set=None, start=0, log=None)
+
+
+def sample(model, processor, recs, g, seed):
+    return rollout.sample(model, processor, recs, g, rollout.Decoding(12), torch.Generator().manual_seed(seed))
+
+
 def test_policy_update_skips_a_non_finite_step_and_takes_a_finite_one(tiny_model):
-    import copy
-
-    import data
-    import rollout
-
     model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
     recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
-    ro = rollout.sample(model, processor, recs, 2, 12, 1.0, generator=torch.Generator().manual_seed(0))
-    rows = rollout.split_rows(ro)
+    rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
     cfg = vlr.Config(micro_batch=3)  # two micro-batches: accumulation is exercised too
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
+    run = run_of(model, processor, cfg, torch.optim.AdamW(model.parameters(), lr=1e-2))
     before = [p.detach().clone() for p in model.parameters()]
-    args = (cfg, banned, processor.tokenizer.pad_token_id, torch.device("cpu"), 1)
 
-    bad = vlr.policy_update(model, opt, rows, torch.tensor([1.0, float("nan"), -1.0, 0.5]), [True] * 4, *args)
+    bad = vlr.policy_update(run, rows, torch.tensor([1.0, float("nan"), -1.0, 0.5]), 0)
     assert bad["skipped"] == 1
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # weights untouched
 
-    good = vlr.policy_update(model, opt, rows, torch.tensor([1.0, -1.0, 0.5, -0.5]), [True] * 4, *args)
+    good = vlr.policy_update(run, rows, torch.tensor([1.0, -1.0, 0.5, -0.5]), 0)
     assert good["skipped"] == 0 and good["logp_drift_max"] < 1e-4
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
@@ -201,25 +216,18 @@ def test_shared_vision_gives_the_per_row_gradients_with_replayed_rows(tiny_model
     """One picture encoded once per micro-batch (--share-vision) against once per row (the model's
     own forward): the same loss and parameter gradients, the tower's included, on a batch of this
     step's rows and replayed ones in two micro-batches (a group split over both)."""
-    import copy
-
-    import data
-    import rollout
-
     model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
     model.model.visual.requires_grad_(not freeze_vision)
     task = data.ToyTask("train", ["colour"])
-    earlier = rollout.sample(model, processor, [task[0], task[1]], 2, 12, 1.0, generator=torch.Generator().manual_seed(0))
-    now = rollout.sample(model, processor, [task[1], task[2]], 2, 12, 1.0, generator=torch.Generator().manual_seed(1))
-    rows = rollout.split_rows(now) + [rollout.split_rows(earlier)[i] for i in (0, 3)]
+    earlier = sample(model, processor, [task[0], task[1]], 2, 0)
+    now = sample(model, processor, [task[1], task[2]], 2, 1)
+    rows = rollout.split_rows(now, step=1) + [rollout.split_rows(earlier, step=0)[i] for i in (0, 3)]
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.8, -0.3])
-    banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
     grads, ups = {}, {}
     for share in (True, False):
         cfg = vlr.Config(micro_batch=4, grad_clip=0.0, share_vision=share)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # weights stay
-        ups[share] = vlr.policy_update(model, opt, rows, adv, [True] * 4 + [False] * 2, cfg, banned,
-                                       processor.tokenizer.pad_token_id, torch.device("cpu"), 1)
+        ups[share] = vlr.policy_update(run_of(model, processor, cfg, opt), rows, adv, 1)
         grads[share] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys()
     assert any(n.startswith("model.visual.") and g.abs().sum() > 0 for n, g in grads[False].items()) != freeze_vision
@@ -230,19 +238,13 @@ def test_shared_vision_gives_the_per_row_gradients_with_replayed_rows(tiny_model
 
 
 def test_kl_term_uses_the_reference_and_pulls_the_policy_towards_it(tiny_model):
-    import copy
-
-    import data
-    import rollout
-
     model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
     ref = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():  # a reference that differs from the policy
         for p in ref.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
-    ro = rollout.sample(model, processor, recs, 2, 12, 1.0, generator=torch.Generator().manual_seed(0))
-    rows = rollout.split_rows(ro)
+    rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
     cfg = vlr.Config(micro_batch=3, kl_coef=1.0)
     banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
     pad = processor.tokenizer.pad_token_id
@@ -257,18 +259,16 @@ def test_kl_term_uses_the_reference_and_pulls_the_policy_towards_it(tiny_model):
 
     before = k3_mean()
     assert before > 1e-3
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run = run_of(model, processor, cfg, torch.optim.AdamW(model.parameters(), lr=1e-3), ref)
     zero_adv = torch.zeros(4)  # no policy-gradient signal: the loss is the KL term alone
-    up = vlr.policy_update(model, opt, rows, zero_adv, [True] * 4, cfg, banned, pad, torch.device("cpu"), 1, ref)
+    up = vlr.policy_update(run, rows, zero_adv, 0)
     assert up["loss"] == pytest.approx(before, rel=1e-4)
     for _ in range(5):
-        vlr.policy_update(model, opt, rows, zero_adv, [False] * 4, cfg, banned, pad, torch.device("cpu"), 1, ref)
+        vlr.policy_update(run, rows, zero_adv, 1)
     assert k3_mean() < 0.5 * before
 
 
 def test_help_names_every_flag_with_its_text_and_config_json_records_every_field(tmp_path, capsys):
-    from dataclasses import fields
-
     with pytest.raises(SystemExit):
         vlr.parse_args(["--help"])
     out = capsys.readouterr().out
@@ -288,15 +288,9 @@ def test_help_names_every_flag_with_its_text_and_config_json_records_every_field
 def test_minibatches_the_first_is_on_policy_the_later_ones_are_clipped(tiny_model, monkeypatch):
     """--minibatches 2: two optimizer steps; the ratio is 1 on every token of the first part and
     off 1 on the second, which meets the policy the first step moved."""
-    import copy
-
-    import data
-    import rollout
-
     model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
     recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
-    ro = rollout.sample(model, processor, recs, 4, 12, 1.0, generator=torch.Generator().manual_seed(0))
-    rows = rollout.split_rows(ro)
+    rows = rollout.split_rows(sample(model, processor, recs, 4, 0))
     ratios, real_loss = [], vlr.grpo_loss
 
     def spy(logp, old_logp, advantages, mask, *args, **kwargs):
@@ -308,10 +302,8 @@ def test_minibatches_the_first_is_on_policy_the_later_ones_are_clipped(tiny_mode
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     steps = []
     monkeypatch.setattr(opt, "step", lambda *a, **k: steps.append(1) or torch.optim.AdamW.step(opt))
-    banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
-    up = vlr.policy_update(model, opt, rows, torch.tensor([1.0, -1.0] * 4), [True] * 8, cfg, banned,
-                           processor.tokenizer.pad_token_id, torch.device("cpu"), 1,
-                           generator=torch.Generator().manual_seed(0))
+    run = run_of(model, processor, cfg, opt, gen=torch.Generator().manual_seed(0))
+    up = vlr.policy_update(run, rows, torch.tensor([1.0, -1.0] * 4), 0)
     assert len(steps) == 2 and len(ratios) == 2
     assert ratios[0] < 1e-5 and ratios[1] > 1e-3
     assert up["logp_drift_max"] < 1e-4 and up["skipped"] == 0
@@ -345,8 +337,6 @@ def readme_table():
 def test_readme_differences_table_matches_the_flags_real_defaults():
     """Every setting of --recipe published has a row, and each row's two values are the recipe's
     and the default's: the table cannot go stale."""
-    from dataclasses import fields
-
     rows, defaults = readme_table(), {f.name: f.default for f in fields(vlr.Config)}
     for name, value in vlr.RECIPES["published"].items():
         flag = "--" + name.replace("_", "-")
