@@ -4,7 +4,7 @@
 
 1. The sampling loop (`rollout.sample`) against Hugging Face `model.generate`, tiny model, 8 toy
    prompts x G = 4 responses x 64 new tokens: the same 32 rows (generate gets each prompt
-   repeated G times, as `rollout.repeat_prompts` lays them out), greedy on both, the vision tokens
+   repeated G times, as `data.repeat_prompts` lays them out), greedy on both, the vision tokens
    banned on both, the stop tokens ignored on both, so every row gets exactly 64 tokens. Only
    generated tokens count, never the prompt. Greedy makes the two comparable token for token: the
    script checks that both produced the same tokens. A second line does the same at temperature 1.
@@ -45,6 +45,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import data
+import grpo
 import kv_cache
 import models
 import rethink
@@ -76,7 +77,7 @@ def median_seconds(fn, repeats=REPEATS) -> float:
 def loop_vs_generate(model, processor, records) -> dict:
     tok = processor.tokenizer
     banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
-    rows = rollout.repeat_prompts(data.encode_prompts(processor, records), G)
+    rows = data.repeat_prompts(data.encode_prompts(processor, records), G)
     prompt_len = rows["input_ids"].shape[1]
 
     def loop(temperature=0.0, n=NEW_TOKENS):
@@ -137,7 +138,7 @@ def spread(model, processor, records) -> dict:
     tok = processor.tokenizer
     stop, banned = rollout.special_ids(tok, rollout.STOP_TOKENS), rollout.special_ids(tok, rollout.VISION_TOKENS)
     lengths = [SPREAD[i] for i in torch.randperm(len(SPREAD), generator=torch.Generator().manual_seed(0))]
-    rows = rollout.repeat_prompts(data.encode_prompts(processor, records), G)
+    rows = data.repeat_prompts(data.encode_prompts(processor, records), G)
     pick = rollout.pick
 
     def loop(leave=rollout.LEAVE_AT):
@@ -227,10 +228,10 @@ def clocked(clock: Clock, reference: bool, checkpoint: bool, keep: dict, hooks: 
     """What timed_train wraps: (module, public name, replacement). Each phase is the exclusive time
     of the functions named for it: prefill is rollout.sample less the decode loop (so also the
     prompts' encoding and bookkeeping), rethink rethink.rethink less grading (its decode counts to
-    it), text_forward rollout.logprobs less the vision tower, backward vlr.policy_update less the
+    it), text_forward rollout.logprobs less the vision tower, backward grpo.policy_update less the
     forward and the optimizer (so also collate, the loss and the clip). The reference path's rows
     never leave the decode loop (Run.decoding's leave_at)."""
-    setup, update, grader = vlr.setup, vlr.policy_update, vlr.grader
+    setup, update, grader = vlr.setup, grpo.policy_update, vlr.grader
 
     def watched_setup(cfg):
         run = setup(cfg)
@@ -248,7 +249,7 @@ def clocked(clock: Clock, reference: bool, checkpoint: bool, keep: dict, hooks: 
             (vlr, "run_eval", lambda run: {}),
             (vlr, "finish", lambda run: run.log.close()),
             (vlr, "save", clock.wrap("checkpoint", vlr.save) if checkpoint else lambda run, step: None),
-            (vlr, "policy_update", clock.wrap("backward", kept_update)),
+            (grpo, "policy_update", clock.wrap("backward", kept_update)),
             (vlr, "grader", lambda cfg: clock.wrap("grading", grader(cfg))),
             (vlr, "pad_batch", clock.wrap("ssr", vlr.pad_batch)),
             (rollout, "sample", clock.wrap("prefill", rollout.sample)),
@@ -306,7 +307,7 @@ def update_seconds(model, kept: tuple, cfg: vlr.Config, share: bool) -> float:
     opt.register_step_pre_hook(lambda *_: clock.start("optimizer"))
     opt.register_step_post_hook(clock.stop)
     run = dataclasses.replace(run, cfg=dataclasses.replace(cfg, share_vision=share), model=model, ddp=model, opt=opt)
-    return seconds(lambda: vlr.policy_update(run, batch, adv, step)) - clock.s["optimizer"]
+    return seconds(lambda: grpo.policy_update(run, batch, adv, step)) - clock.s["optimizer"]
 
 
 def smoke_3b() -> dict:

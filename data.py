@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 LETTERS = "ABCDEFGHIJ"
@@ -101,6 +102,32 @@ def encode_prompts(processor, records: list[Record]):
     images, _ = process_vision_info(chats, image_patch_size=ip.patch_size)
     processor.tokenizer.padding_side = "left"
     return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+def images_per_prompt(batch: dict) -> list[int]:
+    """Number of images in each prompt: the runs of image tokens in `mm_token_type_ids`."""
+    img = batch["mm_token_type_ids"] == 1
+    starts = img[:, 1:] & ~img[:, :-1]
+    return (starts.sum(1) + img[:, 0].long()).tolist()
+
+
+def repeat_prompts(batch: dict, g: int) -> dict:
+    """Each prompt G times in a row (the group). `pixel_values` holds the patches of every image
+    one after another and `image_grid_thw` one row per image; a prompt may have several images.
+    So patches are repeated image-block by image-block, in the order of the grid rows: getting
+    this wrong silently pairs responses with another prompt's image."""
+    out = {k: batch[k].repeat_interleave(g, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    grids = batch["image_grid_thw"]
+    per_image = torch.split(batch["pixel_values"], grids.prod(-1).tolist())
+    blocks, grid_rows, first = [], [], 0
+    for n in images_per_prompt(batch):
+        for _ in range(g):
+            blocks.extend(per_image[first:first + n])
+            grid_rows.append(grids[first:first + n])
+        first += n
+    out["pixel_values"] = torch.cat(blocks)
+    out["image_grid_thw"] = torch.cat(grid_rows)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def row(rec: data.Record, response: str, n_tokens: int) -> dict:
     reward.accuracy also accepts the text of the right option."""
     return {"id": rec.id, "category": rec.category, "question": rec.question, "choices": rec.choices,
             "answer": rec.answer, "response": response, "extracted": reward.extract_answer(response),
-            "correct": grade(rec, response), "rethinks": reflects(response), "revises": revises(response),
+            "correct": grade(rec, response), "reflects": reflects(response), "revises": revises(response),
             "len": n_tokens}
 
 
@@ -117,7 +117,7 @@ def evaluate(model, processor, records, max_new_tokens=64, batch_size=32, temper
 def _stats(rows) -> dict:
     n = len(rows)
     return {"n": n, "accuracy": round(sum(r["correct"] for r in rows) / n, 4),
-            "reflection_rate": round(sum(r["rethinks"] for r in rows) / n, 4),
+            "reflection_rate": round(sum(r["reflects"] for r in rows) / n, 4),
             "mean_len": round(sum(r["len"] for r in rows) / n, 2)}
 
 

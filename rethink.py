@@ -184,7 +184,7 @@ def keep_rethought(cands: list[Rethought], g: int, cfg: RethinkConfig, max_len: 
     produced itself), at most cfg.max_replace per prompt (-1: any number), first come first kept."""
     replaced, keep = {}, []
     for c in cands:
-        waits = reward.reflections(c.continuation) if cfg.count_markers else c.text.lower().count("wait")
+        waits = reward.reflections(c.continuation) if cfg.count_markers else reward.waits(c.text)
         room = cfg.max_replace < 0 or replaced.get(c.row // g, 0) < cfg.max_replace
         ok = (c.grade.correct and c.stopped and waits <= cfg.max_waits and c.new_tokens > cfg.min_new_tokens
               and len(c.ids) <= max_len and room)

@@ -46,34 +46,8 @@ def log_softmax(logits: torch.Tensor, temperature: float, banned: list[int]) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches of prompts
+# Positions
 # ---------------------------------------------------------------------------------------------
-
-def images_per_prompt(batch: dict) -> list[int]:
-    """Number of images in each prompt: the runs of image tokens in `mm_token_type_ids`."""
-    img = batch["mm_token_type_ids"] == 1
-    starts = img[:, 1:] & ~img[:, :-1]
-    return (starts.sum(1) + img[:, 0].long()).tolist()
-
-
-def repeat_prompts(batch: dict, g: int) -> dict:
-    """Each prompt G times in a row (the group). `pixel_values` holds the patches of every image
-    one after another and `image_grid_thw` one row per image; a prompt may have several images.
-    So patches are repeated image-block by image-block, in the order of the grid rows: getting
-    this wrong silently pairs responses with another prompt's image."""
-    out = {k: batch[k].repeat_interleave(g, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    grids = batch["image_grid_thw"]
-    per_image = torch.split(batch["pixel_values"], grids.prod(-1).tolist())
-    blocks, grid_rows, first = [], [], 0
-    for n in images_per_prompt(batch):
-        for _ in range(g):
-            blocks.extend(per_image[first:first + n])
-            grid_rows.append(grids[first:first + n])
-        first += n
-    out["pixel_values"] = torch.cat(blocks)
-    out["image_grid_thw"] = torch.cat(grid_rows)
-    return out
-
 
 def positions(model, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.Tensor:
     """3-D mrope positions (3, batch, length) of left- or right-padded sequences; padding gets 0."""
@@ -187,7 +161,7 @@ def sampling(tokenizer, how: Decoding, generator, device) -> Sampling:
 
 
 def pick(logits, temperature: float, top_p: float, banned: list[int], generator, top_k: int = 0, rows=None,
-          n: int = 0) -> torch.Tensor:
+         n: int = 0) -> torch.Tensor:
     """Next token per row: greedy at temperature 0, else sampling from the top_k most likely tokens
     (0: all) and of those the nucleus of mass top_p (the published rollouts: top-k 40, top-p 0.95).
     The recorded log-prob stays that of the full distribution, the one training differentiates.
@@ -322,7 +296,7 @@ def sample(model, processor, records, g: int, how: Decoding, generator=None, par
     start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(g)  # [N] text after the prompt: max position + 1
     d = decode(model, cache, logits, attn, start, how.max_new_tokens, s, park)
     ids = [d.tokens[i][d.real[i]] for i in range(len(d.tokens))]
-    return Rollout(group_size=g, prompts={k: v.cpu() for k, v in repeat_prompts(batch, g).items()},
+    return Rollout(group_size=g, prompts={k: v.cpu() for k, v in data.repeat_prompts(batch, g).items()},
                    response_ids=pad(ids, s.pad).cpu(), response_mask=pad([torch.ones_like(x) for x in ids], 0).cpu(),
                    logp=pad([d.logp[i][d.real[i]] for i in range(len(ids))], 0.0).cpu(),
                    loss_mask=pad([torch.ones(len(x), device=dev) for x in ids], 0.0).cpu(),
@@ -381,7 +355,7 @@ def split_rows(ro: Rollout, step: int = 0, reflects: list | None = None) -> list
     p = ro.prompts
     patches = torch.split(p["pixel_values"], p["image_grid_thw"].prod(-1).tolist())  # one block per image
     rows, first = [], 0
-    for i, n in enumerate(images_per_prompt(p)):
+    for i, n in enumerate(data.images_per_prompt(p)):
         real, t = p["attention_mask"][i].bool(), int(ro.response_mask[i].sum())
         rows.append(Row(prompt_ids=p["input_ids"][i][real], mm_token_type_ids=p["mm_token_type_ids"][i][real],
                         pixel_values=torch.cat(patches[first:first + n]),

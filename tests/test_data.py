@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import data
+import helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -294,3 +296,26 @@ def test_jsonl_still_loads_through_load_records(tmp_path):
     records, skipped = data.load_records(str(path), skip_bad=True)
     assert skipped == 1 and [r.id for r in records] == ["g1", "g2"]
     assert records[1].images == [str(tmp_path / "ok.png")] * 2 and records[1].meta == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt batches
+# ---------------------------------------------------------------------------------------------
+
+def test_repeat_prompts_pairs_every_copy_with_its_own_images(tiny_model):
+    processor, g = tiny_model[1], 3
+    recs = [helpers.RECORDS[2], helpers.RECORDS[1], helpers.RECORDS[0]]  # two images first: a wrong stride would shift the rest
+    rep = data.repeat_prompts(data.encode_prompts(processor, recs), g)
+    assert rep["input_ids"].shape[0] == len(recs) * g
+    patches = torch.split(rep["pixel_values"], rep["image_grid_thw"].prod(-1).tolist())
+    assert len(patches) == g * sum(len(r.images) for r in recs)
+    image = 0
+    for row in range(len(recs) * g):
+        alone = data.encode_prompts(processor, [recs[row // g]])
+        real = rep["attention_mask"][row].bool()
+        assert torch.equal(rep["input_ids"][row][real], alone["input_ids"][0])
+        assert torch.equal(rep["mm_token_type_ids"][row][real], alone["mm_token_type_ids"][0])
+        n = len(recs[row // g].images)
+        assert torch.equal(rep["image_grid_thw"][image:image + n], alone["image_grid_thw"])
+        assert torch.equal(torch.cat(patches[image:image + n]), alone["pixel_values"])
+        image += n

@@ -15,29 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt batches
-# ---------------------------------------------------------------------------------------------
-
-def test_repeat_prompts_pairs_every_copy_with_its_own_images(tiny_model):
-    processor, g = tiny_model[1], 3
-    recs = [RECORDS[2], RECORDS[1], RECORDS[0]]  # two images first: a wrong stride would shift the rest
-    rep = rollout.repeat_prompts(data.encode_prompts(processor, recs), g)
-    assert rep["input_ids"].shape[0] == len(recs) * g
-    patches = torch.split(rep["pixel_values"], rep["image_grid_thw"].prod(-1).tolist())
-    assert len(patches) == g * sum(len(r.images) for r in recs)
-    image = 0
-    for row in range(len(recs) * g):
-        alone = data.encode_prompts(processor, [recs[row // g]])
-        real = rep["attention_mask"][row].bool()
-        assert torch.equal(rep["input_ids"][row][real], alone["input_ids"][0])
-        assert torch.equal(rep["mm_token_type_ids"][row][real], alone["mm_token_type_ids"][0])
-        n = len(recs[row // g].images)
-        assert torch.equal(rep["image_grid_thw"][image:image + n], alone["image_grid_thw"])
-        assert torch.equal(torch.cat(patches[image:image + n]), alone["pixel_values"])
-        image += n
-
-
-# ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------
 
