@@ -278,7 +278,7 @@ def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
 # vanishing-advantage situation that Selective Sample Replay exists for (paper, Section 3.1).
 
 # Six colours far apart in RGB: a colour the tiny model cannot tell from another is never learned,
-# since a group with no right sample has no advantage to correct it (README, section 5).
+# since a group with no right sample has no advantage to correct it (docs/lab.md, "Two choices in the toy task").
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 210, 40), "purple": (140, 60, 180), "black": (30, 30, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -291,7 +291,7 @@ TIERS = {  # tier -> (question, answer space); easiest first
     "largest": ("What colour is the largest shape?", list(COLOURS)),
     # Multiple choice: the colour question with four lettered options, answered by a letter. It is
     # its own tier, the hardest: besides the colour the model must find it among the options and
-    # answer with that option's letter (README, section 5).
+    # answer with that option's letter (docs/lab.md, "Two choices in the toy task").
     "choice": ("What colour is the shape?", list(COLOURS)),
 }
 # Beyond the model: ViRL39K also holds questions that no sample of a group ever gets right (its
@@ -299,7 +299,7 @@ TIERS = {  # tier -> (question, answer space); easiest first
 # tier stands for them: the colour question about a shape in a colour outside the six, which the
 # model has never named and whose answer no reward ever shows it (a group with no right sample
 # has no advantage to teach it). Train on it beside a learnable tier and, however well that tier
-# goes, at least its share of groups has vanishing advantages (README, "The lab"). It is kept out
+# goes, at least its share of groups has vanishing advantages (docs/lab.md, "The lab"). It is kept out
 # of TIERS: the warm start, the tokenizer's corpus and the test split stay as they were.
 UNSEEN_COLOURS = {"orange": (245, 140, 20), "pink": (245, 150, 200), "brown": (125, 75, 35)}
 BEYOND = {"unseen": ("What colour is the shape?", list(UNSEEN_COLOURS))}

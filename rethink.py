@@ -31,7 +31,7 @@ TRIGGERS = (
 @dataclass(frozen=True)
 class RethinkConfig:
     """The rules, field x set by vlr.py's --rethink-x (these defaults are its defaults; the
-    published ones are `--recipe published`: README, "Differences from the published implementation")."""
+    published ones are `--recipe published`: docs/differences.md)."""
     max_new_tokens: int  # length budget of the continuation (the whole response must fit the rollout's cap)
     max_group_acc: float = 0.6  # only prompts whose group accuracy is at most this
     only_wrong: bool = True  # only responses whose first answer is wrong (the published "append_wait" mode)

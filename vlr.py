@@ -56,7 +56,7 @@ class Config:
     steps: int = arg(200, "training steps (one rollout and one optimizer step each)")
     prompts_per_step: int = arg(32, "prompts per step, over all processes")
     group_size: int = arg(8, "G: responses sampled per prompt")
-    lr: float = arg(5e-4, "peak learning rate (tiny model; README, 'The default run, measured')")
+    lr: float = arg(5e-4, "peak learning rate (tiny model; docs/lab.md, 'The default run, measured')")
     warmup_steps: int = arg(10, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(0.0, "the cosine decays to this share of the peak learning rate")
     adam_beta2: float = arg(0.999, "AdamW's second-moment decay")
@@ -110,7 +110,7 @@ class Config:
 
 # What `--recipe published` sets: the settings of TIGER-AI-Lab/VL-Rethinker @ dd2c17d that this
 # code reproduces (scripts/train_vlm_multi.sh, experience_maker.py, loss.py, ppo_actor.py). The
-# README's table "Differences from the published implementation" gives each one's source and why
+# table in docs/differences.md gives each one's source and why
 # our defaults differ; a test holds the table to these values. Not in it: the learning rate
 # (1e-6 for 7B/72B; the README's 3B command sets it) and the data, model and batch sizes.
 RECIPES = {"published": {

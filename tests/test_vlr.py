@@ -1,5 +1,5 @@
 """vlr.py: the trainer end to end (kill and resume, DDP on gloo, the ablation switches), its flags,
-the prompt order, and the README's differences table against the published recipe."""
+the prompt order, and docs/differences.md's table against the published recipe."""
 import json
 import os
 import signal
@@ -119,11 +119,9 @@ def test_recipe_published_sets_its_values_and_flags_given_still_win():
         vlr.parse_args(["--recipe", "nonsense"])
 
 
-def readme_table():
-    """The README's differences table: {flag: (published, ours)} from its `--flag` rows."""
-    text = (ROOT / "README.md").read_text()
-    table = text[text.index("## Differences from the published implementation"):]
-    lines = table.splitlines()
+def differences_table():
+    """docs/differences.md's table: {flag: (published, ours)} from its `--flag` rows."""
+    lines = (ROOT / "docs" / "differences.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| setting |")) + 2
     rows = {}
     for line in lines[start:]:
@@ -135,13 +133,13 @@ def readme_table():
     return rows
 
 
-def test_readme_differences_table_matches_the_flags_real_defaults():
+def test_the_differences_table_matches_the_flags_real_defaults():
     """Every setting of --recipe published has a row, and each row's two values are the recipe's
     and the default's: the table cannot go stale."""
-    rows, defaults = readme_table(), {f.name: f.default for f in fields(vlr.Config)}
+    rows, defaults = differences_table(), {f.name: f.default for f in fields(vlr.Config)}
     for name, value in vlr.RECIPES["published"].items():
         flag = "--" + name.replace("_", "-")
-        assert flag in rows, f"README table has no row for {flag}"
+        assert flag in rows, f"docs/differences.md has no row for {flag}"
         published, ours = rows[flag]
         assert published == str(value), (flag, published, value)
         assert ours == str(defaults[name]), (flag, ours, defaults[name])
