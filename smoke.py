@@ -386,6 +386,21 @@ def warm_features(model, processor, records, per_prompt: int, seed: int):
     return h, a, m, torch.cat(ys)
 
 
+def sampled_softmax(y, vocab: int, banned, negatives: int):
+    """The sampled softmax of `warm_start`: the target tokens T (those the responses use), the other
+    tokens negatives are drawn from (not T, not a vision token), how many a step draws, the log
+    of how many tokens each stands for, and each target's index within T."""
+    targets = torch.unique(y)
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[targets] = False
+    others[banned] = False
+    others = others.nonzero().squeeze(1)
+    k = min(negatives, len(others))
+    remap = torch.full((vocab,), -1)
+    remap[targets] = torch.arange(len(targets))
+    return targets, others, k, math.log(len(others) / k), remap[y]
+
+
 def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WARM_LR, negatives=WARM_NEGATIVES,
                seed=0) -> dict:
     """Supervised steps on random-answer responses; returns facts about the fit.
@@ -406,16 +421,7 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
     emb = model.get_output_embeddings().weight.detach()  # tied: the input embedding
     vocab = emb.shape[0]
     banned = torch.tensor(rollout.special_ids(tok, rollout.VISION_TOKENS))
-    targets = torch.unique(y)
-    others = torch.ones(vocab, dtype=torch.bool)
-    others[targets] = False
-    others[banned] = False
-    others = others.nonzero().squeeze(1)
-    k = min(negatives, len(others))
-    correction = math.log(len(others) / k)
-    remap = torch.full((vocab,), -1)
-    remap[targets] = torch.arange(len(targets))
-    y_local = remap[y]
+    targets, others, k, correction, y_local = sampled_softmax(y, vocab, banned, negatives)
 
     base = h.float() + m.float()  # the layer's output before the update
     e_t = emb[targets].float()  # [|T|, 2048]
