@@ -395,10 +395,10 @@ def test_timer_is_a_backstop_and_leaves_nothing_armed(monkeypatch):
         while True:
             pass
 
-    monkeypatch.setattr(reward, "_matches", spin)
+    monkeypatch.setattr(latex, "equivalent", spin)  # the value comparison never returns
     before = signal.getsignal(signal.SIGALRM)
     start = time.perf_counter()
-    assert reward.accuracy(boxed("1"), "1") == 0.0
+    assert reward.accuracy(boxed("\\frac{1}{2}"), "0.5") == 0.0
     assert time.perf_counter() - start < 1.0
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) is before
