@@ -34,6 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from transformers import (DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.initialization import no_init_weights
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 import checkpoint
 import data
@@ -196,21 +203,16 @@ def build_tokenizer():
     """The Qwen2.5 tokenizer, as the hub's tokenizer.json has it: byte-level BPE over the ranks
     (bytes written with GPT-2's byte-to-unicode alphabet), Qwen2's pre-tokenizer regex, NFC, and
     the 22 added tokens at 151643..151664 in Qwen's order."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     ranks = bpe_ranks()
     alphabet = bytes_to_unicode()
 
     def text(b: bytes) -> str:
         return "".join(alphabet[c] for c in b)
 
-    bpe = Tokenizer(models.BPE(vocab={text(t): r for t, r in ranks.items()},
-                               merges=[(text(a), text(b)) for a, b in bpe_merges(ranks)],
-                               dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False, byte_fallback=False))
+    bpe = Tokenizer(BPE(vocab={text(t): r for t, r in ranks.items()},
+                        merges=[(text(a), text(b)) for a, b in bpe_merges(ranks)],
+                        dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                        fuse_unk=False, byte_fallback=False))
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -229,8 +231,6 @@ def build_tokenizer():
 
 
 def build_processor():
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
     pixels = {"min_pixels": HUB_MIN_PIXELS, "max_pixels": HUB_MAX_PIXELS}
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=build_tokenizer(),
                                video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=tiny.CHAT_TEMPLATE)
@@ -242,8 +242,6 @@ def build_processor():
 
 def smoke_config(n_layers: int):
     """The hub config with the decoder cut to `n_layers` and the vision tower to 2 blocks."""
-    from transformers import Qwen2_5_VLConfig
-
     hub = copy.deepcopy(HUB_CONFIG)
     hub.pop("architectures")
     hub["num_hidden_layers"] = n_layers
@@ -256,9 +254,6 @@ def smoke_config(n_layers: int):
 
 def build_model(n_layers: int):
     """Random weights (the architecture's own initialisation), in bfloat16 as the hub's."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.initialization import no_init_weights
-
     torch.manual_seed(0)
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -348,8 +343,6 @@ def warm_features(model, processor, records, per_prompt: int, seed: int):
     Prompts are encoded once, as `rollout.sample` does (prefill, cache repeated per response),
     and the responses run on that cache: the last prompt position predicts a response's first
     token, response position j its token j + 1."""
-    from transformers import DynamicCache
-
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     rng = random.Random(seed)
