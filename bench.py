@@ -4,7 +4,7 @@
 
 1. The sampling loop (`rollout.sample`) against Hugging Face `model.generate`, tiny model, 8 toy
    prompts x G = 4 responses x 64 new tokens: the same 32 rows (generate gets each prompt
-   repeated G times, as `rollout.repeat_prompts` lays them out), greedy on both, the vision tokens
+   repeated G times, as `data.repeat_prompts` lays them out), greedy on both, the vision tokens
    banned on both, the stop tokens ignored on both, so every row gets exactly 64 tokens. Only
    generated tokens count, never the prompt. Greedy makes the two comparable token for token: the
    script checks that both produced the same tokens. A second line does the same at temperature 1.
@@ -13,7 +13,7 @@
 2. The same rows with a long-tailed spread of lengths (SPREAD: a few rows long, most short), as a
    real rollout with a 2048-token cap has: each row is made to stop at its length on both sides
    (stop tokens banned before it, forced at it), so both decode the same tokens. generate feeds
-   finished rows padding until the longest ends; the loop lets them leave (`rollout.LEAVE_AT`).
+   finished rows padding until the longest ends; the loop lets them leave (`rollout.Decoding.leave_at`).
 3. Where a training step's time goes: `vlr.train` itself, its functions wrapped by a clock
    (`Clock`), for the toy default run (32 prompts x 8, micro-batch 64, 48-token cap) and the
    3B-shaped model (`smoke-3b-2l`: one prompt x 8, its 448-pixel image 256 visual tokens, a
@@ -45,9 +45,12 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import data
+import grpo
+import kv_cache
+import models
+import rethink
 import rollout
 import ssr
-import tiny
 import vlr
 
 PROMPTS, G, NEW_TOKENS, REPEATS = 8, 4, 64, 5
@@ -74,12 +77,12 @@ def median_seconds(fn, repeats=REPEATS) -> float:
 def loop_vs_generate(model, processor, records) -> dict:
     tok = processor.tokenizer
     banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
-    rows = rollout.repeat_prompts(data.encode_prompts(processor, records), G)
+    rows = data.repeat_prompts(data.encode_prompts(processor, records), G)
     prompt_len = rows["input_ids"].shape[1]
 
     def loop(temperature=0.0, n=NEW_TOKENS):
-        return rollout.sample(model, processor, records, G, n, temperature, generator=torch.Generator().manual_seed(0),
-                              stop_tokens=())
+        return rollout.sample(model, processor, records, G, rollout.Decoding(n, temperature, stop_tokens=()),
+                              torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def generate(temperature=0.0):
@@ -111,7 +114,7 @@ def loop_vs_generate(model, processor, records) -> dict:
 
 class StopAt(LogitsProcessor):
     """Row r stops after exactly lengths[r] tokens: its stop tokens banned before, the first forced
-    then. One call per decode step: as generate's logits processor, or on the loop's `_pick`."""
+    then. One call per decode step: as generate's logits processor, or on the loop's `rollout.pick`."""
 
     def __init__(self, lengths, stop: list[int]):
         self.lengths, self.stop, self.step = torch.tensor(lengths), torch.tensor(stop), 0
@@ -131,20 +134,21 @@ class StopAt(LogitsProcessor):
 
 def spread(model, processor, records) -> dict:
     """Tokens/s with SPREAD's lengths: the loop (rows leave), the loop with rows kept to the end
-    (LEAVE_AT = inf), and generate; all greedy, the same tokens checked."""
+    (leave_at = inf), and generate; all greedy, the same tokens checked."""
     tok = processor.tokenizer
     stop, banned = rollout.special_ids(tok, rollout.STOP_TOKENS), rollout.special_ids(tok, rollout.VISION_TOKENS)
     lengths = [SPREAD[i] for i in torch.randperm(len(SPREAD), generator=torch.Generator().manual_seed(0))]
-    rows = rollout.repeat_prompts(data.encode_prompts(processor, records), G)
-    pick = rollout._pick
+    rows = data.repeat_prompts(data.encode_prompts(processor, records), G)
+    pick = rollout.pick
 
     def loop(leave=rollout.LEAVE_AT):
         stop_at = StopAt(lengths, stop)
         def forced(logits, temperature, top_p, banned, generator, top_k=0, rows=None, n=0):
             return pick(stop_at.force(logits, rows), temperature, top_p, banned, generator, top_k, rows, n)
 
-        with mock.patch.object(rollout, "_pick", forced), mock.patch.object(rollout, "LEAVE_AT", leave):
-            return rollout.sample(model, processor, records, G, max(lengths), 0.0).response_ids
+        with mock.patch.object(rollout, "pick", forced):
+            how = rollout.Decoding(max(lengths), 0.0, leave_at=leave)
+            return rollout.sample(model, processor, records, G, how).response_ids
 
     @torch.no_grad()
     def generate():
@@ -221,38 +225,42 @@ PHASES = ("prefill", "decode", "rethink", "grading", "ssr", "vision", "text_forw
 
 
 def clocked(clock: Clock, reference: bool, checkpoint: bool, keep: dict, hooks: list) -> list:
-    """What timed_train patches: (module, name, replacement). Each phase is the exclusive time of
-    the functions named for it: prefill is rollout.sample less the rest (so also the prompts'
-    encoding and bookkeeping), text_forward rollout.logprobs less the vision tower, backward
-    vlr.policy_update less the forward and the optimizer (so also collate, the loss and the clip)."""
-    setup, update, grader = vlr.setup, vlr.policy_update, vlr.grader
+    """What timed_train wraps: (module, public name, replacement). Each phase is the exclusive time
+    of the functions named for it: prefill is rollout.sample less the decode loop (so also the
+    prompts' encoding and bookkeeping), rethink rethink.rethink less grading (its decode counts to
+    it), text_forward rollout.logprobs less the vision tower, backward grpo.policy_update less the
+    forward and the optimizer (so also collate, the loss and the clip). The reference path's rows
+    never leave the decode loop (Run.decoding's leave_at)."""
+    setup, update, grader = vlr.setup, grpo.policy_update, vlr.grader
 
     def watched_setup(cfg):
         run = setup(cfg)
         hooks.extend(clock.watch(run))
+        if reference:
+            run.decoding = dataclasses.replace(run.decoding, leave_at=math.inf)
         return run
 
-    def kept_update(*args, **kwargs):
-        keep["update_args"] = args[2:10]  # not the optimizer: its state would outlive the run
-        return update(*args, **kwargs)
+    def kept_update(run, batch, advantages, step):
+        # the run without its optimizer, whose state would outlive the run
+        keep["update"] = (dataclasses.replace(run, opt=None, sched=None, buffer=None), batch, advantages, step)
+        return update(run, batch, advantages, step)
 
     return [(vlr, "setup", watched_setup),
             (vlr, "run_eval", lambda run: {}),
             (vlr, "finish", lambda run: run.log.close()),
             (vlr, "save", clock.wrap("checkpoint", vlr.save) if checkpoint else lambda run, step: None),
-            (vlr, "policy_update", clock.wrap("backward", kept_update)),
+            (grpo, "policy_update", clock.wrap("backward", kept_update)),
             (vlr, "grader", lambda cfg: clock.wrap("grading", grader(cfg))),
             (vlr, "pad_batch", clock.wrap("ssr", vlr.pad_batch)),
             (rollout, "sample", clock.wrap("prefill", rollout.sample)),
-            (rollout, "_decode", clock.wrap("decode", rollout._decode)),
-            (rollout, "_rethink", clock.wrap("rethink", rollout._rethink)),
+            (rollout, "decode", clock.wrap("decode", rollout.decode)),
+            (rethink, "rethink", clock.wrap("rethink", rethink.rethink)),
             (rollout, "logprobs", clock.wrap("text_forward", rollout.logprobs)),
             (rollout, "split_rows", clock.wrap("ssr", rollout.split_rows)),
             (ssr, "select_batch", clock.wrap("ssr", ssr.select_batch)),
-            (rollout, "LEAVE_AT", math.inf if reference else rollout.LEAVE_AT),
             # The cache before the preallocated one: bench runs in fp32, where it was a plain
             # DynamicCache, grown by torch.cat at every step.
-            (rollout, "new_cache", (lambda device, length=0: DynamicCache()) if reference else rollout.new_cache)]
+            (kv_cache, "new_cache", (lambda device, length=0: DynamicCache()) if reference else kv_cache.new_cache)]
 
 
 def timed_train(cfg: vlr.Config, reference: bool, keep: dict | None = None, checkpoint: bool = True) -> dict:
@@ -289,17 +297,17 @@ def toy_steps() -> tuple[dict, dict]:
     return mean_split(runs[False]), mean_split(runs[True])
 
 
-def update_seconds(model, args, cfg: vlr.Config, share: bool) -> float:
-    """One policy update on `args` (vlr.policy_update's, from the batch on), less its optimizer
-    step: the forward and backward that sharing the vision forward changes. SGD at lr 0 leaves the
-    weights as they were."""
-    batch, adv, current, _, banned, pad_id, device, world = args
-    clock, c = Clock(), dataclasses.replace(cfg, share_vision=share)
+def update_seconds(model, kept: tuple, cfg: vlr.Config, share: bool) -> float:
+    """One policy update of a kept (run, batch, advantages, step), less its optimizer step: the
+    forward and backward that sharing the vision forward changes. SGD at lr 0 leaves the weights
+    as they were."""
+    run, batch, adv, step = kept
+    clock = Clock()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     opt.register_step_pre_hook(lambda *_: clock.start("optimizer"))
     opt.register_step_post_hook(clock.stop)
-    return seconds(lambda: vlr.policy_update(model, opt, batch, adv, current, c, banned, pad_id, device, world)) \
-        - clock.s["optimizer"]
+    run = dataclasses.replace(run, cfg=dataclasses.replace(cfg, share_vision=share), model=model, ddp=model, opt=opt)
+    return seconds(lambda: grpo.policy_update(run, batch, adv, step)) - clock.s["optimizer"]
 
 
 def smoke_3b() -> dict:
@@ -310,7 +318,7 @@ def smoke_3b() -> dict:
     (random weights): every row runs to the cap, so no row leaves and none is rethought."""
     cfg = vlr.Config(model="smoke-3b-2l", steps=1, prompts_per_step=1, group_size=8, micro_batch=8, max_new_tokens=16,
                      lr=0.0)
-    model, processor = tiny.load_model(cfg.model)
+    model, processor = models.load_model(cfg.model)
     keep = {}
     with mock.patch.object(vlr, "load_policy", lambda c, path, device: (model.requires_grad_(True), processor)):
         new = timed_train(cfg, False, keep)
@@ -318,13 +326,13 @@ def smoke_3b() -> dict:
     fwd_bwd = lambda s: s["vision"] + s["text_forward"] + s["backward"]
     for p in model.model.visual.parameters():
         p.requires_grad_(False).grad = None
-    frozen = {share: update_seconds(model, keep["update_args"], cfg, share) for share in (False, True)}
+    frozen = {share: update_seconds(model, keep["update"], cfg, share) for share in (False, True)}
     return {"split_3b": {"new": {k: round(v, 3) for k, v in new.items()},
                          "old": {k: v and round(v, 3) for k, v in old.items()}},
             "update_ratio_3b": round(frozen[True] / frozen[False], 3),
             "update_ratio_3b_trained": round(fwd_bwd(new) / fwd_bwd(old), 3),
             "update_3b_frozen_s": {"new": round(frozen[True], 2), "old": round(frozen[False], 2)},
-            "rows_3b": len(keep["update_args"][0])}
+            "rows_3b": len(keep["update"][1])}
 
 
 def print_split(name: str, new: dict, old: dict):
@@ -336,7 +344,7 @@ def print_split(name: str, new: dict, old: dict):
 def main():
     t0 = time.perf_counter()
     torch.set_num_threads(1)
-    model, processor = tiny.load_model("tiny")
+    model, processor = models.load_model("tiny")
     model.eval()
     records = [data.ToyTask("test")[i] for i in range(PROMPTS)]
     out = loop_vs_generate(model, processor, records)

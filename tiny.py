@@ -18,16 +18,19 @@ after a forced trigger, as an instruct model can, but never says "wait" by itsel
 """
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Tokenizer,
+                          Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
+import checkpoint
 import data
+import rethink
 import rollout
 
 HERE = Path(__file__).resolve().parent
@@ -68,73 +71,16 @@ def fingerprint() -> str:
     h = hashlib.sha256()
     for name in ("tiny.py", "data.py"):
         h.update((HERE / name).read_bytes())
-    h.update(repr(rollout.TRIGGERS).encode())
+    h.update(repr(rethink.TRIGGERS).encode())
     return h.hexdigest()[:16]
 
 
-def resolve(model: str) -> str:
-    """'tiny' -> the cached tiny model folder (built on first use); 'smoke-3b-<n>l' -> the cached
-    3B-shaped smoke model (smoke.py); anything else (a folder, a hub id) unchanged."""
-    if model.startswith("smoke-3b-"):
-        import smoke
-
-        return smoke.resolve(model)
-    if model != "tiny":
-        return model
+def resolve() -> str:
+    """The cached tiny model folder, built on first use and rebuilt when its fingerprint changes."""
     stamp = CACHE / "vlr_tiny.json"
     if not (stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint()):
         build(CACHE)
     return str(CACHE)
-
-
-# The published training bounds every image to 256..1280 visual tokens (28 x 28 pixels each). The
-# hub processor of Qwen2.5-VL allows 12.8M pixels (~16k tokens a picture): far over any budget.
-PUBLISHED_MIN_PIXELS, PUBLISHED_MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28
-
-
-def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 0, max_pixels: int = 0):
-    """(model, processor) from 'tiny', 'smoke-3b-<n>l', a folder or a hub id: the one loader of
-    every command (training, reference policy, eval, bench).
-
-    The image budget: explicit min/max_pixels win; else a processor that allows more than the
-    published 1280 * 28^2 pixels (the hub's default) gets the published budget; a processor within
-    it (the tiny model, a checkpoint saved by vlr.py) keeps its own. The budget is saved with the
-    processor, so a checkpoint evaluates at the budget it was trained at."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    src = resolve(model)
-    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype).to(device)
-    processor = AutoProcessor.from_pretrained(src)
-    ip = processor.image_processor
-    lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
-    if hi > PUBLISHED_MAX_PIXELS:
-        lo, hi = PUBLISHED_MIN_PIXELS, PUBLISHED_MAX_PIXELS
-    lo, hi = min_pixels or lo, max_pixels or hi
-    if not 0 < lo <= hi:
-        raise ValueError(f"image budget: min_pixels {lo} must be positive and at most max_pixels {hi}")
-    ip.size = {"shortest_edge": lo, "longest_edge": hi}
-    return policy, processor
-
-
-def write_atomically(out: Path, write) -> None:
-    """Fill a folder so that whoever looks finds the old one or the new one, never half of one:
-    `write(tmp)` fills a temporary folder beside `out`, then two renames swap it in. A process
-    killed between the renames leaves only `.<name>-old` (`vlr.checkpoint_dir` looks there too).
-    Two processes writing the same folder at once (torchrun ranks building a model) both end with
-    a complete folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
-    os.chmod(tmp, 0o755)  # a plain folder, not mkdtemp's private one
-    write(tmp)
-    old = out.parent / f".{out.name}-old"
-    shutil.rmtree(old, ignore_errors=True)
-    try:
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except OSError:  # another process swapped its folder in first; what it wrote is the same
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,16 +96,12 @@ def corpus() -> list[str]:
         lines += [data.question_text(rec), rec.answer]
     for q, space in data.TIERS.values():
         lines += [f"{r} The answer is \\boxed{{{a}}}." for r in REASONS for a in space]
-    lines += list(rollout.TRIGGERS) + list(data.LETTERS) + [str(d) for d in range(10)]
+    lines += list(rethink.TRIGGERS) + list(data.LETTERS) + [str(d) for d in range(10)]
     return lines * 4
 
 
 def build_processor():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor)
-
-    bpe = Tokenizer(models.BPE())
+    bpe = Tokenizer(BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(corpus(), trainers.BpeTrainer(
@@ -173,8 +115,6 @@ def build_processor():
 
 
 def build_model(tokenizer):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     tid = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -208,7 +148,7 @@ def random_response(rec: data.Record, rng: random.Random):
     if rng.random() >= RETHINK_SHAPED:
         return [(rng.choice(REASONS) + answer(), True)]
     first = rng.choice(REASONS) + ("" if rng.random() < 0.5 else answer())  # cut before the answer, or not
-    return [(first, True), (rng.choice(rollout.TRIGGERS), False), (" " + rng.choice(REASONS) + answer(), True)]
+    return [(first, True), (rng.choice(rethink.TRIGGERS), False), (" " + rng.choice(REASONS) + answer(), True)]
 
 
 def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WARM_LR, seed=0):
@@ -259,7 +199,7 @@ def build(out: Path) -> dict:
         processor.save_pretrained(tmp)
         (tmp / "vlr_tiny.json").write_text(json.dumps(info, indent=1))
 
-    write_atomically(out, write)
+    checkpoint.write_atomically(out, write)
     info["size_mb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 2**20, 2)
     return info
 

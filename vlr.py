@@ -4,15 +4,13 @@
     torchrun --nproc_per_node 8 vlr.py --model Qwen/Qwen2.5-VL-3B-Instruct --data 39Krelease.parquet ...
                            # the real thing: the README's "real runs" give the whole command
 
-One step (paper, Algorithm 1): sample prompts -> G responses each (rollout.sample, with Forced
-Rethinking) -> rewards (reward.reward) -> group advantages (Eq. 2) -> Selective Sample Replay
-(ssr.select_batch) -> clipped policy-gradient loss (Eq. 1) -> optimizer step -> metrics.
+One step (paper, Algorithm 1): sample prompts -> G responses each (rollout.sample) -> rewards
+(reward.grade) -> Forced Rethinking (rethink.rethink) -> group advantages (grpo, Eq. 2) ->
+Selective Sample Replay (ssr.select_batch) -> the clipped policy-gradient update (grpo, Eq. 1)
+-> metrics.
 """
 import argparse
-import contextlib
 import json
-import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -20,11 +18,26 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoint
+import data
+import eval as evaluation
+import grpo
+import models
+import rethink
+import reward
+import rollout
+import ssr
+from distributed import gather, reduce, setup_distributed
 
 
 def arg(default, help: str):
     """A Config field with its --help text (the dataclass documents the command line, as CleanRL's Args)."""
     return field(default=default, metadata={"help": help})
+
+
+RULES = rethink.RethinkConfig  # the --rethink-x defaults are its own (an alias: Config has a field `rethink`)
 
 
 @dataclass
@@ -43,7 +56,7 @@ class Config:
     steps: int = arg(200, "training steps (one rollout and one optimizer step each)")
     prompts_per_step: int = arg(32, "prompts per step, over all processes")
     group_size: int = arg(8, "G: responses sampled per prompt")
-    lr: float = arg(5e-4, "peak learning rate (tiny model; README, 'The default run, measured')")
+    lr: float = arg(5e-4, "peak learning rate (tiny model; docs/lab.md, 'The default run, measured')")
     warmup_steps: int = arg(10, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(0.0, "the cosine decays to this share of the peak learning rate")
     adam_beta2: float = arg(0.999, "AdamW's second-moment decay")
@@ -72,19 +85,17 @@ class Config:
     ssr_alpha: float = arg(1.0, "replay probability proportional to |advantage|^alpha")
     # Forced Rethinking (Section 3.2)
     rethink: bool = arg(True, "Forced Rethinking (--no-rethink turns it off)")
-    rethink_frac: float = arg(0.5, "share of the eligible responses that get a trigger")
-    rethink_max_group_acc: float = arg(0.6, "only prompts whose group accuracy is at most this are rethought")
-    rethink_only_wrong: bool = arg(True, "only wrong first answers get a trigger (the published append_wait mode)")
-    rethink_cut_prob: float = arg(0.5, "chance to cut the first response just before its final answer")
-    rethink_temperature: float = arg(0.9, "sampling temperature of the continuation (the published value)")
-    rethink_max_waits: int = arg(3, "a rethought response with more 'wait's than this is not kept")
-    rethink_max_replace: int = arg(2, "at most this many rethought responses replace first ones per prompt (-1: any)")
-    rethink_cut: str = arg("answer", "where the first response is cut: 'answer' (before the final answer) or 'published'")
-    rethink_min_new_tokens: int = arg(0, "a continuation must be longer than this to be kept")
-    rethink_count_markers: bool = arg(False, "count waits as published: the continuation's 'wait,', 'wait a', 'alternatively'")
-    # A rethought response is kept only when right, so its trigger only ever gets a positive
-    # advantage: trained, the policy learns to say "Wait" whatever it saw (README, section 3).
-    rethink_train_trigger: bool = arg(False, "train on the trigger tokens too (the published code does)")
+    rethink_frac: float = arg(RULES.frac, "share of the eligible responses that get a trigger")
+    rethink_max_group_acc: float = arg(RULES.max_group_acc, "only prompts whose group accuracy is at most this are rethought")
+    rethink_only_wrong: bool = arg(RULES.only_wrong, "only wrong first answers get a trigger (the published append_wait mode)")
+    rethink_cut_prob: float = arg(RULES.cut_prob, "chance to cut the first response just before its final answer")
+    rethink_temperature: float = arg(RULES.temperature, "sampling temperature of the continuation (the published value)")
+    rethink_max_waits: int = arg(RULES.max_waits, "a rethought response with more 'wait's than this is not kept")
+    rethink_max_replace: int = arg(RULES.max_replace, "at most this many rethought responses replace first ones per prompt (-1: any)")
+    rethink_cut: str = arg(RULES.cut, "where the first response is cut: 'answer' (before the final answer) or 'published'")
+    rethink_min_new_tokens: int = arg(RULES.min_new_tokens, "a continuation must be longer than this to be kept")
+    rethink_count_markers: bool = arg(RULES.count_markers, "count waits as published: the continuation's 'wait,', 'wait a', 'alternatively'")
+    rethink_train_trigger: bool = arg(RULES.train_trigger, "train on the trigger tokens too (the published code does)")
     # Bookkeeping
     eval_every: int = arg(20, "in-loop greedy eval on the toy test split every this many steps (0: never)")
     save_every: int = arg(50, "checkpoint every this many steps")
@@ -99,7 +110,7 @@ class Config:
 
 # What `--recipe published` sets: the settings of TIGER-AI-Lab/VL-Rethinker @ dd2c17d that this
 # code reproduces (scripts/train_vlm_multi.sh, experience_maker.py, loss.py, ppo_actor.py). The
-# README's table "Differences from the published implementation" gives each one's source and why
+# table in docs/differences.md gives each one's source and why
 # our defaults differ; a test holds the table to these values. Not in it: the learning rate
 # (1e-6 for 7B/72B; the README's 3B command sets it) and the data, model and batch sizes.
 RECIPES = {"published": {
@@ -131,80 +142,12 @@ def parse_args(argv=None) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# GRPO (paper, Section 2)
-# ---------------------------------------------------------------------------------------------
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, std: bool = True) -> torch.Tensor:
-    """Eq. 2: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one value per response; with
-    std=False only r_i - mean (the published code's "group" estimator, experience_maker.py,
-    handle_advantages). A group whose rewards are all equal gets all zeros: the "vanishing
-    advantages" of Section 3.1."""
-    r = rewards.view(-1, group_size).float()  # [P, G]
-    spread = r.std(1, keepdim=True)  # [P, 1]
-    adv = (r - r.mean(1, keepdim=True)) / ((spread + eps) if std else 1.0)  # [P, G]
-    # exactly zero for equal rewards: float round-off in r - mean would otherwise make a fake signal
-    return torch.where(spread > 0, adv, torch.zeros_like(adv)).view(-1)
-
-
-def grpo_loss(logp, old_logp, advantages, mask, clip_eps=0.2, agg="token", ref_logp=None, kl_coef=0.0, denom=None,
-              clip_eps_high=None):
-    """Eq. 1, the clipped surrogate: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) per token,
-    rho = exp(logp - old_logp), with the sequence's advantage A on every token. `clip_eps_high`
-    sets a different upper bound 1 + eps_high ("clip-higher", as DAPO and the published
-    VL-Rethinker code, which uses 0.2 / 0.35); None keeps the symmetric clip of Eq. 1.
-
-    agg="token" averages over all unmasked tokens of the batch (as DAPO), agg="seq" averages each
-    sequence first (the original GRPO). `denom` replaces the batch's own count of tokens (or
-    sequences) when the batch is one micro-batch of a larger one. With kl_coef > 0 a k3 estimate
-    of KL(pi || pi_ref) = exp(ref - logp) - (ref - logp) - 1 is added per token.
-    Returns (loss, stats)."""
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(logp - old_logp)  # [N, T] rho of Eq. 1
-    adv = advantages[:, None]  # [N, 1] one advantage per response, on every token
-    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv)  # [N, T]
-    if kl_coef:
-        d = ref_logp - logp
-        per_token = per_token + kl_coef * (torch.exp(d) - d - 1)
-    per_token = per_token * mask
-    if agg == "token":
-        loss = per_token.sum() / (denom if denom is not None else mask.sum().clamp(min=1))
-    elif agg == "seq":
-        per_seq = per_token.sum(1) / mask.sum(1).clamp(min=1)  # [N]
-        loss = per_seq.sum() / (denom if denom is not None else per_seq.numel())
-    else:
-        raise ValueError(f"agg must be 'token' or 'seq', not {agg!r}")
-    with torch.no_grad():  # tokens whose gradient the clip switched off
-        clipped = ((adv > 0) & (ratio > 1 + high)) | ((adv < 0) & (ratio < 1 - clip_eps))  # [N, T]
-        stats = {"clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1)).item()}
-    return loss, stats
-
-
-# ---------------------------------------------------------------------------------------------
 # Setup: processes, model, data
 # ---------------------------------------------------------------------------------------------
 
-# NCCL has no CPU backend: a CPU tensor in a collective of an "nccl" group raises. GPU runs get
-# NCCL for CUDA tensors (the DDP gradients) and gloo for CPU ones (object gathers, small metrics).
-BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE: then a process per GPU (or CPU process). Plain `python`: one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(BACKENDS[device.type])
-    return rank, world, device
-
-
 def load_policy(cfg: Config, path: str, device):
     """fp32 weights (the master copy; --bf16 computes in bf16 under autocast), the image budget."""
-    import tiny
-
-    model, processor = tiny.load_model(path, device, torch.float32, cfg.min_pixels, cfg.max_pixels)
+    model, processor = models.load_model(path, device, torch.float32, cfg.min_pixels, cfg.max_pixels)
     if cfg.freeze_vision:  # also keeps DDP from waiting for gradients that never come
         model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:
@@ -214,11 +157,8 @@ def load_policy(cfg: Config, path: str, device):
 
 def load_data(cfg: Config, rank: int):
     """(train records, eval records or None). Bad lines stop the run before any training."""
-    import data
-
     if cfg.data == "toy":
-        tiers = cfg.toy_tiers.split(",")
-        return data.ToyTask("train", tiers), data.ToyTask("test")
+        return data.ToyTask("train", cfg.toy_tiers.split(",")), data.ToyTask("test")
     records, skipped = data.load_records(cfg.data, skip_bad=cfg.skip_bad)
     if skipped and rank == 0:
         print(f"skipped {skipped} bad line(s) of {cfg.data}")
@@ -236,165 +176,6 @@ def prompts_for_step(n_data: int, step: int, per_step: int, rank: int, world: in
         perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out.append(int(perm[k]))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, resumed exactly
-# ---------------------------------------------------------------------------------------------
-
-def param_checksum(model) -> float:
-    """One number per process; DDP keeps weights identical, so every rank must agree exactly."""
-    with torch.no_grad():
-        return float(sum(p.double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
-
-
-def save_checkpoint(out: Path, model, processor, state: dict):
-    """Model folder + training state into out/ckpt, atomically (tiny.write_atomically): a run
-    killed at any moment leaves the previous checkpoint or the new one, never half of one."""
-    import tiny
-
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        torch.save(state, tmp / "train_state.pt")
-
-    tiny.write_atomically(out / "ckpt", write)
-
-
-def checkpoint_dir(out: Path) -> Path:
-    """The newest complete checkpoint (a kill between the two renames leaves only .ckpt-old)."""
-    for name in ("ckpt", ".ckpt-old"):
-        if (out / name / "train_state.pt").exists():
-            return out / name
-    raise SystemExit(f"--resume: no checkpoint in {out}/ckpt")
-
-
-# may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
-RESUMABLE = {"resume", "save_every", "eval_every", "out", "share_vision"}
-
-
-def check_resume_config(out: Path, cfg: Config):
-    saved = json.loads((out / "config.json").read_text())
-    diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v}
-    if diff:
-        raise SystemExit(f"--resume with a different configuration than {out}/config.json: "
-                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-
-
-def reduce(values: dict, device, world, op=dist.ReduceOp.SUM) -> dict:
-    """Named numbers summed (or `op`) over processes. The tensor lives on the process's device:
-    the collective must find a backend for it (an NCCL-only group has none for the CPU)."""
-    if world == 1:
-        return {k: float(v) for k, v in values.items()}
-    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return dict(zip(values, t.tolist()))
-
-
-def gather(obj, world):
-    """Every rank's `obj`, in rank order (a list of one without torchrun)."""
-    if world == 1:
-        return [obj]
-    objs = [None] * world
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def policy_update(ddp, opt, batch, advantages, current, cfg: Config, banned, pad_id, device, world, ref=None,
-                  generator=None) -> dict:
-    """cfg.minibatches optimizer steps of Eq. 1, each on an equal part of the batch, shuffled first
-    as the published trainer draws its minibatches (it takes 8 per rollout). The first part is
-    on-policy: for this step's rows (`current`) the training forward must reproduce the sampler's
-    log-probs before the update (`logp_drift_max`, a live check that rollout and training agree).
-    Each later part meets a policy that the steps before it moved: its ratio is off 1 and the
-    clip acts."""
-    if cfg.minibatches > 1:
-        order = torch.randperm(len(batch), generator=generator, device=generator.device if generator else "cpu").tolist()
-        batch, advantages, current = [batch[i] for i in order], advantages[order], [current[i] for i in order]
-    size = len(batch) // cfg.minibatches
-    parts = [optimizer_step(ddp, opt, batch[i:i + size], advantages[i:i + size],
-                            current[i:i + size] if i == 0 else [False] * size, cfg, banned, pad_id, device, world, ref)
-             for i in range(0, size * cfg.minibatches, size)]
-
-    def mean(key):
-        return sum(p[key] for p in parts) / len(parts)
-
-    return {"loss": mean("loss"), "grad_norm": mean("grad_norm"), "clip_frac": mean("clip_frac"),
-            "logp_drift_max": parts[0]["logp_drift_max"], "skipped": sum(p["skipped"] for p in parts)}
-
-
-def optimizer_step(ddp, opt, batch, advantages, current, cfg: Config, banned, pad_id, device, world, ref=None) -> dict:
-    """One optimizer step of Eq. 1 on `batch`'s rows, in micro-batches (gradients accumulate).
-
-    The loss is the token-level mean over the whole batch of all processes: each process divides
-    its sum by (all tokens / processes), since DDP averages gradients over processes. `ref` is the
-    frozen reference policy of the KL term (used only when cfg.kl_coef > 0). With cfg.sft_coef, an
-    SFT term on the rows with a positive advantage and a reflection (the published aux loss:
-    loss.py, PolicyLoss; there a token mean per micro-batch, here over the step's SFT tokens).
-    A non-finite loss or gradient skips the update instead of corrupting the weights."""
-    import rollout
-
-    model = getattr(ddp, "module", ddp)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_tok = torch.tensor(float(sum(r["loss_mask"].sum() for r in batch)), device=device)  # [] tokens trained on
-    if world > 1:
-        dist.all_reduce(n_tok)
-    denom = n_tok / world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
-    sft_rows = [bool(a > 0) and r.get("reflects", False) for r, a in zip(batch, advantages.tolist())]
-    sft_tok = max(1.0, float(sum(r["loss_mask"].sum() for r, s in zip(batch, sft_rows) if s)))
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    loss_sum, drift, clip = 0.0, 0.0, []
-    for c0 in range(0, len(batch), cfg.micro_batch):
-        part = slice(c0, c0 + cfg.micro_batch)
-        mb = rollout.collate(batch[part], pad_id)  # B rows: prompts [B, L], responses [B, T]
-        mb = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in mb.items()}
-        last = c0 + cfg.micro_batch >= len(batch)
-        sync = contextlib.nullcontext() if last or world == 1 else ddp.no_sync()  # all-reduce once, at the end
-        with sync, autocast(cfg, device):
-            logp = rollout.logprobs(ddp, mb["prompts"], mb["response_ids"], mb["response_mask"], cfg.temperature,
-                                    banned, cfg.share_vision)  # [B, T]
-            ref_logp = None
-            if cfg.kl_coef:  # the reference is fixed, so replayed rows get theirs now, like current ones
-                with torch.no_grad():
-                    ref_logp = rollout.logprobs(ref, mb["prompts"], mb["response_ids"], mb["response_mask"],
-                                                cfg.temperature, banned, cfg.share_vision)
-            loss, st = grpo_loss(logp, mb["logp"], advantages[part].to(device), mb["loss_mask"], cfg.clip_eps,
-                                 cfg.agg, ref_logp=ref_logp, kl_coef=cfg.kl_coef, denom=denom,
-                                 clip_eps_high=cfg.clip_eps_high)
-            if cfg.sft_coef and any(sft_rows[part]):
-                sft = torch.tensor(sft_rows[part], device=device)[:, None]  # [B, 1]
-                loss = loss - cfg.sft_coef * (logp * mb["loss_mask"] * sft).sum() / sft_tok
-            loss.backward()
-        loss_sum += loss.item()
-        clip.append(st["clip_frac"])
-        now = torch.tensor(current[part], device=device)[:, None]  # [B, 1] sampled this step
-        drift = max(drift, ((logp.detach() - mb["logp"]).abs() * mb["response_mask"] * now).max().item())
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    skipped = not torch.isfinite(grad_norm).item()
-    if skipped:
-        opt.zero_grad(set_to_none=True)
-    else:
-        opt.step()
-    model.eval()
-    return {"loss": loss_sum, "grad_norm": grad_norm.item(), "clip_frac": sum(clip) / len(clip),
-            "logp_drift_max": drift, "skipped": int(skipped)}
-
-
-def lr_factor(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to `floor` (a share of the peak) at the last step (the
-    published runs decay to half). The late, small steps let the policy settle instead of
-    drifting on noise."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def autocast(cfg: Config, device):
-    """bf16 compute with fp32 weights (--bf16); a no-op otherwise. Autocast's weight cache is off:
-    it would hold a bf16 copy of every weight for as long as the context lasts (a whole rollout,
-    +6 GB for the 3B); a weight is cast again where it is used instead."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +198,8 @@ class Run:
     sched: object
     gen: torch.Generator  # sampling and replay draws
     buffer: object  # ssr.ReplayBuffer
-    rethink: object  # rollout.RethinkConfig, or None without Forced Rethinking
+    rethink: rethink.RethinkConfig | None  # None without Forced Rethinking
+    decoding: rollout.Decoding  # how rollouts are sampled
     train_set: object
     test_set: object
     start: int  # the first step to run
@@ -425,23 +207,19 @@ class Run:
 
 
 def rethink_config(cfg: Config):
-    """The Forced Rethinking rules (rollout.RethinkConfig) from the flags: field x is --rethink-x.
+    """The Forced Rethinking rules (rethink.RethinkConfig) from the flags: field x is --rethink-x.
     None with --no-rethink. The continuation may use the whole response budget: a rethought
-    response longer than --max-new-tokens in total is not kept anyway (rollout.keep_rethought)."""
-    import rollout
-
+    response longer than --max-new-tokens in total is not kept anyway (rethink.keep_rethought)."""
     if not cfg.rethink:
         return None
-    rules = {f.name: getattr(cfg, "rethink_" + f.name) for f in fields(rollout.RethinkConfig)
+    rules = {f.name: getattr(cfg, "rethink_" + f.name) for f in fields(rethink.RethinkConfig)
              if f.name != "max_new_tokens"}
-    return rollout.RethinkConfig(max_new_tokens=cfg.max_new_tokens, **rules)
+    return rethink.RethinkConfig(max_new_tokens=cfg.max_new_tokens, **rules)
 
 
 def setup(cfg: Config) -> Run:
     """Processes, data (bad data stops here, before any model loads), model, optimizer, replay
     buffer; on --resume all of it as the checkpoint left it, so the run continues exactly."""
-    import ssr
-
     rank, world, device = setup_distributed()
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
@@ -452,15 +230,13 @@ def setup(cfg: Config) -> Run:
     train_set, test_set = load_data(cfg, rank)
     state, ckpt = None, None
     if cfg.resume:
-        check_resume_config(out, cfg)
-        ckpt = checkpoint_dir(out)
-        # to the CPU first: saved from rank 0's GPU, every rank would load it onto GPU 0. The
-        # optimizer's load_state_dict moves its state to each parameter's device.
-        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+        checkpoint.check_resume_config(out, asdict(cfg))
+        ckpt = checkpoint.checkpoint_dir(out)
+        state = checkpoint.load_state(ckpt)
     model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
                             betas=(0.9, cfg.adam_beta2))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps,
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: grpo.lr_factor(s, cfg.warmup_steps, cfg.steps,
                                                                        cfg.min_lr_ratio))
     # KL term (off by default, as in the published runs): the reference is the starting policy,
     # loaded from --model again, so a resumed run keeps the same reference.
@@ -479,8 +255,10 @@ def setup(cfg: Config) -> Run:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
     start = state["step"] if state else 0
-    return Run(cfg, rank, world, device, out, model, ddp, processor, ref, opt, sched, gen, buffer, rethink_config(cfg),
-               train_set, test_set, start, open_log(out, cfg, start, rank))
+    return Run(cfg=cfg, rank=rank, world=world, device=device, out=out, model=model, ddp=ddp, processor=processor,
+               ref=ref, opt=opt, sched=sched, gen=gen, buffer=buffer, rethink=rethink_config(cfg),
+               decoding=rollout.Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k),
+               train_set=train_set, test_set=test_set, start=start, log=open_log(out, cfg, start, rank))
 
 
 def rows_per_process(cfg: Config, world: int) -> int:
@@ -501,22 +279,14 @@ def open_log(out: Path, cfg: Config, start: int, rank: int):
 
 def grader(cfg: Config):
     """grade(text, record, finished, forced): each response graded once (reward.grade)."""
-    import reward
-
     return lambda text, rec, finished, forced: reward.grade(
         text, rec.answer, rec.choices, finished, invalid_penalty=cfg.invalid_penalty,
         reflection_bonus=cfg.reflection_bonus, wait_penalty=cfg.wait_penalty, forced_waits=int(forced))
 
 
 def train(cfg: Config):
-    import reward
-    import rollout
-    import ssr
-    from tqdm import tqdm
-
     run = setup(cfg)
-    g, n_rows, banned = cfg.group_size, rows_per_process(cfg, run.world), rollout.special_ids(
-        run.processor.tokenizer, rollout.VISION_TOKENS)
+    g, n_rows = cfg.group_size, rows_per_process(cfg, run.world)
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
     low_format_steps, last_eval = 0, float("nan")
@@ -524,31 +294,26 @@ def train(cfg: Config):
         t0 = time.time()
         recs = [run.train_set[i] for i in prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
                                                            run.world, cfg.seed)]
-        # --- 1. Rollout: G responses per prompt, with Forced Rethinking (Section 3.2) ---
-        with autocast(cfg, run.device):
-            ro = rollout.sample(run.model, run.processor, recs, g, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                run.gen, grade=grader(cfg), rethink=run.rethink, top_k=cfg.top_k,
-                                chunk=cfg.rollout_chunk)
+        # --- 1. Rollout: G responses per prompt, graded, then Forced Rethinking (Section 3.2) ---
+        done = rollout_step(run, recs)
         # --- 2. Rewards -> group advantages (Eq. 2) ---
-        rewards = torch.tensor([x.reward for x in ro.grades])
-        adv = group_advantages(rewards, g, std=cfg.adv_std)
+        rewards = torch.tensor([x.reward for x in done.grades])
+        adv = grpo.group_advantages(rewards, g, std=cfg.adv_std)
         # --- 3. Selective Sample Replay (Section 3.1): drop zero-advantage samples, refill from the buffer ---
-        rows = rollout.split_rows(ro)
-        for r, text, forced in zip(rows, ro.texts, ro.rethought.tolist()):  # `reflects`: for the SFT term
-            r["step"], r["reflects"] = step, forced or reward.reflections(text) > 0
+        reflects = [kept or reward.reflections(text) > 0 for kept, text in zip(done.kept.tolist(), done.rollout.texts)]
+        rows = rollout.split_rows(done.rollout, step, reflects)  # `reflects`: the rows of the SFT term
         if cfg.ssr:
             batch, batch_adv, n_replayed = ssr.select_batch(rows, adv, run.buffer, n_rows, generator=run.gen)
         else:
             batch, batch_adv, n_replayed = rows, adv, 0
         batch, batch_adv = pad_batch(batch, batch_adv, rows, n_rows)
         # --- 4. The clipped policy-gradient update (Eq. 1) ---
-        up = policy_update(run.ddp, run.opt, batch, batch_adv, [r["step"] == step for r in batch], cfg, banned,
-                           run.processor.tokenizer.pad_token_id, run.device, run.world, run.ref, run.gen)
+        up = grpo.policy_update(run, batch, batch_adv, step)
         if up["skipped"]:
             tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
         run.sched.step()
 
-        m = step_metrics(run, step, ro, rewards, adv, n_replayed, up)
+        m = step_metrics(run, step, done, rewards, adv, n_replayed, up)
         dt = time.time() - t0
         if run.test_set is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             m.update(run_eval(run))
@@ -560,28 +325,44 @@ def train(cfg: Config):
     finish(run)
 
 
+def rollout_step(run: Run, recs: list) -> rethink.Rethinking:
+    """Step 1 of Algorithm 1, --rollout-chunk prompts at a time (the KV caches of one chunk are
+    what sampling holds in memory): G responses per prompt (rollout.sample), each graded once,
+    then Forced Rethinking (rethink.rethink) on the caches the sampler parked."""
+    size = run.cfg.rollout_chunk if run.cfg.rollout_chunk > 0 else len(recs)
+    parts = [rollout_chunk(run, recs[c:c + size]) for c in range(0, len(recs), size)]
+    return parts[0] if len(parts) == 1 else rethink.concat(parts, run.processor.tokenizer.pad_token_id)
+
+
+def rollout_chunk(run: Run, recs: list) -> rethink.Rethinking:
+    """One chunk of `rollout_step`: sample -> grade -> rethink."""
+    g, grade = run.cfg.group_size, grader(run.cfg)
+    with models.autocast(run.cfg.bf16, run.device):
+        ro = rollout.sample(run.model, run.processor, recs, g, run.decoding, run.gen, park=run.rethink is not None)
+        grades = [grade(text, recs[i // g], not cut, False)
+                  for i, (text, cut) in enumerate(zip(ro.texts, ro.truncated.tolist()))]
+        if run.rethink is None:
+            return rethink.unchanged(ro, grades)
+        return rethink.rethink(run.model, run.processor.tokenizer, ro, grades,
+                               lambda text, i, finished: grade(text, recs[i // g], finished, True), run.rethink)
+
+
 def pad_batch(batch, batch_adv, rows, n_rows):
     """With nothing to learn from anywhere, SSR returns fewer rows than a batch: pad with this
     step's rows at zero advantage, so that every process runs the same backward passes (DDP)."""
-    batch_adv = torch.as_tensor(batch_adv, dtype=torch.float32)
-    if len(batch) < n_rows:
-        pad = n_rows - len(batch)
-        batch = list(batch) + rows[:pad]
-        batch_adv = torch.cat([batch_adv, torch.zeros(pad)])
-    return batch, batch_adv
+    pad = n_rows - len(batch)
+    return list(batch) + rows[:pad], torch.cat([batch_adv, torch.zeros(pad)])
 
 
-def step_metrics(run: Run, step: int, ro, rewards, adv, n_replayed: int, up: dict) -> dict:
+def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_replayed: int, up: dict) -> dict:
     """The step's metrics, as named sums over all processes. zero_adv_frac: the share of groups
     whose rewards are all equal ("vanishing advantages", Section 3.1)."""
-    import ssr
-
-    g = run.cfg.group_size
+    g, ro = run.cfg.group_size, done.rollout
     resp_len = ro.response_mask.sum(1).float()
-    s = reduce({"n": len(ro.texts), "reward": rewards.sum(), "correct": sum(x.correct for x in ro.grades),
+    s = reduce({"n": len(ro.texts), "reward": rewards.sum(), "correct": sum(x.correct for x in done.grades),
                 "groups": len(ro.texts) // g, "zero_groups": ssr.zero_advantage(adv).view(-1, g).all(1).sum(),
-                "boxed": sum(x.boxed for x in ro.grades), "truncated": ro.truncated.sum(),
-                "triggered": ro.triggered.sum(), "kept": ro.rethought.sum(), "fixed": ro.rethink_fixed,
+                "boxed": sum(x.boxed for x in done.grades), "truncated": ro.truncated.sum(),
+                "triggered": done.triggered.sum(), "kept": done.kept.sum(), "fixed": done.fixed.sum(),
                 "resp_len": resp_len.sum(), "buffer": len(run.buffer), "replayed": n_replayed, "loss": up["loss"]},
                run.device, run.world)
     drift = reduce({"d": up["logp_drift_max"]}, run.device, run.world, dist.ReduceOp.MAX)["d"]
@@ -589,7 +370,7 @@ def step_metrics(run: Run, step: int, ro, rewards, adv, n_replayed: int, up: dic
     return {"step": step, "reward_mean": s["reward"] / n, "acc_mean": s["correct"] / n,
             "zero_adv_frac": s["zero_groups"] / s["groups"], "format_rate": s["boxed"] / n,
             "truncated_frac": s["truncated"] / n, "ssr_buffer": int(s["buffer"]), "ssr_replayed": int(s["replayed"]),
-            "rethink_frac": trig / n, "rethink_kept": s["kept"] / trig if trig else 0.0,
+            "rethink_triggered": trig / n, "rethink_kept": s["kept"] / trig if trig else 0.0,
             "rethink_fixed": s["fixed"] / trig if trig else 0.0, "resp_len_mean": s["resp_len"] / n,
             "loss": s["loss"] / run.world, "grad_norm": up["grad_norm"], "clip_frac": up["clip_frac"],
             "logp_drift_max": drift, "lr": run.sched.get_last_lr()[0], "skipped": up["skipped"]}
@@ -600,12 +381,10 @@ def run_eval(run: Run) -> dict:
     eval_acc is the accuracy on the tiers trained on; eval_acc_<tier> on each tier; eval_reflect
     the share of responses with a self-reflection phrase (eval.reflects, as the paper reports);
     eval_revise the share whose reflection changes the answer (eval.revises)."""
-    import eval as evaluation
-
     recs = [run.test_set[i] for i in range(run.rank, len(run.test_set), run.world)]
-    with autocast(run.cfg, run.device):
+    with models.autocast(run.cfg.bf16, run.device):
         rows = evaluation.evaluate(run.model, run.processor, recs, max_new_tokens=run.cfg.max_new_tokens)
-    mine = [(r["category"], r["correct"], r["rethinks"], r["revises"]) for r in rows]
+    mine = [(r["category"], r["correct"], r["reflects"], r["revises"]) for r in rows]
     allrows = [x for part in gather(mine, run.world) for x in part]
     trained_tiers = set(run.cfg.toy_tiers.split(","))
     trained = [c for k, c, _, _ in allrows if k in trained_tiers]
@@ -642,7 +421,7 @@ def check_collapse(cfg: Config, step: int, m: dict, low_format_steps: int) -> in
 def save(run: Run, next_step: int):
     """A checkpoint that resumes exactly: weights, optimizer, schedule, every rank's generator and
     replay buffer, and the host RNGs. Refused when the processes disagree on the weights."""
-    sums = gather(param_checksum(run.model), run.world)
+    sums = gather(checkpoint.param_checksum(run.model), run.world)
     if len(set(sums)) != 1:
         raise SystemExit(f"step {next_step - 1}: processes disagree on the weights (checksums {sums}); not saving")
     state = {"step": next_step, "checksums": sums, "optimizer": run.opt.state_dict(),
@@ -650,7 +429,7 @@ def save(run: Run, next_step: int):
              "buffers": gather(run.buffer.state_dict(), run.world), "torch_rng": torch.get_rng_state(),
              "python_rng": random.getstate()}
     if run.rank == 0:
-        save_checkpoint(run.out, run.model, run.processor, state)
+        checkpoint.save_checkpoint(run.out, run.model, run.processor, state)
 
 
 def finish(run: Run):
@@ -664,9 +443,7 @@ def finish(run: Run):
 
 
 if __name__ == "__main__":
-    from data import DataError
-
     try:
         train(parse_args())
-    except DataError as e:  # bad input: say which file, line and field, and train nothing
+    except data.DataError as e:  # bad input: say which file, line and field, and train nothing
         raise SystemExit(str(e))

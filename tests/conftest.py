@@ -44,8 +44,32 @@ def tiny_model():
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    import tiny
+    import models
 
-    src = tiny.resolve("tiny")
+    src = models.resolve("tiny")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(src)
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_model):
+    return tiny_model[1].tokenizer
+
+
+@pytest.fixture(scope="session")
+def banned(tok):
+    import rollout
+
+    return rollout.special_ids(tok, rollout.VISION_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread while a module runs: as fast on the tiny model, and a shared 2-core machine
+    cannot stall it 10x the way it stalls two threads that wait on each other at every op."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -270,8 +270,8 @@ def test_reflection_phrases():
 
 
 def test_summary_against_hand_counted_values():
-    def r(cat, correct, rethinks, n):
-        return {"category": cat, "correct": correct, "rethinks": rethinks, "len": n}
+    def r(cat, correct, reflects, n):
+        return {"category": cat, "correct": correct, "reflects": reflects, "len": n}
 
     rows = [r("b", 1.0, True, 10), r("a", 0.0, False, 20), r("b", 1.0, False, 30), r("a", 1.0, True, 5),
             r("b", 0.0, False, 15)]
@@ -298,17 +298,17 @@ def test_evaluate_grades_every_record_in_order(tiny_model, tmp_path):
     assert [r["id"] for r in rows] == [r.id for r in recs]
     for rec, r in zip(recs, rows):
         assert r["correct"] == reward.accuracy(r["response"], rec.answer, rec.choices)
-        assert r["rethinks"] == ev.reflects(r["response"]) and 0 < r["len"] <= 24
+        assert r["reflects"] == ev.reflects(r["response"]) and 0 < r["len"] <= 24
     again = ev.evaluate(model, processor, recs, max_new_tokens=24, batch_size=8)  # greedy: batching changes nothing
     assert [r["response"] for r in again] == [r["response"] for r in rows]
 
 
 def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
     """The response budget defaults to the toy runs' 48 on toy and the published 2048 on a benchmark;
-    the image budget goes to tiny.load_model, the one loader, with bf16 only on a GPU."""
+    the image budget goes to models.load_model, the one loader, with bf16 only on a GPU."""
     import torch
 
-    import tiny
+    import models
     import vlr
 
     calls = []
@@ -321,7 +321,7 @@ def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
         calls.append(("evaluate", len(recs), max_new_tokens))
         return [ev.row(r, "\\boxed{A}", 1) for r in recs]
 
-    monkeypatch.setattr(tiny, "load_model", load_model)
+    monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(ev, "evaluate", evaluate)
     mv = write_parquet(tmp_path / "mv.parquet", [dict(MATHVISTA[1], decoded_image=image("red"))], ["decoded_image"])
     out = str(tmp_path / "out.jsonl")

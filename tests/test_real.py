@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import data
+import models
 import procs
 import rollout
-import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 # The README's 3B command, but for the sizes (steps, prompts, G, response cap, micro-batch, chunk)
@@ -99,7 +99,7 @@ def test_train_resume_and_eval_as_the_readme_runs_them(virl, tmp_path):
     resumed = metrics(out)
     assert [m["step"] for m in resumed] == [0, 1, 2] and resumed[:2] == first
     # the frozen tower is saved exactly as loaded (no gradient ever reached it)
-    start = visual_weights(tiny.resolve("smoke-3b-1l"))
+    start = visual_weights(models.resolve("smoke-3b-1l"))
     after = visual_weights(out / "final")
     assert start and start.keys() == after.keys()
     assert all(torch.equal(start[k].float(), after[k].float()) for k in start)
@@ -131,7 +131,7 @@ def test_torchrun_two_processes(virl, tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke():
-    model, processor = tiny.load_model("smoke-3b-1l")
+    model, processor = models.load_model("smoke-3b-1l")
     return model.eval(), processor
 
 
@@ -141,7 +141,8 @@ def test_sampler_and_training_forward_agree_on_the_real_shapes(smoke, virl):
     model, processor = smoke
     records, _ = data.load_records(str(virl))
     banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
-    ro = rollout.sample(model, processor, records[2:3], 2, 12, 1.0, 0.95, torch.Generator().manual_seed(0), top_k=40)
+    ro = rollout.sample(model, processor, records[2:3], 2, rollout.Decoding(12, top_p=0.95, top_k=40),
+                        torch.Generator().manual_seed(0))
     with torch.no_grad():
         trained = rollout.logprobs(model, ro.prompts, ro.response_ids, ro.response_mask, 1.0, banned)
     assert (trained - ro.logp).abs().max() <= 1e-4

@@ -11,6 +11,11 @@ import latex
 import reward
 
 
+def score(*args, **kwargs) -> float:
+    """The trainer's reward for one response."""
+    return reward.grade(*args, **kwargs).reward
+
+
 def boxed(answer: str) -> str:
     return f"Looking at the figure step by step, we get the result. So the answer is \\boxed{{{answer}}}."
 
@@ -260,18 +265,18 @@ def test_extract_answer():
 
 
 def test_reward_is_accuracy_unless_a_format_coefficient_is_given():
-    assert reward.reward(boxed("green"), "B", COLOURS) == 1.0
-    assert reward.reward(boxed("red"), "B", COLOURS) == 0.0
-    assert reward.reward("The answer is B.", "B", COLOURS) == 0.0
-    assert reward.reward("The answer is B.", "B", COLOURS, invalid_penalty=0.1) == -0.1
-    assert reward.reward(boxed("red"), "B", COLOURS, invalid_penalty=0.1) == 0.0
-    assert reward.reward(boxed("B"), "B", COLOURS, invalid_penalty=0.1) == 1.0
+    assert score(boxed("green"), "B", COLOURS) == 1.0
+    assert score(boxed("red"), "B", COLOURS) == 0.0
+    assert score("The answer is B.", "B", COLOURS) == 0.0
+    assert score("The answer is B.", "B", COLOURS, invalid_penalty=0.1) == -0.1
+    assert score(boxed("red"), "B", COLOURS, invalid_penalty=0.1) == 0.0
+    assert score(boxed("B"), "B", COLOURS, invalid_penalty=0.1) == 1.0
     # cut off by the length cap: invalid even with a right box in it
-    assert reward.reward(boxed("B"), "B", COLOURS, finished=False, invalid_penalty=0.1) == -0.1
-    assert reward.reward(boxed("B"), "B", COLOURS, finished=False) == 1.0  # the paper's plain reward
+    assert score(boxed("B"), "B", COLOURS, finished=False, invalid_penalty=0.1) == -0.1
+    assert score(boxed("B"), "B", COLOURS, finished=False) == 1.0  # the paper's plain reward
     looping = "Wait. " * 6 + boxed("B")
-    assert reward.reward(looping, "B", COLOURS, invalid_penalty=0.1) == -0.1
-    assert reward.reward("Wait. " * 5 + boxed("B"), "B", COLOURS, invalid_penalty=0.1) == 1.0
+    assert score(looping, "B", COLOURS, invalid_penalty=0.1) == -0.1
+    assert score("Wait. " * 5 + boxed("B"), "B", COLOURS, invalid_penalty=0.1) == 1.0
 
 
 def test_grade_returns_every_verdict_at_once():
@@ -314,31 +319,31 @@ SHAPED = [
 
 @pytest.mark.parametrize("response,expected", SHAPED)
 def test_the_published_wait_shaping(response, expected):
-    assert reward.reward(response, "B", COLOURS, **PUBLISHED) == pytest.approx(expected)
+    assert score(response, "B", COLOURS, **PUBLISHED) == pytest.approx(expected)
     assert reward.grade(response, "B", COLOURS, **PUBLISHED).reward == pytest.approx(expected)
 
 
 def test_the_wait_shaping_is_off_by_default_and_each_part_is_separate():
     one, three = reflecting("Wait,"), reflecting("Wait,", "Wait,", "Wait,")
-    assert reward.reward(one, "B", COLOURS) == 1.0
-    assert reward.reward(three, "B", COLOURS) == 1.0
-    assert reward.reward(one, "B", COLOURS, reflection_bonus=0.1) == pytest.approx(1.1)
-    assert reward.reward(three, "B", COLOURS, reflection_bonus=0.1) == 1.0
-    assert reward.reward(three, "B", COLOURS, wait_penalty=0.2) == pytest.approx(0.4)
+    assert score(one, "B", COLOURS) == 1.0
+    assert score(three, "B", COLOURS) == 1.0
+    assert score(one, "B", COLOURS, reflection_bonus=0.1) == pytest.approx(1.1)
+    assert score(three, "B", COLOURS, reflection_bonus=0.1) == 1.0
+    assert score(three, "B", COLOURS, wait_penalty=0.2) == pytest.approx(0.4)
     six = reflecting(*["Alternatively,"] * 6)
-    assert reward.reward(six, "B", COLOURS, wait_penalty=0.2) == 0.0  # floored at 0.0, the invalid score here
+    assert score(six, "B", COLOURS, wait_penalty=0.2) == 0.0  # floored at 0.0, the invalid score here
 
 
 def test_a_forced_rethinking_response_is_not_shaped():
-    assert reward.reward(reflecting("Wait,"), "B", COLOURS, forced_waits=1, **PUBLISHED) == 1.0
-    assert reward.reward(reflecting(*["Wait,"] * 3), "B", COLOURS, forced_waits=1, **PUBLISHED) == 1.0
-    assert reward.reward(reflecting("Wait,", answer="C"), "B", COLOURS, forced_waits=1, **PUBLISHED) == 0.0
+    assert score(reflecting("Wait,"), "B", COLOURS, forced_waits=1, **PUBLISHED) == 1.0
+    assert score(reflecting(*["Wait,"] * 3), "B", COLOURS, forced_waits=1, **PUBLISHED) == 1.0
+    assert score(reflecting("Wait,", answer="C"), "B", COLOURS, forced_waits=1, **PUBLISHED) == 0.0
 
 
 def test_an_invalid_response_gets_the_penalty_even_with_a_bonus():
     # the published code gives this one 1.1; here the invalid penalty comes first (see _right_reward)
-    assert reward.reward(reflecting("Wait,"), "B", COLOURS, finished=False, **PUBLISHED) == -0.1
-    assert reward.reward(reflecting("Wait,"), "B", COLOURS, finished=False, reflection_bonus=0.1) == pytest.approx(1.1)
+    assert score(reflecting("Wait,"), "B", COLOURS, finished=False, **PUBLISHED) == -0.1
+    assert score(reflecting("Wait,"), "B", COLOURS, finished=False, reflection_bonus=0.1) == pytest.approx(1.1)
 
 
 HOSTILE = [
@@ -380,7 +385,7 @@ def test_hostile_input_scores_zero_quickly_and_touches_nothing(response, tmp_pat
     monkeypatch.chdir(tmp_path)
     start = time.perf_counter()
     assert reward.accuracy(response, "1") == 0.0
-    assert reward.reward(response, "1", invalid_penalty=0.1) in (0.0, -0.1)
+    assert score(response, "1", invalid_penalty=0.1) in (0.0, -0.1)
     assert time.perf_counter() - start < 1.0
     assert list(tmp_path.iterdir()) == []
 
@@ -390,10 +395,10 @@ def test_timer_is_a_backstop_and_leaves_nothing_armed(monkeypatch):
         while True:
             pass
 
-    monkeypatch.setattr(reward, "_matches", spin)
+    monkeypatch.setattr(latex, "equivalent", spin)  # the value comparison never returns
     before = signal.getsignal(signal.SIGALRM)
     start = time.perf_counter()
-    assert reward.accuracy(boxed("1"), "1") == 0.0
+    assert reward.accuracy(boxed("\\frac{1}{2}"), "0.5") == 0.0
     assert time.perf_counter() - start < 1.0
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) is before

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import models
 import rollout
 import smoke
 import tiny
@@ -49,7 +50,7 @@ def test_it_is_a_plain_model_folder_with_the_hub_processor(smoke_model):
         assert (src / f).is_file(), f
     info = json.loads((src / smoke.STAMP).read_text())
     assert info["fingerprint"] == smoke.fingerprint() and info["stop_share"] > 0.8
-    assert tiny.resolve(NAME) == str(src)  # the one loader's name for it
+    assert models.resolve(NAME) == str(src)  # the one loader's name for it
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
     ip = processor.image_processor
     assert type(ip).__name__.startswith("Qwen2VLImageProcessor")
@@ -156,7 +157,7 @@ def test_sampled_responses_stop_and_never_hold_vision_tokens(small_budget):
     model, processor = small_budget
     test = data.ToyTask("test")
     recs = [test[0], test[4]]  # a colour question, and a multiple-choice one
-    out = rollout.sample(model, processor, recs, 8, 24, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    out = rollout.sample(model, processor, recs, 8, rollout.Decoding(24), torch.Generator().manual_seed(0))
     assert out.response_ids.shape[0] == 16
     assert (out.prompts["input_ids"] == 151655).sum(1).tolist() == [16] * 16  # 112 px: 16 visual tokens each
     assert (~out.truncated).float().mean().item() >= 0.75, out.texts

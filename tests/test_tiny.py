@@ -35,7 +35,7 @@ print(json.dumps({"processor": type(processor).__name__, "shape": list(logits.sh
 
 
 def test_reloads_offline_as_a_plain_model_folder_and_runs_with_an_image(tiny_model):
-    src = tiny.resolve("tiny")
+    src = tiny.resolve()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     out = procs.run([sys.executable, "-c", RELOAD, src], 300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -77,8 +77,7 @@ def test_warm_base_follows_the_format_at_chance_accuracy(tiny_model):
     model, processor = tiny_model
     test = data.ToyTask("test")
     recs = [test[i] for i in range(len(test))]
-    ro = rollout.sample(model, processor, recs, g=2, max_new_tokens=48, temperature=1.0,
-                        generator=torch.Generator().manual_seed(0))
+    ro = rollout.sample(model, processor, recs, 2, rollout.Decoding(48), torch.Generator().manual_seed(0))
     n = len(ro.texts)
     boxed = sum(reward.has_boxed(t) for t in ro.texts) / n
     acc = sum(reward.accuracy(t, recs[i // 2].answer, recs[i // 2].choices) for i, t in enumerate(ro.texts)) / n
@@ -94,7 +93,6 @@ def test_warm_base_never_names_an_unseen_colour(tiny_model):
     model, processor = tiny_model
     task = data.ToyTask("train", ("unseen",), n=64)
     recs = [task[i] for i in range(len(task))]
-    ro = rollout.sample(model, processor, recs, g=8, max_new_tokens=48, temperature=1.0,
-                        generator=torch.Generator().manual_seed(0))
+    ro = rollout.sample(model, processor, recs, 8, rollout.Decoding(48), torch.Generator().manual_seed(0))
     assert sum(reward.has_boxed(t) for t in ro.texts) >= 0.9 * len(ro.texts)  # answers were given
     assert not [t for t in ro.texts if any(c in t.lower() for c in data.UNSEEN_COLOURS)]

@@ -1,6 +1,6 @@
 """The collectives of a GPU run, checked on CPU: NCCL has no CPU backend, so a CPU tensor in a
 collective of an NCCL-only group raises "No backend type associated with device type cpu". Gloo
-stands in for NCCL here: a group built from `vlr.BACKENDS["cuda"]` with gloo for nccl has exactly
+stands in for NCCL here: a group built from `distributed.BACKENDS["cuda"]` with gloo for nccl has exactly
 the device-to-backend map of a GPU run."""
 import tempfile
 
@@ -9,17 +9,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import vlr
+import distributed
 
 
 def _worker(rank, world, backend, store, results):
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         device = torch.device("cpu")
-        sums = vlr.reduce({"n": 8 + rank, "loss": 0.5 * (rank + 1)}, device, world)
-        drift = vlr.reduce({"d": [1e-6, 3e-5][rank]}, device, world, dist.ReduceOp.MAX)
+        sums = distributed.reduce({"n": 8 + rank, "loss": 0.5 * (rank + 1)}, device, world)
+        drift = distributed.reduce({"d": [1e-6, 3e-5][rank]}, device, world, dist.ReduceOp.MAX)
         # what a checkpoint gathers: generator states and replay rows (CPU tensors)
-        state = vlr.gather({"gen": torch.Generator().manual_seed(rank).get_state(),
+        state = distributed.gather({"gen": torch.Generator().manual_seed(rank).get_state(),
                             "row": torch.full((3,), float(rank))}, world)
         results[rank] = (sums, drift, [s["row"].tolist() for s in state], [s["gen"].sum().item() for s in state])
     except Exception as e:  # reported to the test, which shows the message
@@ -36,7 +36,7 @@ def _run(backend):
 
 
 def test_gpu_backend_map_has_a_cpu_entry_and_the_run_collectives_work_under_it():
-    backend = vlr.BACKENDS["cuda"].replace("nccl", "gloo")
+    backend = distributed.BACKENDS["cuda"].replace("nccl", "gloo")
     assert "cpu:" in backend
     results = _run(backend)
     gens = [torch.Generator().manual_seed(r).get_state().sum().item() for r in range(2)]

@@ -1,0 +1,77 @@
+"""Folders written atomically (checkpoints, built models), and checkpoints that resume exactly.
+
+Plain values in, plain values out: the trainer (vlr.py) hands over the model, the processor and
+its state dict; the model builders (tiny.py, smoke.py) use `write_atomically` for their caches.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def write_atomically(out: Path, write) -> None:
+    """Fill a folder so that whoever looks finds the old one or the new one, never half of one:
+    `write(tmp)` fills a temporary folder beside `out`, then two renames swap it in. A process
+    killed between the renames leaves only `.<name>-old` (`checkpoint_dir` looks there too).
+    Two processes writing the same folder at once (torchrun ranks building a model) both end with
+    a complete folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
+    os.chmod(tmp, 0o755)  # a plain folder, not mkdtemp's private one
+    write(tmp)
+    old = out.parent / f".{out.name}-old"
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError:  # another process swapped its folder in first; what it wrote is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def param_checksum(model) -> float:
+    """One number per process; DDP keeps weights identical, so every rank must agree exactly."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def save_checkpoint(out: Path, model, processor, state: dict):
+    """Model folder + training state into out/ckpt, atomically: a run killed at any moment leaves
+    the previous checkpoint or the new one, never half of one."""
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        torch.save(state, tmp / "train_state.pt")
+
+    write_atomically(out / "ckpt", write)
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """The newest complete checkpoint (a kill between the two renames leaves only .ckpt-old)."""
+    for name in ("ckpt", ".ckpt-old"):
+        if (out / name / "train_state.pt").exists():
+            return out / name
+    raise SystemExit(f"--resume: no checkpoint in {out}/ckpt")
+
+
+def load_state(ckpt: Path) -> dict:
+    """The training state, onto the CPU first: saved from rank 0's GPU, every rank would load it
+    onto GPU 0. The optimizer's load_state_dict moves its state to each parameter's device."""
+    return torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+
+
+# may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
+RESUMABLE = {"resume", "save_every", "eval_every", "out", "share_vision"}
+
+
+def check_resume_config(out: Path, config: dict):
+    """Refuse to resume with another configuration (`config`: the run's, as a dict) than the saved one."""
+    saved = json.loads((out / "config.json").read_text())
+    diff = {k: (saved.get(k), v) for k, v in config.items() if k not in RESUMABLE and saved.get(k) != v}
+    if diff:
+        raise SystemExit(f"--resume with a different configuration than {out}/config.json: "
+                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))

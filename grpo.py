@@ -1,0 +1,158 @@
+"""GRPO (paper, Section 2): group advantages (Eq. 2), the clipped objective (Eq. 1), the update.
+
+The trainer (vlr.py) hands over its run (vlr.Run: the Config, the policy, its optimizer, the
+reference policy, the generator, the processes) and a batch of rollout.Row.
+"""
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+
+import models
+import rollout
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, std: bool = True) -> torch.Tensor:
+    """Eq. 2: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one value per response; with
+    std=False only r_i - mean (the published code's "group" estimator, experience_maker.py,
+    handle_advantages). A group whose rewards are all equal gets all zeros: the "vanishing
+    advantages" of Section 3.1."""
+    r = rewards.view(-1, group_size).float()  # [P, G]
+    spread = r.std(1, keepdim=True)  # [P, 1]
+    adv = (r - r.mean(1, keepdim=True)) / ((spread + eps) if std else 1.0)  # [P, G]
+    # exactly zero for equal rewards: float round-off in r - mean would otherwise make a fake signal
+    return torch.where(spread > 0, adv, torch.zeros_like(adv)).view(-1)
+
+
+def grpo_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, denom=None, sft=None):
+    """The whole objective, per token: Eq. 1's clipped surrogate, a KL term and an SFT term.
+
+    Eq. 1: -min(rho * A, clip(rho, 1 - clip_eps, 1 + clip_eps_high) * A), rho = exp(logp -
+    old_logp), with the sequence's advantage A on every token. clip_eps_high > clip_eps is
+    "clip-higher" (DAPO; the published VL-Rethinker code uses 0.2 / 0.35); equal, the symmetric
+    clip of Eq. 1. cfg.agg="token" averages over all unmasked tokens of the batch (as DAPO),
+    "seq" each sequence first (the original GRPO). `denom` replaces the batch's own count of
+    tokens (or sequences) when the batch is one micro-batch of a larger one.
+    cfg.kl_coef > 0: a k3 estimate of KL(pi || pi_ref) = exp(ref - logp) - (ref - logp) - 1 per token.
+    cfg.sft_coef > 0 and `sft` = (rows [N] bool, tokens): minus the mean log-likelihood of those
+    rows' tokens over `tokens` (the published aux loss: loss.py, PolicyLoss). Returns (loss, stats)."""
+    ratio = torch.exp(logp - old_logp)  # [N, T] rho of Eq. 1
+    adv = advantages[:, None]  # [N, 1] one advantage per response, on every token
+    clipped_ratio = torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps_high)  # [N, T]
+    per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # [N, T]
+    if cfg.kl_coef:
+        d = ref_logp - logp
+        per_token = per_token + cfg.kl_coef * (torch.exp(d) - d - 1)
+    per_token = per_token * mask
+    if cfg.agg == "token":
+        loss = per_token.sum() / (denom if denom is not None else mask.sum().clamp(min=1))
+    elif cfg.agg == "seq":
+        per_seq = per_token.sum(1) / mask.sum(1).clamp(min=1)  # [N]
+        loss = per_seq.sum() / (denom if denom is not None else per_seq.numel())
+    else:
+        raise ValueError(f"agg must be 'token' or 'seq', not {cfg.agg!r}")
+    if cfg.sft_coef and sft is not None and bool(sft[0].any()):
+        loss = loss - cfg.sft_coef * (logp * mask * sft[0][:, None]).sum() / sft[1]
+    with torch.no_grad():  # tokens whose gradient the clip switched off
+        clipped = ((adv > 0) & (ratio > 1 + cfg.clip_eps_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_eps))  # [N, T]
+        stats = {"clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1)).item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy update: Eq. 1 minimised, cfg.minibatches optimizer steps a rollout
+# ---------------------------------------------------------------------------------------------
+
+def policy_update(run, batch: list, advantages: torch.Tensor, step: int) -> dict:
+    """cfg.minibatches optimizer steps of Eq. 1, each on an equal part of the batch (rollout.Row
+    list), shuffled first as the published trainer draws its minibatches (it takes 8 per rollout).
+    The first part is on-policy: for the rows sampled at `step` the training forward must
+    reproduce the sampler's log-probs before the update (`logp_drift_max`, a live check that
+    rollout and training agree). Each later part meets a policy that the steps before it moved:
+    its ratio is off 1 and the clip acts."""
+    cfg, current = run.cfg, [r.step == step for r in batch]
+    if cfg.minibatches > 1:
+        order = torch.randperm(len(batch), generator=run.gen, device=run.gen.device).tolist()
+        batch, advantages, current = [batch[i] for i in order], advantages[order], [current[i] for i in order]
+    size = len(batch) // cfg.minibatches
+    parts = [optimizer_step(run, batch[i:i + size], advantages[i:i + size],
+                            current[i:i + size] if i == 0 else [False] * size)
+             for i in range(0, size * cfg.minibatches, size)]
+
+    def mean(key):
+        return sum(p[key] for p in parts) / len(parts)
+
+    return {"loss": mean("loss"), "grad_norm": mean("grad_norm"), "clip_frac": mean("clip_frac"),
+            "logp_drift_max": parts[0]["logp_drift_max"], "skipped": sum(p["skipped"] for p in parts)}
+
+
+def optimizer_step(run, batch: list, advantages: torch.Tensor, current: list) -> dict:
+    """One optimizer step of Eq. 1 on `batch`'s rows, in micro-batches (gradients accumulate).
+
+    The loss is the token-level mean over the whole batch of all processes: each process divides
+    its sum by (all tokens / processes), since DDP averages gradients over processes. With
+    cfg.sft_coef, an SFT term on the rows with a positive advantage that reflect (Row.reflects),
+    averaged over the step's SFT tokens (the published code: a token mean per micro-batch).
+    A non-finite loss or gradient skips the update instead of corrupting the weights."""
+    cfg, device = run.cfg, run.device
+    n_tok = torch.tensor(float(sum(r.loss_mask.sum() for r in batch)), device=device)  # [] tokens trained on
+    if run.world > 1:
+        dist.all_reduce(n_tok)
+    denom = n_tok / run.world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
+    sft_rows = [bool(a > 0) and r.reflects for r, a in zip(batch, advantages.tolist())]
+    sft_tok = max(1.0, float(sum(r.loss_mask.sum() for r, s in zip(batch, sft_rows) if s)))
+    run.model.train()
+    run.opt.zero_grad(set_to_none=True)
+    loss_sum, drift, clip = 0.0, 0.0, []
+    for c0 in range(0, len(batch), cfg.micro_batch):
+        part = slice(c0, c0 + cfg.micro_batch)
+        mb = rollout.collate(batch[part], run.processor.tokenizer.pad_token_id)  # prompts [B, L], responses [B, T]
+        mb = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in mb.items()}
+        last = c0 + cfg.micro_batch >= len(batch)
+        sync = contextlib.nullcontext() if last or run.world == 1 else run.ddp.no_sync()  # all-reduce once, at the end
+        with sync, models.autocast(cfg.bf16, device):
+            logp = micro_batch_logprobs(run, run.ddp, mb)  # [B, T]
+            ref_logp = None
+            if cfg.kl_coef:  # the reference is fixed, so replayed rows get theirs now, like current ones
+                with torch.no_grad():
+                    ref_logp = micro_batch_logprobs(run, run.ref, mb)
+            sft = (torch.tensor(sft_rows[part], device=device), sft_tok)
+            loss, st = grpo_loss(logp, mb["logp"], advantages[part].to(device), mb["loss_mask"], cfg, ref_logp, denom, sft)
+            loss.backward()
+        loss_sum += loss.item()
+        clip.append(st["clip_frac"])
+        now = torch.tensor(current[part], device=device)[:, None]  # [B, 1] sampled this step
+        drift = max(drift, ((logp.detach() - mb["logp"]).abs() * mb["response_mask"] * now).max().item())
+    grad_norm, skipped = clip_and_step(run)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "clip_frac": sum(clip) / len(clip), "logp_drift_max": drift,
+            "skipped": int(skipped)}
+
+
+def micro_batch_logprobs(run, model, mb: dict) -> torch.Tensor:
+    """rollout.logprobs of a collated micro-batch under `model` (the policy or the reference)."""
+    banned = rollout.special_ids(run.processor.tokenizer, rollout.VISION_TOKENS)
+    return rollout.logprobs(model, mb["prompts"], mb["response_ids"], mb["response_mask"], run.cfg.temperature,
+                            banned, run.cfg.share_vision)
+
+
+def clip_and_step(run) -> tuple[float, bool]:
+    """Clip the gradient norm (--grad-clip; 0: none) and take the optimizer step, unless the norm
+    is not finite: then the gradient is dropped. Returns (norm, skipped)."""
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip if run.cfg.grad_clip > 0 else float("inf"))
+    skipped = not torch.isfinite(grad_norm).item()
+    if skipped:
+        run.opt.zero_grad(set_to_none=True)
+    else:
+        run.opt.step()
+    run.model.eval()
+    return grad_norm.item(), skipped
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to `floor` (a share of the peak) at the last step (the
+    published runs decay to half). The late, small steps let the policy settle instead of
+    drifting on noise."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))

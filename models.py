@@ -1,0 +1,48 @@
+"""Where a model comes from: the one loader of every command (training, reference policy, eval, bench).
+
+A model is named 'tiny' (the offline tiny Qwen2.5-VL, tiny.py), 'smoke-3b-<n>l' (the 3B-shaped
+smoke model, smoke.py), a folder or a hub id; the two built ones are built into .cache on first use.
+This module stands above both builders, which import neither it nor each other's loader.
+"""
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+import data
+import smoke
+import tiny
+
+
+def resolve(model: str) -> str:
+    """'tiny' -> the cached tiny model folder (built on first use); 'smoke-3b-<n>l' -> the cached
+    3B-shaped smoke model; anything else (a folder, a hub id) unchanged."""
+    if model.startswith("smoke-3b-"):
+        return smoke.resolve(model)
+    return tiny.resolve() if model == "tiny" else model
+
+
+def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 0, max_pixels: int = 0):
+    """(model, processor) from a name (`resolve`), with its image budget.
+
+    The image budget: explicit min/max_pixels win; else a processor that allows more than the
+    published 1280 * 28^2 pixels (the hub's default) gets the published budget; a processor within
+    it (the tiny model, a checkpoint saved by vlr.py) keeps its own. The budget is saved with the
+    processor, so a checkpoint evaluates at the budget it was trained at."""
+    src = resolve(model)
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype).to(device)
+    processor = AutoProcessor.from_pretrained(src)
+    ip = processor.image_processor
+    lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
+    if hi > data.PUBLISHED_MAX_PIXELS:
+        lo, hi = data.PUBLISHED_MIN_PIXELS, data.PUBLISHED_MAX_PIXELS
+    lo, hi = min_pixels or lo, max_pixels or hi
+    if not 0 < lo <= hi:
+        raise ValueError(f"image budget: min_pixels {lo} must be positive and at most max_pixels {hi}")
+    ip.size = {"shortest_edge": lo, "longest_edge": hi}
+    return policy, processor
+
+
+def autocast(bf16: bool, device):
+    """bf16 compute with fp32 weights (--bf16); a no-op otherwise. Autocast's weight cache is off:
+    it would hold a bf16 copy of every weight for as long as the context lasts (a whole rollout,
+    +6 GB for the 3B); a weight is cast again where it is used instead."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)

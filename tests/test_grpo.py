@@ -1,0 +1,207 @@
+"""grpo.py: the loss and the advantages against hand computations; the update on the tiny model
+(a non-finite step skipped, shared vision, the KL term, minibatches)."""
+import copy
+
+import pytest
+import torch
+
+import data
+import grpo
+import rollout
+import vlr
+
+
+def reference_loss(logp, old, adv, mask, eps_low, eps_high, agg):
+    """Eq. 1 written out token by token, in plain Python floats."""
+    terms, per_seq = 0.0, []
+    n_tok = 0
+    for i in range(logp.shape[0]):
+        seq, n = 0.0, 0
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                rho = float(torch.exp(logp[i, t] - old[i, t]))
+                a = float(adv[i])
+                seq += -min(rho * a, min(max(rho, 1 - eps_low), 1 + eps_high) * a)
+                n += 1
+        terms += seq
+        n_tok += n
+        per_seq.append(seq / max(n, 1))
+    return terms / n_tok if agg == "token" else sum(per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("agg", ["token", "seq"])
+@pytest.mark.parametrize("eps_high", [None, 0.35])
+def test_grpo_loss_value_and_gradient_match_an_independent_formula(agg, eps_high):
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(5, 7, generator=g) * 3).double().requires_grad_()
+    old = (logp.detach() + 0.4 * torch.randn(5, 7, generator=g, dtype=torch.float64))
+    adv = torch.randn(5, generator=g, dtype=torch.float64)
+    mask = (torch.rand(5, 7, generator=g) > 0.3).double()
+    high = 0.2 if eps_high is None else eps_high  # None: the symmetric clip of Eq. 1
+    loss, _ = grpo.grpo_loss(logp, old, adv, mask, vlr.Config(clip_eps=0.2, clip_eps_high=high, agg=agg))
+    assert loss.item() == pytest.approx(reference_loss(logp.detach(), old, adv, mask, 0.2, high, agg), rel=1e-12)
+    loss.backward()
+    # finite differences of the reference, token by token
+    num = torch.zeros_like(logp)
+    for i in range(5):
+        for t in range(7):
+            d = torch.zeros_like(logp)
+            d[i, t] = 1e-6
+            up = reference_loss(logp.detach() + d, old, adv, mask, 0.2, high, agg)
+            down = reference_loss(logp.detach() - d, old, adv, mask, 0.2, high, agg)
+            num[i, t] = (up - down) / 2e-6
+    assert torch.allclose(logp.grad, num, atol=1e-6)
+
+
+def test_on_policy_loss_is_minus_the_mean_advantage_per_token():
+    logp = torch.randn(3, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss, st = grpo.grpo_loss(logp, logp.clone(), adv, mask, vlr.Config())
+    assert loss.item() == pytest.approx(-(4 * 1.0 + 2 * -2.0 + 1 * 0.5) / 7)
+    seq, _ = grpo.grpo_loss(logp, logp.clone(), adv, mask, vlr.Config(agg="seq"))
+    assert seq.item() == pytest.approx(-(1.0 - 2.0 + 0.5) / 3)
+    assert st["clip_frac"] == 0.0
+
+
+def test_clipping_stops_the_gradient_outside_the_trust_region():
+    old = torch.zeros(4, 1)
+    # ratio 1.5 with A > 0 and ratio 0.5 with A < 0: clipped; ratio 1.1 / 0.9: inside
+    logp = torch.log(torch.tensor([[1.5], [0.5], [1.1], [0.9]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, st = grpo.grpo_loss(logp, old, adv, torch.ones(4, 1), vlr.Config(clip_eps=0.2, clip_eps_high=0.2))
+    loss.backward()
+    assert logp.grad[0].item() == 0 and logp.grad[1].item() == 0
+    assert logp.grad[2].item() == pytest.approx(-1.1 / 4) and logp.grad[3].item() == pytest.approx(0.9 / 4)
+    assert st["clip_frac"] == 0.5
+    # the other side of the region is not clipped: a bad token's ratio below 1 - eps with A > 0 still learns
+    lp = torch.log(torch.tensor([[0.5]])).requires_grad_()
+    grpo.grpo_loss(lp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1), vlr.Config())[0].backward()
+    assert lp.grad.item() == pytest.approx(-0.5)
+
+
+def test_the_sft_term_adds_minus_the_mean_log_likelihood_of_its_rows():
+    logp, mask = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]])), torch.ones(2, 2)
+    adv = torch.tensor([1.0, -1.0])
+    plain, _ = grpo.grpo_loss(logp, logp.clone(), adv, mask, vlr.Config(sft_coef=0.1))
+    sft, _ = grpo.grpo_loss(logp, logp.clone(), adv, mask, vlr.Config(sft_coef=0.1), sft=(torch.tensor([True, False]), 4.0))
+    assert sft.item() == pytest.approx(plain.item() - 0.1 * (logp[0].sum().item()) / 4.0)
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0, 0, 0, 0.7, 0.7, 0.7, 0.7, 0, 0, 0, 0])
+    adv = grpo.group_advantages(r, 4)
+    assert torch.equal(adv[4:], torch.zeros(8))  # all-equal groups: exactly zero, even 0.7s
+    g = r[:4]
+    expect = (g - g.mean()) / (g.std() + 1e-6)
+    assert torch.allclose(adv[:4], expect)
+    assert adv[0].item() == pytest.approx(1.5, rel=1e-5)  # (1 - 0.25) / 0.5
+
+
+def run_of(model, processor, cfg, opt, ref=None, gen=None) -> vlr.Run:
+    """A one-process Run on the CPU holding what the update uses."""
+    return vlr.Run(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), out=None, model=model, ddp=model,
+                   processor=processor, ref=ref, opt=opt, sched=None, gen=gen or torch.Generator(), buffer=None,
+                   rethink=None, decoding=None, train_set=None, test_set=None, start=0, log=None)
+
+
+def sample(model, processor, recs, g, seed):
+    return rollout.sample(model, processor, recs, g, rollout.Decoding(12), torch.Generator().manual_seed(seed))
+
+
+def test_policy_update_skips_a_non_finite_step_and_takes_a_finite_one(tiny_model):
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
+    cfg = vlr.Config(micro_batch=3)  # two micro-batches: accumulation is exercised too
+    run = run_of(model, processor, cfg, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    bad = grpo.policy_update(run, rows, torch.tensor([1.0, float("nan"), -1.0, 0.5]), 0)
+    assert bad["skipped"] == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # weights untouched
+
+    good = grpo.policy_update(run, rows, torch.tensor([1.0, -1.0, 0.5, -0.5]), 0)
+    assert good["skipped"] == 0 and good["logp_drift_max"] < 1e-4
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("freeze_vision", [False, True])
+def test_shared_vision_gives_the_per_row_gradients_with_replayed_rows(tiny_model, freeze_vision):
+    """One picture encoded once per micro-batch (--share-vision) against once per row (the model's
+    own forward): the same loss and parameter gradients, the tower's included, on a batch of this
+    step's rows and replayed ones in two micro-batches (a group split over both)."""
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    model.model.visual.requires_grad_(not freeze_vision)
+    task = data.ToyTask("train", ["colour"])
+    earlier = sample(model, processor, [task[0], task[1]], 2, 0)
+    now = sample(model, processor, [task[1], task[2]], 2, 1)
+    rows = rollout.split_rows(now, step=1) + [rollout.split_rows(earlier, step=0)[i] for i in (0, 3)]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.8, -0.3])
+    grads, ups = {}, {}
+    for share in (True, False):
+        cfg = vlr.Config(micro_batch=4, grad_clip=0.0, share_vision=share)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # weights stay
+        ups[share] = grpo.policy_update(run_of(model, processor, cfg, opt), rows, adv, 1)
+        grads[share] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any(n.startswith("model.visual.") and g.abs().sum() > 0 for n, g in grads[False].items()) != freeze_vision
+    for name, g in grads[False].items():
+        assert (grads[True][name] - g).norm() <= 1e-5 * g.norm() + 1e-9, name
+    assert ups[True]["loss"] == pytest.approx(ups[False]["loss"], rel=1e-6)
+    assert ups[True]["logp_drift_max"] < 1e-4 and ups[False]["logp_drift_max"] < 1e-4
+
+
+def test_kl_term_uses_the_reference_and_pulls_the_policy_towards_it(tiny_model):
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # a reference that differs from the policy
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
+    cfg = vlr.Config(micro_batch=3, kl_coef=1.0)
+    banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
+    pad = processor.tokenizer.pad_token_id
+
+    def k3_mean():  # the k3 estimate of KL(pi || ref), mean over the trained tokens, computed here
+        b = rollout.collate(rows, pad)
+        with torch.no_grad():
+            lp = rollout.logprobs(model, b["prompts"], b["response_ids"], b["response_mask"], 1.0, banned)
+            lr = rollout.logprobs(ref, b["prompts"], b["response_ids"], b["response_mask"], 1.0, banned)
+        d = lr - lp
+        return float(((torch.exp(d) - d - 1) * b["loss_mask"]).sum() / b["loss_mask"].sum())
+
+    before = k3_mean()
+    assert before > 1e-3
+    run = run_of(model, processor, cfg, torch.optim.AdamW(model.parameters(), lr=1e-3), ref)
+    zero_adv = torch.zeros(4)  # no policy-gradient signal: the loss is the KL term alone
+    up = grpo.policy_update(run, rows, zero_adv, 0)
+    assert up["loss"] == pytest.approx(before, rel=1e-4)
+    for _ in range(5):
+        grpo.policy_update(run, rows, zero_adv, 1)
+    assert k3_mean() < 0.5 * before
+
+
+def test_minibatches_the_first_is_on_policy_the_later_ones_are_clipped(tiny_model, monkeypatch):
+    """--minibatches 2: two optimizer steps; the ratio is 1 on every token of the first part and
+    off 1 on the second, which meets the policy the first step moved."""
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    rows = rollout.split_rows(sample(model, processor, recs, 4, 0))
+    ratios, real_loss = [], grpo.grpo_loss
+
+    def spy(logp, old_logp, advantages, mask, *args, **kwargs):
+        ratios.append(((logp.detach() - old_logp).exp() - 1).abs()[mask.bool()].max().item())
+        return real_loss(logp, old_logp, advantages, mask, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    cfg = vlr.Config(micro_batch=8, minibatches=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    steps = []
+    monkeypatch.setattr(opt, "step", lambda *a, **k: steps.append(1) or torch.optim.AdamW.step(opt))
+    run = run_of(model, processor, cfg, opt, gen=torch.Generator().manual_seed(0))
+    up = grpo.policy_update(run, rows, torch.tensor([1.0, -1.0] * 4), 0)
+    assert len(steps) == 2 and len(ratios) == 2
+    assert ratios[0] < 1e-5 and ratios[1] > 1e-3
+    assert up["logp_drift_max"] < 1e-4 and up["skipped"] == 0
