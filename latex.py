@@ -35,9 +35,9 @@ import sympy
 
 MAX_TOKENS = 150
 MAX_DEPTH = 20  # nested brackets, braces and macro arguments
-MAX_DIGITS = 40
-MAX_EXPONENT = 1000
-MAX_POW_BITS = 1000  # a constant power fits a double (below 2^1024)
+MAX_DIGITS = 3000  # about the length of the largest power below, written out
+MAX_EXPONENT = 10_000
+MAX_POW_BITS = 10_000  # a constant power is computed exactly while it has at most this many bits: microseconds
 MAX_POW_NESTING = 2
 MAX_FACTORIAL = 100
 MAX_VALUES = 8  # items of a list like "1, 2, 3", with both signs of each \pm
@@ -62,6 +62,8 @@ def _same_values(p, g, abs_tol: float) -> bool:
     (p_brackets, p_values), (g_brackets, g_values) = p, g
     if p_brackets != g_brackets or len(p_values) != len(g_values):
         return False
+    if p_brackets == "=":
+        return _same_equation(p_values[0], g_values[0])
     if p_brackets:
         return all(_same_expr(a, b, abs_tol) for a, b in zip(p_values, g_values))
     unmatched = list(g_values)
@@ -73,19 +75,38 @@ def _same_values(p, g, abs_tol: float) -> bool:
     return True
 
 
-def _same_expr(a, b, abs_tol: float) -> bool:
-    """Equal as sympy builds them (2\\sqrt{3} and \\sqrt{12} already are), else equal in value:
-    once for constants, at N_POINTS random points (the same ones every call) with variables."""
-    if a == b:
-        return True
+def _points(a, b) -> list[dict]:
+    """Where to compare a and b: once for constants, else at N_POINTS random points (the same every call)."""
     symbols = sorted(a.free_symbols | b.free_symbols, key=str)
     rng = random.Random(0)
-    for _ in range(N_POINTS if symbols else 1):
-        point = {s: rng.uniform(0.5, 2.5) for s in symbols}  # positive: keeps sqrt and log real
+    return [{s: rng.uniform(0.5, 2.5) for s in symbols}  # positive: keeps sqrt and log real
+            for _ in range(N_POINTS if symbols else 1)]
+
+
+def _same_expr(a, b, abs_tol: float) -> bool:
+    """Equal as sympy builds them (2\\sqrt{3} and \\sqrt{12} already are, and 4^{1012} and 2^{2024}, exactly),
+    else equal in value at `_points`."""
+    if a == b:
+        return True
+    for point in _points(a, b):
         x, y = _evaluate(a, point), _evaluate(b, point)
         if x is None or y is None or abs(x - y) > max(REL_TOL * max(abs(x), abs(y)), abs_tol):
             return False
     return True
+
+
+def _same_equation(a, b) -> bool:
+    """a = 0 and b = 0 (each equation read as lhs - rhs) are the same when a is a nonzero constant times b:
+    sides swapped, or both scaled (x^2/81 + y^2/9 = 1 and x^2 + 9y^2 = 81); equations without a variable never are."""
+    if not (a.free_symbols or b.free_symbols):
+        return False
+    ratios = []
+    for point in _points(a, b):
+        x, y = _evaluate(a, point), _evaluate(b, point)
+        if x is None or y is None or x == 0 or y == 0:
+            return False
+        ratios.append(x / y)
+    return all(abs(r - ratios[0]) <= REL_TOL * abs(ratios[0]) for r in ratios)
 
 
 _FLOAT_FUNCTIONS = {sympy.sin: cmath.sin, sympy.cos: cmath.cos, sympy.tan: cmath.tan, sympy.asin: cmath.asin,
@@ -138,7 +159,7 @@ _GREEK = {"alpha", "beta", "gamma", "theta", "phi", "lambda", "mu", "omega"}
 _OPERATORS = {"cdot": "*", "times": "*", "div": "/"}
 _COMMANDS = {"frac", "sqrt", "pm", *_FUNCTIONS, *_CONSTANTS, *_GREEK}
 _WORDS = {"sqrt", "pi", *_FUNCTIONS}  # also understood without a backslash: sqrt(2)
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|\\([a-zA-Z]+)|([a-zA-Z]+)|([-+*/^_()\[\]{},!]))")
+_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|\\([a-zA-Z]+)|([a-zA-Z]+)|([-+*/^_()\[\]{},!=]))")
 
 
 def _tokenize(s: str) -> list[str]:
@@ -180,16 +201,26 @@ def _parse(s: str):
 
 
 def _checked_pow(base, exponent):
-    """base ** exponent, refused before sympy computes something astronomically large."""
+    """base ** exponent, refused before sympy computes something astronomically large: a constant power
+    only while its value has at most MAX_POW_BITS bits. The bound is on the work, not on the number: sympy
+    computes 4^{1012} exactly, as Python's integers do, in microseconds."""
     if not exponent.free_symbols:
         e = _evaluate(exponent, {})
         if e is None or abs(e) > MAX_EXPONENT:
             raise _Reject
-        if not base.free_symbols:
-            b = _evaluate(base, {})
-            if b is None or (b != 0 and abs(e) * abs(math.log2(abs(b))) > MAX_POW_BITS):
-                raise _Reject
+        if not base.free_symbols and abs(e) * _bits(base) > MAX_POW_BITS:
+            raise _Reject
     return sympy.Pow(base, exponent)
+
+
+def _bits(x) -> float:
+    """|log2| of constant x's size: of a rational's larger part, exactly (it may be past a double's range)."""
+    if x.is_Rational:
+        return max(math.log2(abs(x.p)) if x.p else 0.0, math.log2(x.q))
+    v = _evaluate(x, {})
+    if v is None:
+        raise _Reject
+    return abs(math.log2(abs(v))) if v != 0 else 0.0
 
 
 def _checked_call(function, *args):
@@ -201,6 +232,7 @@ def _checked_call(function, *args):
 
 class _Parser:
     """answer := "(" or "[" expr ("," expr)+ ")" or "]"      a tuple or an interval
+              |  expr "=" expr                                an equation
               |  item ("," item)*                             a bare list, in any order
        item   := expr, where "\\pm" may stand between terms or before the first one
        expr   := ["+" | "-"] term (("+" | "-") term)*
@@ -224,6 +256,7 @@ class _Parser:
         return True
 
     def answer(self):
+        """A tuple or interval, an equation (as lhs - rhs, "=" for brackets), or a bare list."""
         if self.peek() in ("(", "["):  # try a tuple or an interval first, else read it as an expression
             self.i = 1
             with contextlib.suppress(_Reject):
@@ -231,10 +264,14 @@ class _Parser:
                 if self.i == len(self.tokens) - 1 and self.peek() in (")", "]") and len(values) > 1:
                     return self.tokens[0] + self.tokens[-1], values
             self.i, self.depth, self.pow_nesting = 0, 0, 0
-        values = self.items(allow_pm=True)
+        values, brackets = self.items(allow_pm=True), ""
+        if self.eat("="):
+            if len(values) != 1:
+                raise _Reject
+            values, brackets = [values[0] - self.expr()[0]], "="
         if self.i != len(self.tokens):
             raise _Reject
-        return "", values
+        return brackets, values
 
     def items(self, allow_pm: bool) -> list:
         values = self.expr(allow_pm)

@@ -212,12 +212,20 @@ def _matches(pred: str, gold: str, options: list[str]) -> bool:
 
 
 _DROP = re.compile(r"\\[,;:! {}]|\\q?quad(?![a-zA-Z])|\\(?:left|right|displaystyle)(?![a-zA-Z])"
-                   r"|\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°|\\?%|\\?\$")
-_UNIT_TEXT = re.compile(r"(?<=[\d}])\s*\\(?:text|mathrm|mbox)\s*\{[^{}]*\}(?:\^\{?[23]\}?)?")  # 12\text{ cm}^2
+                   r"|(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°)(?:\s*T(?![a-zA-Z]))?|\\?%|\\?\$")  # 212°T: a bearing
+_UNIT_TEXT = re.compile(r"(?<=[\d}])\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)(?:\^\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
-_UNIT_WORDS = re.compile(r"(?<=\d)(?:\s+[a-zA-Z]+\.?(?:\s+[a-zA-Z]+\.?){0,2}|\s*(?:cm|mm|km|kg|ft|inches|feet|units?"
-                         r"|degrees?|dollars?|meters?|hours?|minutes?|seconds?))(?:\^\{?[23]\}?|²|³)?$")
-_UNICODE = str.maketrans({"−": "-", "×": "*", "·": "*", "÷": "/", "π": "\\pi"})
+# Words after a number are its unit ("3 square units", "4.4 m"), but a single letter is a variable, as MathVerse
+# writes "0.5 y^2" and "36 t-4 t^3" (only m, g and L are units); a word of the math subset (pi, sin) is math.
+_UNIT_WORDS = re.compile(r"(?:(?<=\d)\s+(?!(?:sqrt|pi|sin|cos|tan|cot|sec|csc|arc\w+|ln|log|exp)\b)(?:[a-zA-Z]{2,}|[mgL])\.?"
+                         r"(?:\s+[a-zA-Z]+\.?){0,2}|(?:(?<=[\d})])|(?<=\\pi))\s*(?:cm|mm|km|kg|ft|inches|feet|units?|degrees?|dollars?"
+                         r"|meters?|metres?|hours?|minutes?|seconds?)|(?<=[})])m)(?:\s*\^\{?[23]\}?|²|³)?$")
+# The signs the benchmarks write in unicode (MathVista's options: 2√{3}, 3πcm, 100°; MathVerse's "118掳T" is its
+# mis-decoded degree sign), as the LaTeX the parser reads; a trailing space ends a command before a letter (πcm).
+_UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "⋅": "*", "÷": "/", "π": "\\pi ", "√": "\\sqrt ",
+                          "∞": "\\infty ", "±": "\\pm ", "≤": "\\leq ", "≥": "\\geq ", "≠": "\\neq ", "≈": "\\approx ",
+                          "∪": "\\cup ", "∠": "\\angle ", "²": "^2", "³": "^3", "掳": "°", "\u2009": " ", "\u00a0": " "})
+_NAME = re.compile(r"[a-zA-Z\\. ]{0,30}(?:_\{?\w+\}?)?\s*(?:\(\s*[a-z]\s*(?:,\s*[a-z]\s*)*\))?\s*")  # y_2, f(x), (x, y), Area
 _DECIMAL = re.compile(r"-?\d*\.(\d+)")
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 
@@ -236,10 +244,12 @@ def _clean(s: str) -> str:
 def _normalize(s: str) -> str:
     """Reduce a cleaned answer to its value: drop a leading "x =", units and thousands commas."""
     s = s.replace("\\approx", "=")
-    if s.count("=") == 1:
-        lhs, rhs = s.split("=")
-        if len(lhs) <= 20 and "," not in lhs:  # "x = 5", "\angle ABC = 30": the answer is the right side
+    if s.count("=") == 1:  # "x = 5", "\angle ABC = 30", "Area = 9\pi", "5 = s": the answer is the value, but
+        lhs, rhs = s.split("=")  # "x^2+y^2=49" is an equation, not 49 (latex.py compares equations)
+        if _NAME.fullmatch(lhs):
             s = rhs.strip()
+        elif _NAME.fullmatch(rhs):
+            s = lhs.strip()
     s = _UNIT_WORDS.sub("", s)
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # 1,000,000 but not (1,000) or "1, 2"
         s = s.replace(",", "")
