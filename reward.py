@@ -183,7 +183,7 @@ def _unbox(s: str) -> str:
     return s
 
 
-_LETTER = re.compile(r"\(?([A-Za-z])(?:[).:]|$)")  # B, (B), B), B., B: and B. 12 -- not "Blue" or "B 12"
+_LETTER = re.compile(r"\(?([A-Za-z])(?:[).:]|$)(?=\s|$)")  # B, (B), B), B., B: and B. 12 -- not "Blue", "B 12", "S.A."
 
 
 def _choice_index(s: str, gold: bool) -> int | None:
@@ -205,21 +205,25 @@ def _matches(pred: str, gold: str, options: list[str]) -> bool:
     if g is not None:
         if p is not None:
             return p == g
+        keys = [_text_key(o) for o in options]  # an option's own text names it: "0.2 - 0.4" is not "0 - 0.2" (= -0.2)
+        if _text_key(pred) in keys:
+            return keys.index(_text_key(pred)) == g
         return g < len(options) and _equivalent(pred, options[g])
     if p is not None and p < len(options):  # the gold is an option's text and the prediction its letter
         return _equivalent(options[p], gold)
     return _equivalent(pred, gold)
 
 
-_DROP = re.compile(r"\\[,;:! {}]|\\q?quad(?![a-zA-Z])|\\(?:left|right|displaystyle)(?![a-zA-Z])"
+_DROP = re.compile(r"\\[,;:! {}\[\]]|\\q?quad(?![a-zA-Z])|\\(?:left|right|displaystyle)(?![a-zA-Z])"
                    r"|(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°)(?:\s*T(?![a-zA-Z]))?|\\?%|\\?\$")  # 212°T: a bearing
-_UNIT_TEXT = re.compile(r"(?<=[\d}])\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)(?:\^\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
+_UNIT_TEXT = re.compile(r"(?<=[\d}.])\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)(?:\s*\^\s*\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
 # Words after a number are its unit ("3 square units", "4.4 m"), but a single letter is a variable, as MathVerse
-# writes "0.5 y^2" and "36 t-4 t^3" (only m, g and L are units); a word of the math subset (pi, sin) is math.
+# writes "0.5 y^2" and "36 t-4 t^3" (only m, g and L are units; m also glued on: 4.4m, 10√{3}m); a word of the math
+# subset (pi, sin) is math.
 _UNIT_WORDS = re.compile(r"(?:(?<=\d)\s+(?!(?:sqrt|pi|sin|cos|tan|cot|sec|csc|arc\w+|ln|log|exp)\b)(?:[a-zA-Z]{2,}|[mgL])\.?"
-                         r"(?:\s+[a-zA-Z]+\.?){0,2}|(?:(?<=[\d})])|(?<=\\pi))\s*(?:cm|mm|km|kg|ft|inches|feet|units?|degrees?|dollars?"
-                         r"|meters?|metres?|hours?|minutes?|seconds?)|(?<=[})])m)(?:\s*\^\{?[23]\}?|²|³)?$")
+                         r"(?:\s+[a-zA-Z]+\.?){0,2}|(?:(?<=[\d})])|(?<=\\pi))\s*(?:cm|mm|km|kg|ft|inches|feet|(?:square |cubic )?units?|degrees?|dollars?"
+                         r"|meters?|metres?|hours?|minutes?|seconds?|m))(?:\s*\^\s*\{?[23]\}?|²|³)?$")
 # The signs the benchmarks write in unicode (MathVista's options: 2√{3}, 3πcm, 100°; MathVerse's "118掳T" is its
 # mis-decoded degree sign), as the LaTeX the parser reads; a trailing space ends a command before a letter (πcm).
 _UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "⋅": "*", "÷": "/", "π": "\\pi ", "√": "\\sqrt ",
