@@ -216,7 +216,7 @@ def _matches(pred: str, gold: str, options: list[str]) -> bool:
 
 _DROP = re.compile(r"\\[,;:! {}\[\]]|\\q?quad(?![a-zA-Z])|\\(?:left|right|displaystyle)(?![a-zA-Z])"
                    r"|(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°)(?:\s*T(?![a-zA-Z]))?|\\?%|\\?\$")  # 212°T: a bearing
-_UNIT_TEXT = re.compile(r"(?<=[\d}.])\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)(?:\s*\^\s*\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
+_UNIT_TEXT = re.compile(r"(?:(?<=[\d}.])|(?<=\\pi))\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)(?:\s*\^\s*\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
 # Words after a number are its unit ("3 square units", "4.4 m"), but a single letter is a variable, as MathVerse
 # writes "0.5 y^2" and "36 t-4 t^3" (only m, g and L are units; m also glued on: 4.4m, 10√{3}m); a word of the math
