@@ -5,8 +5,8 @@ module answers one question about the two cleaned strings, `equivalent(pred, gol
 both as hostile input (the prediction is model output).
 
   1. Both are parsed by our own tokenizer and recursive-descent parser for a LaTeX subset (numbers,
-     single letters, + - * / ^ !, \\frac, \\sqrt, \\pi, trig and log functions, \\pm, tuples and
-     intervals), which builds the sympy objects itself: model text never reaches eval, exec,
+     single letters, + - * / ^ !, \\frac, \\sqrt, \\pi, trig and log functions, \\pm, |x|, tuples and
+     intervals, equations and inequalities), which builds the sympy objects itself: model text never reaches eval, exec,
      sympify or parse_expr, and anything outside the whitelist is simply not math.
   2. Values are compared numerically, in plain double precision: constants directly, expressions
      at random points (identity testing), both within REL_TOL. Neither sympy's simplify nor its
@@ -325,8 +325,10 @@ class _Parser:
         """Can the next token start an implicit factor? Not a number: "2 3" is no product; but after a
         power it is, as MathVision writes 2^{12} 13^2."""
         tok = self.peek()
-        return tok is not None and (tok in ("(", "{") or (tok == "|" and not self.in_abs) or tok.isalpha() or (tok[0] == "\\" and tok != "\\pm")
-                                    or (tok[0].isdigit() and self.tokens[self.i - 1] == "}" and self.raised))
+        if tok is None:
+            return False
+        return (tok in ("(", "{") or (tok == "|" and not self.in_abs) or tok.isalpha() or (tok[0] == "\\" and tok != "\\pm")
+                or (tok[0].isdigit() and self.tokens[self.i - 1] == "}" and self.raised))
 
     def signed(self, parse):
         return -parse() if self.eat("-") else parse()

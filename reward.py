@@ -216,20 +216,24 @@ def _matches(pred: str, gold: str, options: list[str]) -> bool:
 
 _DROP = re.compile(r"\\[,;:! {}\[\]]|\\q?quad(?![a-zA-Z])|\\(?:left|right|displaystyle)(?![a-zA-Z])"
                    r"|(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°)(?:\s*T(?![a-zA-Z]))?|\\?%|\\?\$")  # 212°T: a bearing
-_UNIT_TEXT = re.compile(r"(?:(?<=[\d}.])|(?<=\\pi))\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)(?:\s*\^\s*\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
+_UNIT_TEXT = re.compile(r"(?:(?<=[\d}.])|(?<=\\pi))\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)"
+                        r"(?:\s*\^\s*\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
 # Words after a number are its unit ("3 square units", "4.4 m"), but a single letter is a variable, as MathVerse
 # writes "0.5 y^2" and "36 t-4 t^3" (only m, g and L are units; m also glued on: 4.4m, 10√{3}m); a word of the math
 # subset (pi, sin) is math.
-_UNIT_WORDS = re.compile(r"(?:(?<=\d)\s+(?!(?:sqrt|pi|sin|cos|tan|cot|sec|csc|arc\w+|ln|log|exp)\b)(?:[a-zA-Z]{2,}|[mgL])\.?"
-                         r"(?:\s+[a-zA-Z]+\.?){0,2}|(?:(?<=[\d})])|(?<=\\pi))\s*(?:cm|mm|km|kg|ft|inches|feet|(?:square |cubic )?units?|degrees?|dollars?"
-                         r"|meters?|metres?|hours?|minutes?|seconds?|m))(?:\s*\^\s*\{?[23]\}?|²|³)?$")
+_UNIT_WORDS = re.compile(r"(?:(?<=\d)\s+(?!(?:sqrt|pi|sin|cos|tan|cot|sec|csc|arc\w+|ln|log|exp)\b)"
+                         r"(?:[a-zA-Z]{2,}|[mgL])\.?(?:\s+[a-zA-Z]+\.?){0,2}"
+                         r"|(?:(?<=[\d})])|(?<=\\pi))\s*(?:cm|mm|km|kg|ft|inches|feet|(?:square |cubic )?units?"
+                         r"|degrees?|dollars?|meters?|metres?|hours?|minutes?|seconds?|m))(?:\s*\^\s*\{?[23]\}?|²|³)?$")
 # The signs the benchmarks write in unicode (MathVista's options: 2√{3}, 3πcm, 100°; MathVerse's "118掳T" is its
 # mis-decoded degree sign), as the LaTeX the parser reads; a trailing space ends a command before a letter (πcm).
-_UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "⋅": "*", "÷": "/", "π": "\\pi ", "√": "\\sqrt ",
-                          "∞": "\\infty ", "±": "\\pm ", "≤": "\\leq ", "≥": "\\geq ", "≠": "\\neq ", "≈": "\\approx ",
-                          "∪": "\\cup ", "∠": "\\angle ", "²": "^2", "³": "^3", "掳": "°", "\u2009": " ", "\u00a0": " "})
-_NAME = re.compile(r"[a-zA-Z\\. ]{0,30}(?:_\{?\w+\}?)?\s*(?:\(\s*[a-z]\s*(?:,\s*[a-z]\s*)*\))?\s*")  # y_2, f(x), (x, y), Area
+_UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "⋅": "*", "÷": "/", "π": "\\pi ",
+                          "√": "\\sqrt ", "∞": "\\infty ", "±": "\\pm ", "≤": "\\leq ", "≥": "\\geq ", "≠": "\\neq ",
+                          "≈": "\\approx ", "∪": "\\cup ", "∠": "\\angle ", "²": "^2", "³": "^3", "掳": "°",
+                          "\u2009": " ", "\u00a0": " "})
+# What may stand left of "=" in a value's name: Area, S.A. of rectangular prism, y_2, f(x), (x, y)
+_NAME = re.compile(r"[a-zA-Z\\. ]{0,30}(?:_\{?\w+\}?)?\s*(?:\(\s*[a-z]\s*(?:,\s*[a-z]\s*)*\))?\s*")
 _DECIMAL = re.compile(r"-?\d*\.(\d+)")
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 

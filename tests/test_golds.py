@@ -17,7 +17,8 @@ RECORDS = [json.loads(line) for line in (Path(__file__).parent / "data" / "golds
            if line and not line.startswith("#")]
 LETTERS = "ABCDEFGH"
 # A trailing unit as the benchmarks write it: \mathrm{~cm}^{2}, \text{ units}^2, "square units", °, ^\circ T
-_UNIT = re.compile(r"(?:\s*(?:\\mathrm\s*\{[^{}]*\}|\\text\s*\{[^{}]*\}|\$?\s*(?:(?:square |cubic )?units|litres|metres|km|m|cm)\b\s*\$?)"
+_UNIT = re.compile(r"(?:\s*(?:\\mathrm\s*\{[^{}]*\}|\\text\s*\{[^{}]*\}"
+                   r"|\$?\s*(?:(?:square |cubic )?units|litres|metres|km|m|cm)\b\s*\$?)"
                    r"(?:\s*\$?\^\s*\{?\d\}?\$?)?|\s*(?:\^\s*\{?\\circ\}?|°)\s*T?)\s*\$?\s*$")
 _TERM = re.compile(r"(?<=[^\s^_({\[=,e])\s*(?=[-+])")  # before a + or - that joins two terms
 _TO_UNICODE = [(r"\sqrt", "√"), (r"\pi", "π"), (r"\times", "×"), (r"\cdot", "·"), (r"\infty", "∞"), (r"^{\circ}", "°"),
