@@ -5,8 +5,8 @@ module answers one question about the two cleaned strings, `equivalent(pred, gol
 both as hostile input (the prediction is model output).
 
   1. Both are parsed by our own tokenizer and recursive-descent parser for a LaTeX subset (numbers,
-     single letters, + - * / ^ !, \\frac, \\sqrt, \\pi, trig and log functions, \\pm, tuples and
-     intervals), which builds the sympy objects itself: model text never reaches eval, exec,
+     single letters, + - * / ^ !, \\frac, \\sqrt, \\pi, trig and log functions, \\pm, |x|, tuples and
+     intervals, equations and inequalities), which builds the sympy objects itself: model text never reaches eval, exec,
      sympify or parse_expr, and anything outside the whitelist is simply not math.
   2. Values are compared numerically, in plain double precision: constants directly, expressions
      at random points (identity testing), both within REL_TOL. Neither sympy's simplify nor its
@@ -35,9 +35,9 @@ import sympy
 
 MAX_TOKENS = 150
 MAX_DEPTH = 20  # nested brackets, braces and macro arguments
-MAX_DIGITS = 40
-MAX_EXPONENT = 1000
-MAX_POW_BITS = 1000  # a constant power fits a double (below 2^1024)
+MAX_DIGITS = 3000  # about the length of the largest power below, written out
+MAX_EXPONENT = 10_000
+MAX_POW_BITS = 10_000  # a constant power is computed exactly while it has at most this many bits: microseconds
 MAX_POW_NESTING = 2
 MAX_FACTORIAL = 100
 MAX_VALUES = 8  # items of a list like "1, 2, 3", with both signs of each \pm
@@ -62,6 +62,8 @@ def _same_values(p, g, abs_tol: float) -> bool:
     (p_brackets, p_values), (g_brackets, g_values) = p, g
     if p_brackets != g_brackets or len(p_values) != len(g_values):
         return False
+    if p_brackets in _RELATIONS:
+        return _same_relation(p_values[0], g_values[0], p_brackets != "=")
     if p_brackets:
         return all(_same_expr(a, b, abs_tol) for a, b in zip(p_values, g_values))
     unmatched = list(g_values)
@@ -73,25 +75,46 @@ def _same_values(p, g, abs_tol: float) -> bool:
     return True
 
 
-def _same_expr(a, b, abs_tol: float) -> bool:
-    """Equal as sympy builds them (2\\sqrt{3} and \\sqrt{12} already are), else equal in value:
-    once for constants, at N_POINTS random points (the same ones every call) with variables."""
-    if a == b:
-        return True
+def _points(a, b) -> list[dict]:
+    """Where to compare a and b: once for constants, else at N_POINTS random points (the same every call)."""
     symbols = sorted(a.free_symbols | b.free_symbols, key=str)
     rng = random.Random(0)
-    for _ in range(N_POINTS if symbols else 1):
-        point = {s: rng.uniform(0.5, 2.5) for s in symbols}  # positive: keeps sqrt and log real
+    return [{s: rng.uniform(0.5, 2.5) for s in symbols}  # positive: keeps sqrt and log real
+            for _ in range(N_POINTS if symbols else 1)]
+
+
+def _same_expr(a, b, abs_tol: float) -> bool:
+    """Equal as sympy builds them (2\\sqrt{3} and \\sqrt{12} already are, and 4^{1012} and 2^{2024}, exactly),
+    else equal in value at `_points`."""
+    if a == b:
+        return True
+    for point in _points(a, b):
         x, y = _evaluate(a, point), _evaluate(b, point)
         if x is None or y is None or abs(x - y) > max(REL_TOL * max(abs(x), abs(y)), abs_tol):
             return False
     return True
 
 
+def _same_relation(a, b, inequality: bool) -> bool:
+    """a = 0 and b = 0 (each equation read as lhs - rhs) are the same when a is a nonzero constant times b:
+    sides swapped, or both scaled (x^2/81 + y^2/9 = 1 and x^2 + 9y^2 = 81); a < 0 and b < 0 when it is a positive
+    one (y > -3x is -3x < y). Relations without a variable never are."""
+    if not (a.free_symbols or b.free_symbols):
+        return False
+    ratios = []
+    for point in _points(a, b):
+        x, y = _evaluate(a, point), _evaluate(b, point)
+        if x is None or y is None or x == 0 or y == 0:
+            return False
+        ratios.append(x / y)
+    same = all(abs(r - ratios[0]) <= REL_TOL * abs(ratios[0]) for r in ratios)
+    return same and (not inequality or ratios[0].real > 0)
+
+
 _FLOAT_FUNCTIONS = {sympy.sin: cmath.sin, sympy.cos: cmath.cos, sympy.tan: cmath.tan, sympy.asin: cmath.asin,
                     sympy.acos: cmath.acos, sympy.atan: cmath.atan, sympy.log: cmath.log, sympy.exp: cmath.exp,
                     sympy.cot: lambda z: 1 / cmath.tan(z), sympy.sec: lambda z: 1 / cmath.cos(z),
-                    sympy.csc: lambda z: 1 / cmath.sin(z)}
+                    sympy.csc: lambda z: 1 / cmath.sin(z), sympy.Abs: abs}
 
 
 def _evaluate(e, point: dict) -> complex | None:
@@ -133,12 +156,14 @@ class _Reject(Exception):
 _FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec,
               "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
               "ln": sympy.log, "log": lambda x: sympy.log(x, 10), "exp": sympy.exp}  # school convention: log is log10
+_INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan"}
 _CONSTANTS = {"pi": sympy.pi, "infty": sympy.oo}
 _GREEK = {"alpha", "beta", "gamma", "theta", "phi", "lambda", "mu", "omega"}
-_OPERATORS = {"cdot": "*", "times": "*", "div": "/"}
+_OPERATORS = {"cdot": "*", "times": "*", "div": "/", "le": "<=", "leq": "<=", "ge": ">=", "geq": ">="}
+_RELATIONS = {"=": 1, "<": 1, "<=": 1, ">": -1, ">=": -1}  # a > b is read as b < a: lhs - rhs times this sign
 _COMMANDS = {"frac", "sqrt", "pm", *_FUNCTIONS, *_CONSTANTS, *_GREEK}
 _WORDS = {"sqrt", "pi", *_FUNCTIONS}  # also understood without a backslash: sqrt(2)
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|\\([a-zA-Z]+)|([a-zA-Z]+)|([-+*/^_()\[\]{},!]))")
+_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|\\([a-zA-Z]+)|([a-zA-Z]+)|([<>]=?|[-+*/^_()\[\]{},!=|]))")
 
 
 def _tokenize(s: str) -> list[str]:
@@ -180,16 +205,26 @@ def _parse(s: str):
 
 
 def _checked_pow(base, exponent):
-    """base ** exponent, refused before sympy computes something astronomically large."""
+    """base ** exponent, refused before sympy computes something astronomically large: a constant power
+    only while its value has at most MAX_POW_BITS bits. The bound is on the work, not on the number: sympy
+    computes 4^{1012} exactly, as Python's integers do, in microseconds."""
     if not exponent.free_symbols:
         e = _evaluate(exponent, {})
         if e is None or abs(e) > MAX_EXPONENT:
             raise _Reject
-        if not base.free_symbols:
-            b = _evaluate(base, {})
-            if b is None or (b != 0 and abs(e) * abs(math.log2(abs(b))) > MAX_POW_BITS):
-                raise _Reject
+        if not base.free_symbols and abs(e) * _bits(base) > MAX_POW_BITS:
+            raise _Reject
     return sympy.Pow(base, exponent)
+
+
+def _bits(x) -> float:
+    """|log2| of constant x's size: of a rational's larger part, exactly (it may be past a double's range)."""
+    if x.is_Rational:
+        return max(math.log2(abs(x.p)) if x.p else 0.0, math.log2(x.q))
+    v = _evaluate(x, {})
+    if v is None:
+        raise _Reject
+    return abs(math.log2(abs(v))) if v != 0 else 0.0
 
 
 def _checked_call(function, *args):
@@ -201,18 +236,21 @@ def _checked_call(function, *args):
 
 class _Parser:
     """answer := "(" or "[" expr ("," expr)+ ")" or "]"      a tuple or an interval
+              |  expr ("=" | "<" | ">" | "<=" | ">=") expr     an equation or inequality (\\leq is <=)
               |  item ("," item)*                             a bare list, in any order
        item   := expr, where "\\pm" may stand between terms or before the first one
        expr   := ["+" | "-"] term (("+" | "-") term)*
        term   := power (("*" | "/") ["-"] power | power)*    juxtaposition multiplies: 2x, 2\\sqrt{3}
        power  := factor ["^" arg]                             one superscript: x^{2^3}, not x^2^3
        factor := atom "!"*
-       atom   := number | letter ["_" subscript] | \\pi | \\infty | greek | "(" expr ")" | "[" expr "]"
+       atom   := number | letter ["_" subscript] | \\pi | \\infty | greek | "(" expr ")" | "[" expr "]" | "|" expr "|"
               |  "{" expr "}" | \\frac arg arg | \\sqrt ["[" expr "]"] arg | function ["_" arg] arg
        arg    := "{" expr "}" | ["-"] factor                  \\frac{1}{2}, \\frac12, x^2, x^-1"""
 
     def __init__(self, tokens: list[str]):
         self.tokens, self.i, self.depth, self.pow_nesting = tokens, 0, 0, 0
+        self.raised = False  # the last factor read was a power
+        self.in_abs = 0  # inside |...|, where a "|" closes rather than opens
 
     def peek(self):
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -224,6 +262,7 @@ class _Parser:
         return True
 
     def answer(self):
+        """A tuple or interval, a relation (as lhs - rhs, its sign for brackets), or a bare list."""
         if self.peek() in ("(", "["):  # try a tuple or an interval first, else read it as an expression
             self.i = 1
             with contextlib.suppress(_Reject):
@@ -231,10 +270,16 @@ class _Parser:
                 if self.i == len(self.tokens) - 1 and self.peek() in (")", "]") and len(values) > 1:
                     return self.tokens[0] + self.tokens[-1], values
             self.i, self.depth, self.pow_nesting = 0, 0, 0
-        values = self.items(allow_pm=True)
+        values, brackets = self.items(allow_pm=True), ""
+        if self.peek() in _RELATIONS:
+            relation = self.tokens[self.i]
+            self.i += 1
+            if len(values) != 1:
+                raise _Reject
+            values, brackets = [_RELATIONS[relation] * (values[0] - self.expr()[0])], relation.replace(">", "<")
         if self.i != len(self.tokens):
             raise _Reject
-        return "", values
+        return brackets, values
 
     def items(self, allow_pm: bool) -> list:
         values = self.expr(allow_pm)
@@ -277,22 +322,28 @@ class _Parser:
                 return value
 
     def starts_atom(self) -> bool:
-        """Can the next token start an implicit factor? Not a number: "2 3" is no product."""
+        """Can the next token start an implicit factor? Not a number: "2 3" is no product; but after a
+        power it is, as MathVision writes 2^{12} 13^2."""
         tok = self.peek()
-        return tok is not None and (tok in ("(", "{") or tok.isalpha() or (tok[0] == "\\" and tok != "\\pm"))
+        if tok is None:
+            return False
+        return (tok in ("(", "{") or (tok == "|" and not self.in_abs) or tok.isalpha() or (tok[0] == "\\" and tok != "\\pm")
+                or (tok[0].isdigit() and self.tokens[self.i - 1] == "}" and self.raised))
 
     def signed(self, parse):
         return -parse() if self.eat("-") else parse()
 
     def power(self):
         base = self.factor()
-        if not self.eat("^"):
+        self.raised = self.eat("^")
+        if not self.raised:
             return base
         self.pow_nesting += 1
         if self.pow_nesting > MAX_POW_NESTING:
             raise _Reject
         exponent = self.arg()
         self.pow_nesting -= 1
+        self.raised = True  # the exponent's own powers reset it
         return _checked_pow(base, exponent)
 
     def factor(self):
@@ -309,13 +360,15 @@ class _Parser:
     def enclosed(self, opening: str):
         """The expression inside a bracket or brace whose opening token was just taken."""
         self.depth += 1
+        self.in_abs += opening == "|"
         if self.depth > MAX_DEPTH:
             raise _Reject
         value = self.expr()[0]
-        if not self.eat({"(": ")", "[": "]", "{": "}"}[opening]):
+        if not self.eat({"(": ")", "[": "]", "{": "}", "|": "|"}[opening]):
             raise _Reject
         self.depth -= 1
-        return value
+        self.in_abs -= opening == "|"
+        return sympy.Abs(value) if opening == "|" else value
 
     def atom(self):
         tok = self.peek()
@@ -330,7 +383,7 @@ class _Parser:
             if tok == "e" and self.peek() != "_":
                 return sympy.E
             return sympy.Symbol(tok + "_" + self.subscript() if self.eat("_") else tok)
-        if tok in ("(", "[", "{"):
+        if tok in ("(", "[", "{", "|"):
             return self.enclosed(tok)
         name = tok[1:]
         if name in _CONSTANTS:
@@ -348,6 +401,10 @@ class _Parser:
             if name == "log" and self.eat("_"):  # \log_{2} 8
                 base = self.arg()
                 return _checked_call(sympy.log, self.signed(self.factor), base)
+            if name in _INVERSE and self.tokens[self.i:self.i + 3] == ["^", "-", "1"]:  # \tan^{-1} x is arctan
+                self.i, name = self.i + 3, _INVERSE[name]
+            elif name in _INVERSE and self.tokens[self.i:self.i + 5] == ["^", "{", "-", "1", "}"]:
+                self.i, name = self.i + 5, _INVERSE[name]
             return _checked_call(_FUNCTIONS[name], self.signed(self.factor))
         raise _Reject
 

@@ -173,7 +173,7 @@ def _unbox(s: str) -> str:
     return s
 
 
-_LETTER = re.compile(r"\(?([A-Za-z])(?:[).:]|$)")  # B, (B), B), B., B: and B. 12 -- not "Blue" or "B 12"
+_LETTER = re.compile(r"\(?([A-Za-z])(?:[).:]|$)(?=\s|$)")  # B, (B), B), B., B: and B. 12 -- not "Blue", "B 12", "S.A."
 
 
 def _choice_index(s: str, gold: bool) -> int | None:
@@ -195,19 +195,35 @@ def _matches(pred: str, gold: str, options: list[str]) -> bool:
     if g is not None:
         if p is not None:
             return p == g
+        keys = [_text_key(o) for o in options]  # an option's own text names it: "0.2 - 0.4" is not "0 - 0.2" (= -0.2)
+        if _text_key(pred) in keys:
+            return keys.index(_text_key(pred)) == g
         return g < len(options) and _equivalent(pred, options[g])
     if p is not None and p < len(options):  # the gold is an option's text and the prediction its letter
         return _equivalent(options[p], gold)
     return _equivalent(pred, gold)
 
 
-_DROP = re.compile(r"\\[,;:! {}]|\\q?quad(?![a-zA-Z])|\\(?:left|right|displaystyle)(?![a-zA-Z])"
-                   r"|\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°|\\?%|\\?\$")
-_UNIT_TEXT = re.compile(r"(?<=[\d}])\s*\\(?:text|mathrm|mbox)\s*\{[^{}]*\}(?:\^\{?[23]\}?)?")  # 12\text{ cm}^2
+_DROP = re.compile(r"\\[,;:! {}\[\]]|\\q?quad(?![a-zA-Z])|\\(?:left|right|displaystyle)(?![a-zA-Z])"
+                   r"|(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°)(?:\s*T(?![a-zA-Z]))?|\\?%|\\?\$")  # 212°T: a bearing
+_UNIT_TEXT = re.compile(r"(?:(?<=[\d}.])|(?<=\\pi))\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)"
+                        r"(?:\s*\^\s*\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
-_UNIT_WORDS = re.compile(r"(?<=\d)(?:\s+[a-zA-Z]+\.?(?:\s+[a-zA-Z]+\.?){0,2}|\s*(?:cm|mm|km|kg|ft|inches|feet|units?"
-                         r"|degrees?|dollars?|meters?|hours?|minutes?|seconds?))(?:\^\{?[23]\}?|²|³)?$")
-_UNICODE = str.maketrans({"−": "-", "×": "*", "·": "*", "÷": "/", "π": "\\pi"})
+# Words after a number are its unit ("3 square units", "4.4 m"), but a single letter is a variable, as MathVerse
+# writes "0.5 y^2" and "36 t-4 t^3" (only m, g and L are units; m also glued on: 4.4m, 10√{3}m); a word of the math
+# subset (pi, sin) is math.
+_UNIT_WORDS = re.compile(r"(?:(?<=\d)\s+(?!(?:sqrt|pi|sin|cos|tan|cot|sec|csc|arc\w+|ln|log|exp)\b)"
+                         r"(?:[a-zA-Z]{2,}|[mgL])\.?(?:\s+[a-zA-Z]+\.?){0,2}"
+                         r"|(?:(?<=[\d})])|(?<=\\pi))\s*(?:cm|mm|km|kg|ft|inches|feet|(?:square |cubic )?units?"
+                         r"|degrees?|dollars?|meters?|metres?|hours?|minutes?|seconds?|m))(?:\s*\^\s*\{?[23]\}?|²|³)?$")
+# The signs the benchmarks write in unicode (MathVista's options: 2√{3}, 3πcm, 100°; MathVerse's "118掳T" is its
+# mis-decoded degree sign), as the LaTeX the parser reads; a trailing space ends a command before a letter (πcm).
+_UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "⋅": "*", "÷": "/", "π": "\\pi ",
+                          "√": "\\sqrt ", "∞": "\\infty ", "±": "\\pm ", "≤": "\\leq ", "≥": "\\geq ", "≠": "\\neq ",
+                          "≈": "\\approx ", "∪": "\\cup ", "∠": "\\angle ", "²": "^2", "³": "^3", "掳": "°",
+                          "\u2009": " ", "\u00a0": " "})
+# What may stand left of "=" in a value's name: Area, S.A. of rectangular prism, y_2, f(x), (x, y)
+_NAME = re.compile(r"[a-zA-Z\\. ]{0,30}(?:_\{?\w+\}?)?\s*(?:\(\s*[a-z]\s*(?:,\s*[a-z]\s*)*\))?\s*")
 _DECIMAL = re.compile(r"-?\d*\.(\d+)")
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 
@@ -226,10 +242,12 @@ def _clean(s: str) -> str:
 def _normalize(s: str) -> str:
     """Reduce a cleaned answer to its value: drop a leading "x =", units and thousands commas."""
     s = s.replace("\\approx", "=")
-    if s.count("=") == 1:
-        lhs, rhs = s.split("=")
-        if len(lhs) <= 20 and "," not in lhs:  # "x = 5", "\angle ABC = 30": the answer is the right side
+    if s.count("=") == 1:  # "x = 5", "\angle ABC = 30", "Area = 9\pi", "5 = s": the answer is the value, but
+        lhs, rhs = s.split("=")  # "x^2+y^2=49" is an equation, not 49 (latex.py compares equations)
+        if _NAME.fullmatch(lhs):
             s = rhs.strip()
+        elif _NAME.fullmatch(rhs):
+            s = lhs.strip()
     s = _UNIT_WORDS.sub("", s)
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # 1,000,000 but not (1,000) or "1, 2"
         s = s.replace(",", "")

@@ -134,7 +134,35 @@ EXTRACTION = [
     ("\\boxed{}", "5", 0.0),
     ("\\boxed{5}" + " " * 10_000, "5", 1.0),
 ]
-CASES = NUMBERS + EXPRESSIONS + LISTS + CHOICE_LETTERS + TEXT + EXTRACTION
+# The benchmarks' own ways of writing a gold (issue 22): MathVerse's spaces, MathVista's unicode, big exact powers
+WRITTEN = [
+    (boxed("0.5y^2"), "0.5 y^2", 1.0),  # a space between a number and a letter multiplies
+    (boxed("36t-4t^3"), "36 t-4 t^3", 1.0),
+    (boxed("36t-4t^2"), "36 t-4 t^3", 0.0),
+    (boxed("0.5"), "0.5 y^2", 0.0),  # a letter after a number is a variable, not a unit...
+    (boxed("4.4"), "4.4 m", 1.0),  # ...except m, g and L
+    (boxed(r"2\pi"), "2 pi", 1.0),
+    (boxed(r"\sqrt{2}"), "√2", 1.0),
+    (boxed(r"2\sqrt{3}"), "2√{3}", 1.0),
+    (boxed(r"3\pi"), "3πcm", 1.0),
+    (boxed(r"30\sqrt{3}+30"), "(30√{3}+30)m", 1.0),
+    (boxed(r"(-\infty, 2]"), "(-∞, 2]", 1.0),
+    (boxed(r"y \leq 5"), "y≤5", 1.0),
+    (boxed("9"), "3²", 1.0),
+    (boxed("212"), "212°T", 1.0),  # a true bearing
+    (boxed("118"), "118掳T", 1.0),  # MathVerse's mis-decoded degree sign
+    (boxed("69"), "69{degrees}", 1.0),
+    (boxed("4^{1012}"), "2^{2024}", 1.0),  # exact: Python's integers hold 2^2024
+    (boxed("2^{2025}"), "2^{2024}", 0.0),
+    (boxed("0.333333"), r"\frac{3^{1008}-1}{3^{1009}}", 1.0),  # a MathVision gold
+    (boxed("49"), "x^{2}+y^{2}=49", 0.0),  # an equation is not its right side...
+    (boxed("y^2+x^2=49"), "x^{2}+y^{2}=49", 1.0),  # ...but the same equation, reordered or scaled, is it
+    (boxed(r"x^2+9y^2=81"), r"\frac{x^2}{81}+\frac{y^2}{9}=1", 1.0),
+    (boxed(r"x^2+9y^2=80"), r"\frac{x^2}{81}+\frac{y^2}{9}=1", 0.0),
+    (boxed("1131"), r"Area $=1131 \mathrm{~cm}^{2}$", 1.0),
+    (boxed("5"), "5=s", 1.0),
+]
+CASES = NUMBERS + EXPRESSIONS + LISTS + CHOICE_LETTERS + TEXT + EXTRACTION + WRITTEN
 
 COLOURS = ["red", "green", "blue", "yellow"]
 # (response, gold answer, choices, expected accuracy): options make a letter and a text interchangeable
@@ -377,6 +405,16 @@ HOSTILE = [
     r"\boxed{().__class__.__bases__[0].__subclasses__()}",
     r"\boxed{\input{/etc/passwd}}",
     r"\boxed{\write18{touch pwned}}",
+    r"\boxed{2^{10001}}",  # past MAX_POW_BITS: refused, where 2^{2024} is computed exactly
+    r"\boxed{(2^{5000})^{3}}",
+    r"\boxed{2^{2^{14}}}",
+    "\\boxed{" + "2^{9999}" * 36 + "}",  # 36 exact 10,000-bit powers, multiplied
+    "\\boxed{" + "9" * 299 + "}",  # the longest number an answer can hold
+    "\\boxed{" + "9" * 150 + "^{" + "9" * 140 + "}}",
+    "\\boxed{" + "x=" * 140 + "1}",
+    "\\boxed{" + "\\left(" * 30 + "1" + "\\right)" * 30 + "}",
+    "\\boxed{" + "√" * 140 + "0}",
+    "\\boxed{" + "x^{" * 40 + "2" + "}" * 40 + "}",
 ]
 
 
