@@ -24,7 +24,7 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def exit_once(message: str):
+def exit_once(message: str, code: int = 1):
     """Stop on a user error that every process found alike (the checks see the same flags and
     files): rank 0 says it, the others leave quietly with a non-zero code. torchrun's failure
     report follows (its own to print); the error file it reads (TORCHELASTIC_ERROR_FILE) makes
@@ -39,7 +39,13 @@ def exit_once(message: str):
     if error_file:
         with open(error_file, "w") as f:  # the format of torchrun's own ErrorHandler
             json.dump({"message": {"message": message, "extraInfo": {"timestamp": int(time.time())}}}, f)
-    sys.exit(1)
+    sys.exit(code)
+
+
+def once_per_run(parser):
+    """`parser` with its errors said by rank 0 alone, torchrun or not, in argparse's words and exit code."""
+    parser.error = lambda message: exit_once(f"{parser.prog}: error: {message} (--help lists every flag)", 2)
+    return parser
 
 
 def setup_distributed():

@@ -344,7 +344,8 @@ TOY_MAX_NEW_TOKENS = 48  # vlr.py's default: the budget the toy runs train with
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = distributed.once_per_run(argparse.ArgumentParser(description=__doc__,
+                                                         formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--model", default="tiny",
                    help="'tiny' (the warm-started tiny base), 'smoke-3b-<n>l', a folder or a hub id")
     p.add_argument("--bench", required=True, choices=["toy", *ADAPTERS],

@@ -29,7 +29,7 @@ import rethink
 import reward
 import rollout
 import ssr
-from distributed import UserError, exit_once, gather, rank_world, reduce, setup_distributed
+from distributed import UserError, exit_once, gather, once_per_run, rank_world, reduce, setup_distributed
 
 
 def arg(default, help: str):
@@ -129,7 +129,7 @@ RECIPES = {"published": {
 
 def parse_args(argv=None) -> Config:
     """Flags into a Config; --recipe sets other defaults first, so that flags given still win."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = once_per_run(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     for f in fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool and f.default:  # on by default: --no-x turns it off

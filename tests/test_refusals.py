@@ -31,7 +31,7 @@ def refused(script: str, args: list[str], torchrun: bool) -> str:
     return "\n".join(lines)
 
 
-def test_a_missing_model_or_run_folder_and_bad_data_are_one_sentence_said_once(tmp_path):
+def test_a_missing_model_or_run_folder_a_bad_flag_and_bad_data_are_one_sentence_said_once(tmp_path):
     missing = str(tmp_path / "no-such-model")
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
@@ -44,6 +44,8 @@ def test_a_missing_model_or_run_folder_and_bad_data_are_one_sentence_said_once(t
         said = refused("vlr.py", [*CHEAP, "--out", out, "--data", str(bad)], torchrun)
         head, line = said.splitlines()  # the report lists every bad line under its head
         assert head == f"1 bad line(s) in {bad}:" and line.startswith(f"{bad}:1: invalid JSON"), said
+        said = refused("vlr.py", ["--stepz", "3"], torchrun)
+        assert said == "vlr.py: error: unrecognized arguments: --stepz 3 (--help lists every flag)", said
         said = refused("eval.py", ["--bench", "toy", "--model", missing], torchrun)
         assert "\n" not in said and missing in said and all(name in said for name in KNOWN), said
         assert not Path(out).exists()  # nothing was written
