@@ -95,6 +95,8 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
 
 def clear_run(out: Path):
     """--overwrite: the old run goes, so that no checkpoint of it is ever resumed under the new config."""
-    for name in RUN_FILES:
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for path in (out / name for name in RUN_FILES):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
