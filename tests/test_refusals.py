@@ -1,12 +1,15 @@
 """What a user gets wrong on the command line: one sentence, no traceback, said once under torchrun
 (whose own failure report follows it, with the sentence as the root cause). Every check here is
 refused before a model loads, so each command costs only Python's start-up."""
+import json
 import os
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import procs
+import vlr
 
 ROOT = Path(__file__).resolve().parent.parent
 CHEAP = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "24", "--eval-every", "0", "--steps", "1"]
@@ -49,3 +52,10 @@ def test_a_missing_model_or_run_folder_a_bad_flag_and_bad_data_are_one_sentence_
         said = refused("eval.py", ["--bench", "toy", "--model", missing], torchrun)
         assert "\n" not in said and missing in said and all(name in said for name in KNOWN), said
         assert not Path(out).exists()  # nothing was written
+
+
+def test_a_resume_of_a_run_killed_before_its_first_checkpoint_is_one_sentence(tmp_path):
+    args = [*CHEAP, "--out", str(tmp_path), "--resume"]
+    (tmp_path / "config.json").write_text(json.dumps(asdict(vlr.parse_args(args))))  # what such a run leaves
+    said = refused("vlr.py", args, False)
+    assert said == f"--resume: no checkpoint in {tmp_path}/ckpt to resume from", said
