@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from distributed import UserError
+
 
 def write_atomically(out: Path, write) -> None:
     """Fill a folder so that whoever looks finds the old one or the new one, never half of one:
@@ -55,7 +57,7 @@ def checkpoint_dir(out: Path) -> Path:
     for name in ("ckpt", ".ckpt-old"):
         if (out / name / "train_state.pt").exists():
             return out / name
-    raise SystemExit(f"--resume: no checkpoint in {out}/ckpt")
+    raise UserError(f"--resume: no checkpoint in {out}/ckpt to resume from")
 
 
 def load_state(ckpt: Path) -> dict:
@@ -65,13 +67,36 @@ def load_state(ckpt: Path) -> dict:
 
 
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
-RESUMABLE = {"resume", "save_every", "eval_every", "out", "share_vision"}
+RESUMABLE = {"resume", "overwrite", "save_every", "eval_every", "out", "share_vision"}
+RUN_FILES = ("metrics.jsonl", "ckpt", ".ckpt-old", "final")  # what a run leaves behind, besides config.json
 
 
-def check_resume_config(out: Path, config: dict):
-    """Refuse to resume with another configuration (`config`: the run's, as a dict) than the saved one."""
+def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
+    """Refuse, before any file is touched: a new run into a folder that holds a run (its hours of
+    work would be overwritten) unless told to overwrite; a resume with nothing to resume from or
+    with another configuration (`config`: the run's, as a dict) than the saved one."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not resume and not overwrite:
+        raise UserError(f"{out} holds a run ({', '.join(held)}): continue it with --resume, or start a new one "
+                        "with another --out, or with --overwrite to delete it")
+    if not resume:
+        return
+    if not (out / "config.json").exists():
+        raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
     saved = json.loads((out / "config.json").read_text())
     diff = {k: (saved.get(k), v) for k, v in config.items() if k not in RESUMABLE and saved.get(k) != v}
     if diff:
-        raise SystemExit(f"--resume with a different configuration than {out}/config.json: "
-                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        raise UserError(f"--resume with a different configuration than {out}/config.json: "
+                        + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    checkpoint_dir(out)
+
+
+def clear_run(out: Path):
+    """--overwrite: the old run goes, so that no checkpoint of it is ever resumed under the new config."""
+    for path in (out / name for name in RUN_FILES):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

@@ -344,8 +344,10 @@ TOY_MAX_NEW_TOKENS = 48  # vlr.py's default: the budget the toy runs train with
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (the warm-started tiny base), a folder or a hub id")
+    p = distributed.once_per_run(argparse.ArgumentParser(description=__doc__,
+                                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (the warm-started tiny base), 'smoke-3b-<n>l', a folder or a hub id")
     p.add_argument("--bench", required=True, choices=["toy", *ADAPTERS],
                    help="toy (its 300 test questions), or a benchmark on the split of the paper's table: mathvista "
                         "(testmini), mathverse (testmini), mathvision (test, all 3,040), mmmu-pro (standard "
@@ -375,6 +377,7 @@ def main(argv=None):
         p.error("--min-pixels and --max-pixels must be positive (0: default), min at most max")
     if args.max_new_tokens is None:
         args.max_new_tokens = TOY_MAX_NEW_TOKENS if args.bench == "toy" else PUBLISHED_MAX_NEW_TOKENS
+    models.check(args.model)
     records = load_bench(args.bench, args.data)[:args.limit]  # bad data stops every process before loading a model
     rows = run(args, records)
     if rows is None:
@@ -408,5 +411,5 @@ def run(args, records) -> list[dict] | None:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:  # bad input: which file, which record, what was expected
-        raise SystemExit(str(e))
+    except (DataError, distributed.UserError) as e:  # bad input: which file, record or flag, said once
+        distributed.exit_once(str(e))

@@ -73,8 +73,9 @@ def run_lab(out: Path, seeds: list, steps: int, parallel: int, vlr_args: list) -
         if (run_dir / "final" / "model.safetensors").exists():
             print(f"{run_dir}: done before, kept")
             continue
+        # a folder without a final model holds an unfinished run (killed, or collapsed): run it again afresh
         cmd = [sys.executable, "vlr.py", *LAB, *CONFIGS[name], "--seed", str(seed), "--steps", str(steps),
-               "--out", str(run_dir), *vlr_args]
+               "--out", str(run_dir), "--overwrite", *vlr_args]
         print(" ".join(cmd[1:]), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         log = open(run_dir / "log.txt", "w")

@@ -4,17 +4,34 @@ A model is named 'tiny' (the offline tiny Qwen2.5-VL, tiny.py), 'smoke-3b-<n>l' 
 smoke model, smoke.py), a folder or a hub id; the two built ones are built into .cache on first use.
 This module stands above both builders, which import neither it nor each other's loader.
 """
+import re
+from pathlib import Path
+
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 import data
 import smoke
 import tiny
+from distributed import UserError
+
+KNOWN = ("tiny", *smoke.NAMES)
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name; a path of more parts, or from . or /, is a folder
+
+
+def check(model: str):
+    """Refuse, before anything is built or loaded, a name that is neither a known one nor an
+    existing folder nor shaped like a hub id (the hub answers for those: `load_model`)."""
+    if model in KNOWN or Path(model).is_dir() or (HUB_ID.fullmatch(model) and not model.startswith("smoke-3b-")):
+        return
+    raise UserError(f"--model {model}: no such model folder, and not a known name ({', '.join(KNOWN)}) "
+                    "or a hub id (owner/name)")
 
 
 def resolve(model: str) -> str:
     """'tiny' -> the cached tiny model folder (built on first use); 'smoke-3b-<n>l' -> the cached
-    3B-shaped smoke model; anything else (a folder, a hub id) unchanged."""
+    3B-shaped smoke model; a folder or a hub id unchanged (`check`)."""
+    check(model)
     if model.startswith("smoke-3b-"):
         return smoke.resolve(model)
     return tiny.resolve() if model == "tiny" else model
@@ -28,8 +45,11 @@ def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 
     it (the tiny model, a checkpoint saved by vlr.py) keeps its own. The budget is saved with the
     processor, so a checkpoint evaluates at the budget it was trained at."""
     src = resolve(model)
-    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype).to(device)
-    processor = AutoProcessor.from_pretrained(src)
+    try:
+        policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype).to(device)
+        processor = AutoProcessor.from_pretrained(src)
+    except OSError as e:  # a hub id the hub does not know or cannot be reached for, a folder without a model
+        raise UserError(f"--model {model}: cannot load it: {str(e).splitlines()[0]}") from None
     ip = processor.image_processor
     lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
     if hi > data.PUBLISHED_MAX_PIXELS:

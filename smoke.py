@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
+from tqdm import tqdm
 from transformers import (DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -385,7 +386,7 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
         z = base[idx] + (a[idx].float() @ u.T) @ e_t
         return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * g
 
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="warm start", leave=False, dynamic_ncols=True):
         idx = torch.randperm(len(y), generator=gen)[:batch_size]
         neg = others[torch.randperm(len(others), generator=gen)[:k]]
         z = normed(idx)
@@ -423,8 +424,10 @@ def build(name: str, out: Path | None = None) -> dict:
     """Build tokenizer, processor and model, warm-start it, and save atomically into `out`."""
     out = out or CACHE_ROOT / name
     t0 = time.time()
+    tiny.progress(f"building the {name} model into {out}: the tokenizer", t0)
     processor = build_processor()
     t_tok = time.time() - t0
+    tiny.progress("the model", t0)
     model = build_model(NAMES[name])
     t_build = time.time() - t0
     info = {"name": name, "fingerprint": fingerprint(), "params": sum(p.numel() for p in model.parameters()),
@@ -433,10 +436,12 @@ def build(name: str, out: Path | None = None) -> dict:
             "tokenizer_s": round(t_tok, 2), "build_s": round(t_build, 2)}
     # Computed in fp32 on the bf16 weights: a CPU without native bf16 runs a bf16 matmul ~66x slower.
     model.float()
+    tiny.progress(f"the format warm start ({WARM_PROMPTS} prompts' features, then {WARM_STEPS} steps)", t0)
     info.update(warm_start(model, processor))
     model.to(torch.bfloat16).float()  # what is saved is what the stop check measures
     info["warm_start_s"] = round(time.time() - t0 - t_build, 2)
     t1 = time.time()
+    tiny.progress("the stop check", t0)
     info["stop_share"] = stop_share(model, processor)
     info["stop_check_s"] = round(time.time() - t1, 2)
 
@@ -448,7 +453,9 @@ def build(name: str, out: Path | None = None) -> dict:
         info["size_mb"] = round(sum(f.stat().st_size for f in tmp.iterdir()) / 2**20, 1)
         (tmp / STAMP).write_text(json.dumps(info, indent=1))
 
+    tiny.progress("saving", t0)
     checkpoint.write_atomically(out, write)
+    tiny.progress(f"built {name}", t0)
     return info
 
 

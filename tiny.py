@@ -19,12 +19,14 @@ after a forced trigger, as an instruct model can, but never says "wait" by itsel
 import hashlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
+from tqdm import tqdm
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Tokenizer,
                           Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
@@ -73,6 +75,12 @@ def fingerprint() -> str:
         h.update((HERE / name).read_bytes())
     h.update(repr(rethink.TRIGGERS).encode())
     return h.hexdigest()[:16]
+
+
+def progress(what: str, t0: float):
+    """A line on stderr per phase of a model build (this one's and smoke.py's), with the seconds
+    since it began: the first command of a fresh clone waits here, minutes on a busy machine."""
+    print(f"{what} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
 
 def resolve() -> str:
@@ -160,7 +168,7 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
     model.train()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="warm start", leave=False, dynamic_ncols=True):
         recs = [task[step * batch_size + i] for i in range(batch_size)]
         prompts = data.encode_prompts(processor, recs)
         ids, loss_mask = [], []
@@ -186,10 +194,12 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
 def build(out: Path) -> dict:
     """Build tokenizer, processor and model, warm-start it, and save atomically into `out`."""
     t0 = time.time()
+    progress(f"building the tiny model into {out}, once: the tokenizer", t0)
     torch.manual_seed(0)
     processor = build_processor()
     model = build_model(processor.tokenizer)
     t_build = time.time() - t0
+    progress(f"the format warm start, {WARM_STEPS} steps", t0)
     loss = warm_start(model, processor)
     info = {"fingerprint": fingerprint(), "params": sum(p.numel() for p in model.parameters()),
             "vocab": len(processor.tokenizer), "build_s": round(t_build, 2),
@@ -200,6 +210,7 @@ def build(out: Path) -> dict:
         (tmp / "vlr_tiny.json").write_text(json.dumps(info, indent=1))
 
     checkpoint.write_atomically(out, write)
+    progress("built the tiny model", t0)
     info["size_mb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 2**20, 2)
     return info
 

@@ -29,7 +29,7 @@ import rethink
 import reward
 import rollout
 import ssr
-from distributed import gather, reduce, setup_distributed
+from distributed import UserError, exit_once, gather, once_per_run, rank_world, reduce, setup_distributed
 
 
 def arg(default, help: str):
@@ -48,7 +48,8 @@ class Config:
     toy_tiers: str = arg("colour", "toy tiers trained on, in turn (comma-separated; a tier named twice comes twice as "
                                    "often; 'unseen': no sample is ever right); the in-loop eval covers the test tiers")
     skip_bad: bool = arg(False, "drop bad data rows (they are listed) instead of stopping")
-    out: str = arg("", "run folder (default runs/<data>-s<seed>)")
+    out: str = arg("", "run folder (default runs/<data>-s<seed>); one that holds a run is refused unless --resume "
+                       "or --overwrite")
     recipe: str = arg("", "'published': every setting of the published code we reproduce (README table); flags given win")
     min_pixels: int = arg(0, "image budget, fewest pixels; 0: the model's own, or 256*28^2 for a hub model")
     max_pixels: int = arg(0, "image budget, most pixels; 0: the model's own, or 1280*28^2 for a hub model")
@@ -99,7 +100,10 @@ class Config:
     # Bookkeeping
     eval_every: int = arg(20, "in-loop greedy eval on the toy test split every this many steps (0: never)")
     save_every: int = arg(50, "checkpoint every this many steps")
-    resume: bool = arg(False, "continue from <out>/ckpt, exactly")
+    resume: bool = arg(False, "continue from <out>/ckpt, exactly: every other flag must be as in <out>/config.json, "
+                              "--steps too (the learning rate decays over --steps: a finished run cannot be extended)")
+    overwrite: bool = arg(False, "start afresh in an --out that holds a run: its metrics, checkpoint and final "
+                                 "model are deleted")
     seed: int = arg(0, "seed of sampling, replay draws and the prompt order")
     bf16: bool = arg(False, "compute in bfloat16 under autocast (fp32 master weights and optimizer)")
     grad_checkpointing: bool = arg(False, "recompute activations in the backward (memory for time)")
@@ -125,7 +129,7 @@ RECIPES = {"published": {
 
 def parse_args(argv=None) -> Config:
     """Flags into a Config; --recipe sets other defaults first, so that flags given still win."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = once_per_run(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     for f in fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool and f.default:  # on by default: --no-x turns it off
@@ -220,17 +224,11 @@ def rethink_config(cfg: Config):
 def setup(cfg: Config) -> Run:
     """Processes, data (bad data stops here, before any model loads), model, optimizer, replay
     buffer; on --resume all of it as the checkpoint left it, so the run continues exactly."""
+    out = check_flags(cfg)
     rank, world, device = setup_distributed()
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
-    if rows_per_process(cfg, world) % cfg.minibatches:
-        raise SystemExit(f"--minibatches {cfg.minibatches} must divide the {rows_per_process(cfg, world)} rows "
-                         "of a process's batch")
-    out = Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
     train_set, test_set = load_data(cfg, rank)
     state, ckpt = None, None
     if cfg.resume:
-        checkpoint.check_resume_config(out, asdict(cfg))
         ckpt = checkpoint.checkpoint_dir(out)
         state = checkpoint.load_state(ckpt)
     model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, device)
@@ -261,6 +259,22 @@ def setup(cfg: Config) -> Run:
                train_set=train_set, test_set=test_set, start=start, log=open_log(out, cfg, start, rank))
 
 
+def check_flags(cfg: Config) -> Path:
+    """The run folder, once the flags are found sound. Checked before the processes meet and
+    before any file is touched: every process refuses alike, and a refused run costs nothing."""
+    world = rank_world()[1]
+    if cfg.prompts_per_step % world:
+        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
+    if rows_per_process(cfg, world) % cfg.minibatches:
+        raise UserError(f"--minibatches {cfg.minibatches} must divide the {rows_per_process(cfg, world)} rows "
+                        "of a process's batch")
+    out = Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
+    checkpoint.check_run_folder(out, asdict(cfg), cfg.resume, cfg.overwrite)
+    if not cfg.resume or cfg.kl_coef:  # a resumed policy loads from the checkpoint; the KL reference from --model
+        models.check(cfg.model)
+    return out
+
+
 def rows_per_process(cfg: Config, world: int) -> int:
     return cfg.prompts_per_step // world * cfg.group_size
 
@@ -271,6 +285,8 @@ def open_log(out: Path, cfg: Config, start: int, rank: int):
         return None
     path = out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        checkpoint.clear_run(out)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     lines = path.read_text().splitlines() if start and path.exists() else []
     path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
@@ -445,5 +461,5 @@ def finish(run: Run):
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except data.DataError as e:  # bad input: say which file, line and field, and train nothing
-        raise SystemExit(str(e))
+    except (data.DataError, UserError) as e:  # bad input or flags: one sentence (which file, line, flag), said once
+        exit_once(str(e))

@@ -1,5 +1,6 @@
 """vlr.py: the trainer end to end (kill and resume, DDP on gloo, the ablation switches), its flags,
 the prompt order, and docs/differences.md's table against the published recipe."""
+import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import procs
+import test_refusals
 import vlr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,11 +67,31 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert (b / "final" / "model.safetensors").exists()
 
 
-def test_resume_refuses_a_different_configuration(tmp_path):
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
+    """A second run into its folder is refused (single process and under torchrun), as is a resume
+    with another configuration, each in one sentence, and the folder is left byte for byte;
+    --overwrite starts afresh."""
     first = run(["--steps", "2"], tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
-    again = run(["--steps", "4", "--resume", "--lr", "0.5"], tmp_path)
-    assert again.returncode != 0 and f"lr: saved {vlr.Config.lr!r}, now 0.5" in again.stderr
+    before = snapshot(tmp_path)
+    assert {"metrics.jsonl", "config.json", "ckpt/train_state.pt", "final/model.safetensors"} <= set(before)
+    for torchrun in (False, True):
+        said = test_refusals.refused("vlr.py", [*SMALL, "--steps", "1", "--out", str(tmp_path)], torchrun)
+        assert "\n" not in said and str(tmp_path) in said
+        assert all(flag in said for flag in ("--resume", "--out", "--overwrite")), said
+    said = test_refusals.refused("vlr.py", [*SMALL, "--steps", "4", "--resume", "--lr", "0.5", "--out", str(tmp_path)],
+                                 False)
+    assert "\n" not in said and f"lr: saved {vlr.Config.lr!r}, now 0.5" in said and "steps: saved 2, now 4" in said
+    assert snapshot(tmp_path) == before
+    again = run(["--steps", "1", "--overwrite"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    state = torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=False)
+    assert len(metrics(tmp_path)) == 1 and state["step"] == 1
 
 
 def test_ablation_switches(tmp_path):
