@@ -4,7 +4,7 @@ answer is written, each of which must score 1.0, and changed the ways a wrong on
 
 A class that does not apply to a gold (no fraction to write as \\dfrac) counts as not applicable. A gold marked
 "unread" is one the grader does not read as the benchmark means it (a sentence, an inequality); its rewrites are
-counted apart, and the README names each such kind. The counts are printed (pytest -s) and measured in the README."""
+counted apart, and docs/grader.md names each such kind. The counts are printed (pytest -s) and given in docs/grader.md."""
 import collections
 import json
 import re
@@ -192,7 +192,7 @@ def test_every_rewrite_of_every_real_gold():
 
 
 def test_every_unread_gold_is_named_and_really_unread():
-    """The "unread" mark names a kind the README lists, and a marked gold does fail a rewrite (else unmark it)."""
+    """The "unread" mark names a kind docs/grader.md lists, and a marked gold does fail a rewrite (else unmark it)."""
     kinds = {"unit after a variable"}
     for record in RECORDS:
         if "unread" in record:
