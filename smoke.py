@@ -61,7 +61,7 @@ MODEL_MAX_LENGTH = 131072  # the hub tokenizer's
 N_NAMED_SPECIAL = 14  # Qwen2.5 marks <|endoftext|> .. <|video_pad|> special; <tool_call> .. <|file_sep|> are plain added tokens
 
 WARM_PROMPTS, WARM_PER_PROMPT, WARM_CHUNK = 16, 8, 8  # 128 responses, prompts encoded 8 at a time
-WARM_STEPS, WARM_BATCH, WARM_LR, WARM_NEGATIVES = 200, 256, 2e-2, 512
+WARM_STEPS, WARM_BATCH, WARM_LR, WARM_NEGATIVES = 240, 256, 2e-2, 512
 STOP_RECORDS, STOP_G, STOP_MAX_NEW = 2, 8, 24  # the stop check: 16 responses of at most 24 tokens
 
 
@@ -81,8 +81,17 @@ def fingerprint() -> str:
     h.update((HERE / "smoke.py").read_bytes())
     h.update(HUB_CONFIG_FILE.read_bytes())
     h.update(tiktoken_file().read_bytes())
+    h.update(str(compute_dtype()).encode())
     h.update(repr((tiny.CHAT_TEMPLATE, tiny.SPECIAL_TOKENS, tiny.REASONS, tiny.MIN_PIXELS, tiny.MAX_PIXELS)).encode())
     return h.hexdigest()[:16]
+
+
+def compute_dtype() -> torch.dtype:
+    """What the warm start computes in: bf16 where the CPU has it natively (AVX512_BF16 or AMX),
+    else fp32 on the bf16 weights, as there a bf16 matmul runs ~66x slower than fp32."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
 
 
 def resolve(name: str) -> str:
@@ -434,11 +443,12 @@ def build(name: str, out: Path | None = None) -> dict:
             "layers": NAMES[name], "vision_blocks": VISION_DEPTH, "vocab": len(processor.tokenizer),
             "embedding_rows": model.get_input_embeddings().weight.shape[0], "dtype": "bfloat16",
             "tokenizer_s": round(t_tok, 2), "build_s": round(t_build, 2)}
-    # Computed in fp32 on the bf16 weights: a CPU without native bf16 runs a bf16 matmul ~66x slower.
-    model.float()
+    dtype = compute_dtype()
+    info["compute_dtype"] = str(dtype).removeprefix("torch.")
+    model.to(dtype)
     tiny.progress(f"the format warm start ({WARM_PROMPTS} prompts' features, then {WARM_STEPS} steps)", t0)
     info.update(warm_start(model, processor))
-    model.to(torch.bfloat16).float()  # what is saved is what the stop check measures
+    model.to(torch.bfloat16).float()  # the saved weights, loaded as the trainer loads them (fp32): what the stop check measures
     info["warm_start_s"] = round(time.time() - t0 - t_build, 2)
     t1 = time.time()
     tiny.progress("the stop check", t0)

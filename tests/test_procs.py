@@ -20,11 +20,11 @@ def test_a_torchrun_that_times_out_leaves_no_worker_behind(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
            "sh", "-c", worker]
     with pytest.raises(procs.TimedOut) as failed:
-        procs.run(cmd, timeout=30)
+        procs.run(cmd, timeout=15)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]  # both workers were running
     assert marked(tag) == []
     message = str(failed.value)
-    assert message.startswith("timed out after 30 s (limit 30 s): ")
+    assert message.startswith("timed out after 15 s (limit 15 s): ")
     assert "torch.distributed.run --standalone --nproc_per_node 2" in message and "--- last stderr ---" in message
 
 
