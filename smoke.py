@@ -206,26 +206,28 @@ def build_processor():
 # Model
 # ---------------------------------------------------------------------------------------------
 
-def smoke_config(n_layers: int):
-    """The hub config with the decoder cut to `n_layers` and the vision tower to 2 blocks."""
+def smoke_config(n_layers: int, cut_vision: bool = True):
+    """The hub config with the decoder cut to `n_layers` and (`cut_vision`) the vision tower to 2
+    blocks; `smoke_config(36, False)` is the 3B itself (gpu_check.py builds it on a GPU)."""
     hub = copy.deepcopy(HUB_CONFIG)
     hub.pop("architectures")
     hub["num_hidden_layers"] = n_layers
-    hub["vision_config"].update(depth=VISION_DEPTH, fullatt_block_indexes=VISION_FULLATT)
+    if cut_vision:
+        hub["vision_config"].update(depth=VISION_DEPTH, fullatt_block_indexes=VISION_FULLATT)
     config = Qwen2_5_VLConfig(**hub)
     config.architectures = list(HUB_CONFIG["architectures"])
     config.text_config.use_cache = True
     return config
 
 
-def build_model(n_layers: int):
-    """Random weights (the architecture's own initialisation), in bfloat16 as the hub's."""
+def build_model(config, device="cpu"):
+    """Random weights (the architecture's own initialisation), in bfloat16 as the hub's, made on `device`."""
     torch.manual_seed(0)
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with no_init_weights():  # else torch's default init runs first, only to be overwritten (~2 s)
-            model = Qwen2_5_VLForConditionalGeneration(smoke_config(n_layers))
+        with torch.device(device), no_init_weights():  # else torch's default init runs first, only to be overwritten
+            model = Qwen2_5_VLForConditionalGeneration(config)
         model.init_weights()
     finally:
         torch.set_default_dtype(before)
@@ -437,7 +439,7 @@ def build(name: str, out: Path | None = None) -> dict:
     processor = build_processor()
     t_tok = time.time() - t0
     tiny.progress("the model", t0)
-    model = build_model(NAMES[name])
+    model = build_model(smoke_config(NAMES[name]))
     t_build = time.time() - t0
     info = {"name": name, "fingerprint": fingerprint(), "params": sum(p.numel() for p in model.parameters()),
             "layers": NAMES[name], "vision_blocks": VISION_DEPTH, "vocab": len(processor.tokenizer),
