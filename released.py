@@ -1,0 +1,48 @@
+"""Data in the released schemas, made on the spot: ViRL39K's parquet beside its images/ folder,
+and a MathVista testmini parquet with the pictures' bytes inside. The GPU check trains and
+evaluates on them (gpu_check.py), and so do the tests of the real path."""
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+
+def picture(size, colour, path: Path) -> str:
+    img = Image.new("RGB", size, (255, 255, 255))
+    ImageDraw.Draw(img).ellipse((20, 20, size[0] - 20, size[1] - 20), fill=colour)
+    img.save(path)
+    return path.name
+
+
+def make_virl(root: Path) -> Path:
+    """39Krelease.parquet + images/ as ViRL39K releases them: pictures from 448x448 to 1280x960,
+    one record with two."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    a = picture((448, 448), (220, 40, 40), root / "images" / "a.png")
+    b = picture((640, 480), (40, 80, 220), root / "images" / "b.jpg")
+    c = picture((1280, 960), (40, 170, 60), root / "images" / "c.jpg")
+    rows = [
+        {"qid": "q1", "question": "<image>What colour is the circle?", "answer": "\\boxed{red}", "image": [f"images/{a}"]},
+        {"qid": "q2", "question": "<image>The radius is 3. What is the area?", "answer": "\\boxed{9\\pi}",
+         "image": [f"images/{b}"]},
+        {"qid": "q3", "question": "Left: <image> Right: <image> Which is blue?", "answer": "\\boxed{B}",
+         "image": [f"images/{a}", f"images/{b}"]},
+        {"qid": "q4", "question": "<image>Find x if 2x = 3.", "answer": "\\boxed{\\frac{3}{2}}", "image": [f"images/{c}"]},
+    ]
+    for r in rows:
+        r.update(category="test", source="synthetic", PassRate_32BTrained=0.5, PassRate_7BBase=0.25)
+    pq.write_table(pa.Table.from_pylist(rows), root / "39Krelease.parquet")
+    return root / "39Krelease.parquet"
+
+
+def make_mathvista(root: Path, n: int) -> Path:
+    """A MathVista testmini-shaped parquet: the picture's bytes in `decoded_image`, free-form floats."""
+    root.mkdir(parents=True, exist_ok=True)
+    raw = (root / "p.png")
+    picture((640, 480), (40, 80, 220), raw)
+    rows = [{"pid": str(i), "question": "What is the area of the circle?", "decoded_image": {"bytes": raw.read_bytes()},
+             "answer": "28.27", "question_type": "free_form", "answer_type": "float", "precision": 2.0,
+             "unit": None, "metadata": {"task": "geometry problem solving"}} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), root / "testmini.parquet")
+    return root / "testmini.parquet"
