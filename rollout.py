@@ -206,14 +206,16 @@ class Decoded:
     real: torch.Tensor  # [N, T] the real tokens, up to and including the stop token
     stopped: torch.Tensor  # [N] the row ended by itself (not at the cap)
     parked: kv_cache.Parked | None  # with `park`: the KV caches of all rows
+    cache: object  # the cache `decode` was handed, extended by the loop: the rows still in the batch at its end
 
 
 def decode(model, cache, logits, attn, start, max_new: int, s: Sampling, park: bool = False) -> Decoded:
     """The KV-cache loop: one token per row per step until every row has stopped.
 
     `logits` are the next-token logits of each row, `attn` the attention mask of what is in the
-    cache, `start` the position of each row's first new token. Tokens are drawn at s.temperature
-    and recorded at s.logp_temperature. A row that stopped is fed padding, masked out of attention,
+    cache, `start` the position of each row's first new token. The caller hands `cache` over: the
+    loop writes into it and returns it (`Decoded.cache`). Tokens are drawn at s.temperature and
+    recorded at s.logp_temperature. A row that stopped is fed padding, masked out of attention,
     until s.leave_at of the batch has stopped: then those rows leave the batch and the cache, and
     the rest decodes on a smaller batch. With long-tailed lengths most rows stop early and would be
     fed padding until the longest ends. The noise of every row is drawn at every step (`draw`):
@@ -248,7 +250,7 @@ def decode(model, cache, logits, attn, start, max_new: int, s: Sampling, park: b
                        past_key_values=cache, use_cache=True).logits[:, -1]  # [B, V]
     if parked is not None:
         parked.add(cache, attn, rows)
-    return Decoded(torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(real, 1), done, parked)
+    return Decoded(torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(real, 1), done, parked, cache)
 
 
 @dataclass
