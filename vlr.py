@@ -6,7 +6,7 @@
 
 One step (paper, Algorithm 1): sample prompts -> G responses each (rollout.sample) -> rewards
 (reward.grade) -> Forced Rethinking (rethink.rethink) -> group advantages (grpo, Eq. 2) ->
-Selective Sample Replay (ssr.select_batch) -> the clipped policy-gradient update (grpo, Eq. 1)
+Selective Sample Replay (ssr.ReplayBuffer.select_batch) -> the clipped policy-gradient update (grpo, Eq. 1)
 -> metrics.
 """
 import argparse
@@ -319,7 +319,7 @@ def train(cfg: Config):
         reflects = [kept or reward.reflections(text) > 0 for kept, text in zip(done.kept.tolist(), done.rollout.texts)]
         rows = rollout.split_rows(done.rollout, step, reflects)  # `reflects`: the rows of the SFT term
         if cfg.ssr:
-            batch, batch_adv, n_replayed = ssr.select_batch(rows, adv, run.buffer, n_rows, generator=run.gen)
+            batch, batch_adv, n_replayed = run.buffer.select_batch(rows, adv, n_rows, generator=run.gen)
         else:
             batch, batch_adv, n_replayed = rows, adv, 0
         batch, batch_adv = pad_batch(batch, batch_adv, rows, n_rows)
