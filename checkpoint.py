@@ -1,8 +1,11 @@
 """Folders written atomically (checkpoints, built models), and checkpoints that resume exactly.
 
 Plain values in, plain values out: the trainer (vlr.py) hands over the model, the processor and
-its state dict; the model builders (tiny.py, smoke.py) use `write_atomically` for their caches.
+its state dict; the model builders (tiny.py, smoke.py) use `write_atomically` for their caches,
+and smoke.py builds its cache once however many processes ask (`built_once`).
 """
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -12,6 +15,32 @@ from pathlib import Path
 import torch
 
 from distributed import UserError
+
+
+def built_once(out: Path, stamp: str, fingerprint: str, build) -> Path:
+    """`out`, built by build(out) on first use and rebuilt when the fingerprint in its `stamp` file
+    is not `fingerprint` (what determines the model changed). Several processes at once (torchrun
+    ranks) build it once: the first takes the lock and builds, the others wait and find it built."""
+    def fresh() -> bool:
+        try:
+            return json.loads((out / stamp).read_text()).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            return False
+
+    if not fresh():
+        with build_lock(out):
+            if not fresh():
+                build(out)
+    return out
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """One builder of `out` at a time, across processes; the lock goes with the file's close."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def write_atomically(out: Path, write) -> None:
