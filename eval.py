@@ -36,6 +36,7 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -164,10 +165,6 @@ def read_rows(path: Path) -> list:
             raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
         rows = list(obj.values()) if isinstance(obj, dict) else obj
     elif path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading .parquet needs pyarrow (pip install -r requirements.txt)") from None
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow's errors for a truncated or non-parquet file vary
