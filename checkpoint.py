@@ -122,6 +122,19 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
     checkpoint_dir(out)
 
 
+def open_log(out: Path, config: dict, start: int, overwrite: bool):
+    """The run's config.json written and its metrics.jsonl opened to append to, cut back to step
+    `start` on resume (those steps run again, identically); with `overwrite` the old run goes first."""
+    path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_run(out)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    lines = path.read_text().splitlines() if start and path.exists() else []
+    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+    return open(path, "a")
+
+
 def clear_run(out: Path):
     """--overwrite: the old run goes, so that no checkpoint of it is ever resumed under the new config."""
     for path in (out / name for name in RUN_FILES):

@@ -256,7 +256,8 @@ def setup(cfg: Config) -> Run:
     return Run(cfg=cfg, rank=rank, world=world, device=device, out=out, model=model, ddp=ddp, processor=processor,
                ref=ref, opt=opt, sched=sched, gen=gen, buffer=buffer, rethink=rethink_config(cfg),
                decoding=rollout.Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k),
-               train_set=train_set, test_set=test_set, start=start, log=open_log(out, cfg, start, rank))
+               train_set=train_set, test_set=test_set, start=start,
+               log=checkpoint.open_log(out, asdict(cfg), start, cfg.overwrite) if rank == 0 else None)
 
 
 def check_flags(cfg: Config) -> Path:
@@ -277,20 +278,6 @@ def check_flags(cfg: Config) -> Path:
 
 def rows_per_process(cfg: Config, world: int) -> int:
     return cfg.prompts_per_step // world * cfg.group_size
-
-
-def open_log(out: Path, cfg: Config, start: int, rank: int):
-    """metrics.jsonl on rank 0, cut back to the checkpoint's step on resume: those steps run again, identically."""
-    if rank != 0:
-        return None
-    path = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        checkpoint.clear_run(out)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    lines = path.read_text().splitlines() if start and path.exists() else []
-    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
-    return open(path, "a")
 
 
 def grader(cfg: Config):
@@ -393,23 +380,12 @@ def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_
 
 
 def run_eval(run: Run) -> dict:
-    """Greedy decoding on this rank's shard of the toy test split (all tiers), summed over ranks.
-    eval_acc is the accuracy on the tiers trained on; eval_acc_<tier> on each tier; eval_reflect
-    the share of responses with a self-reflection phrase (eval.reflects, as the paper reports);
-    eval_revise the share whose reflection changes the answer (eval.revises)."""
+    """Greedy decoding on this rank's shard of the toy test split (all tiers), into the eval metrics
+    of all ranks' rows (eval.toy_metrics)."""
     recs = [run.test_set[i] for i in range(run.rank, len(run.test_set), run.world)]
     with models.autocast(run.cfg.bf16, run.device):
         rows = evaluation.evaluate(run.model, run.processor, recs, max_new_tokens=run.cfg.max_new_tokens)
-    mine = [(r["category"], r["correct"], r["reflects"], r["revises"]) for r in rows]
-    allrows = [x for part in gather(mine, run.world) for x in part]
-    trained_tiers = set(run.cfg.toy_tiers.split(","))
-    trained = [c for k, c, _, _ in allrows if k in trained_tiers]
-    res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(f for _, _, f, _ in allrows) / len(allrows),
-           "eval_revise": sum(v for *_, v in allrows) / len(allrows)}
-    for cat in sorted({k for k, *_ in allrows}):
-        hits = [c for k, c, *_ in allrows if k == cat]
-        res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
-    return res
+    return evaluation.toy_metrics(rows, run.cfg.toy_tiers.split(","), run.world)
 
 
 def log_step(run: Run, bar, m: dict, last_eval: float) -> float:
