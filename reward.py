@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 import latex
+import phases
 
 MAX_RESPONSE_CHARS = 100_000
 MAX_ANSWER_CHARS = 300
@@ -79,6 +80,7 @@ class Grade:
     valid: bool  # it ended by itself, has a box and does not loop (at most MAX_WAITS `waits`)
 
 
+@phases.phase
 def grade(response: str, answer: str, choices: list[str] | None = None, finished: bool = True, *,
           invalid_penalty: float = 0.0, reflection_bonus: float = 0.0, wait_penalty: float = 0.0,
           forced_waits: int = 0) -> Grade:

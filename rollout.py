@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import data
 import kv_cache
+import phases
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -61,6 +62,7 @@ def positions(model, input_ids, mm_token_type_ids, image_grid_thw, attention_mas
 # The teacher-forced forward (what the trainer differentiates)
 # ---------------------------------------------------------------------------------------------
 
+@phases.phase
 def logprobs(model, prompts: dict, response_ids, response_mask, temperature: float, banned: list[int],
              share_vision: bool = True):
     """Log-probability of each response token given prompt + earlier tokens, in one forward pass.
@@ -209,6 +211,7 @@ class Decoded:
     cache: object  # the cache `decode` was handed, extended by the loop: the rows still in the batch at its end
 
 
+@phases.phase
 def decode(model, cache, logits, attn, start, max_new: int, s: Sampling, park: bool = False) -> Decoded:
     """The KV-cache loop: one token per row per step until every row has stopped.
 
@@ -277,6 +280,7 @@ class Rollout:
     caches: Caches | None = None  # with `park`, for Forced Rethinking (on the model's device)
 
 
+@phases.phase
 @torch.no_grad()
 def sample(model, processor, records, g: int, how: Decoding, generator=None, park: bool = False) -> Rollout:
     """G responses for each record, drawn as `how` says. With `park` the rollout keeps every row's

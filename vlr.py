@@ -25,6 +25,7 @@ import data
 import eval as evaluation
 import grpo
 import models
+import phases
 import rethink
 import reward
 import rollout
@@ -289,43 +290,41 @@ def grader(cfg: Config):
 
 def train(cfg: Config):
     run = setup(cfg)
-    g, n_rows = cfg.group_size, rows_per_process(cfg, run.world)
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
     low_format_steps, last_eval = 0, float("nan")
     for step in bar:
         t0 = time.time()
-        recs = [run.train_set[i] for i in prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
-                                                           run.world, cfg.seed)]
-        # --- 1. Rollout: G responses per prompt, graded, then Forced Rethinking (Section 3.2) ---
-        done = rollout_step(run, recs)
-        # --- 2. Rewards -> group advantages (Eq. 2) ---
-        rewards = torch.tensor([x.reward for x in done.grades])
-        adv = grpo.group_advantages(rewards, g, std=cfg.adv_std)
-        # --- 3. Selective Sample Replay (Section 3.1): drop zero-advantage samples, refill from the buffer ---
-        reflects = [kept or reward.reflections(text) > 0 for kept, text in zip(done.kept.tolist(), done.rollout.texts)]
-        rows = rollout.split_rows(done.rollout, step, reflects)  # `reflects`: the rows of the SFT term
-        if cfg.ssr:
-            batch, batch_adv, n_replayed = run.buffer.select_batch(rows, adv, n_rows, generator=run.gen)
-        else:
-            batch, batch_adv, n_replayed = rows, adv, 0
-        batch, batch_adv = pad_batch(batch, batch_adv, rows, n_rows)
-        # --- 4. The clipped policy-gradient update (Eq. 1) ---
-        up = grpo.policy_update(run, batch, batch_adv, step)
-        if up["skipped"]:
-            tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
-        run.sched.step()
-
-        m = step_metrics(run, step, done, rewards, adv, n_replayed, up)
+        m = train_step(run, step)
         dt = time.time() - t0
         if run.test_set is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             m.update(run_eval(run))
-        m.update(step_s=time.time() - t0, tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * g / dt)
+        m.update(step_s=time.time() - t0, tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * cfg.group_size / dt)
         last_eval = log_step(run, bar, m, last_eval)
         low_format_steps = check_collapse(cfg, step, m, low_format_steps)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save(run, step + 1)
     finish(run)
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One step of Algorithm 1; returns its metrics."""
+    cfg = run.cfg
+    recs = [run.train_set[i] for i in prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
+                                                       run.world, cfg.seed)]
+    # --- 1. Rollout: G responses per prompt, graded, then Forced Rethinking (Section 3.2) ---
+    done = rollout_step(run, recs)
+    # --- 2. Rewards -> group advantages (Eq. 2) ---
+    rewards = torch.tensor([x.reward for x in done.grades])
+    adv = grpo.group_advantages(rewards, cfg.group_size, std=cfg.adv_std)
+    # --- 3. Selective Sample Replay (Section 3.1): drop zero-advantage samples, refill from the buffer ---
+    batch, batch_adv, n_replayed = replay_batch(run, done, adv, step)
+    # --- 4. The clipped policy-gradient update (Eq. 1) ---
+    up = grpo.policy_update(run, batch, batch_adv, step)
+    if up["skipped"]:
+        tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
+    run.sched.step()
+    return step_metrics(run, step, done, rewards, adv, n_replayed, up)
 
 
 def rollout_step(run: Run, recs: list) -> rethink.Rethinking:
@@ -350,11 +349,21 @@ def rollout_chunk(run: Run, recs: list) -> rethink.Rethinking:
                                lambda text, i, finished: grade(text, recs[i // g], finished, True), run.rethink)
 
 
-def pad_batch(batch, batch_adv, rows, n_rows):
-    """With nothing to learn from anywhere, SSR returns fewer rows than a batch: pad with this
-    step's rows at zero advantage, so that every process runs the same backward passes (DDP)."""
+@phases.phase
+def replay_batch(run: Run, done: rethink.Rethinking, adv: torch.Tensor, step: int):
+    """Step 3 of Algorithm 1: the step's rows (rollout.Row), of which SSR builds the batch
+    (ssr.ReplayBuffer.select_batch; --no-ssr: all of them). Returns (batch, advantages, n_replayed)."""
+    n_rows = rows_per_process(run.cfg, run.world)
+    reflects = [kept or reward.reflections(text) > 0 for kept, text in zip(done.kept.tolist(), done.rollout.texts)]
+    rows = rollout.split_rows(done.rollout, step, reflects)  # `reflects`: the rows of the SFT term
+    if run.cfg.ssr:
+        batch, batch_adv, n_replayed = run.buffer.select_batch(rows, adv, n_rows, generator=run.gen)
+    else:
+        batch, batch_adv, n_replayed = rows, adv, 0
+    # With nothing to learn from anywhere, SSR returns fewer rows than a batch: pad with this step's
+    # rows at zero advantage, so that every process runs the same backward passes (DDP).
     pad = n_rows - len(batch)
-    return list(batch) + rows[:pad], torch.cat([batch_adv, torch.zeros(pad)])
+    return list(batch) + rows[:pad], torch.cat([batch_adv, torch.zeros(pad)]), n_replayed
 
 
 def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_replayed: int, up: dict) -> dict:
