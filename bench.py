@@ -14,14 +14,14 @@
    real rollout with a 2048-token cap has: each row is made to stop at its length on both sides
    (stop tokens banned before it, forced at it), so both decode the same tokens. generate feeds
    finished rows padding until the longest ends; the loop lets them leave (`rollout.Decoding.leave_at`).
-3. Where a training step's time goes: `vlr.train` itself, its functions wrapped by a clock
-   (`Clock`), for the toy default run (32 prompts x 8, micro-batch 64, 48-token cap) and the
-   3B-shaped model (`smoke-3b-2l`: one prompt x 8, its 448-pixel image 256 visual tokens, a
-   16-token cap). Each on the current path and on the reference path (`--no-share-vision`, rows
-   never leave the decode loop, the KV cache grows by torch.cat): the same seed gives both the
-   same samples, so they do the same work. The toy runs alternate (new, old, new, old, after a
+3. Where a training step's time goes: `vlr.train_step` itself, timed by a clock (`Clock`) that
+   hears the functions the code marks as phases (phases.py) start and end, for the toy default run
+   (32 prompts x 8, micro-batch 64, 48-token cap) and the 3B-shaped model (`smoke-3b-2l`: one
+   prompt x 8, its 448-pixel image 256 visual tokens, a 16-token cap). Each on the current path
+   and on the reference path (`--no-share-vision`, rows never leave the decode loop, the KV cache
+   grows by torch.cat): the same seed gives both the same samples, so they do the same work. The toy runs alternate (new, old, new, old, after a
    warm-up run) so that a busy machine slows both alike.
-4. The 3B-shaped update with the vision tower frozen, new path against old, on the batch of (3).
+4. The 3B-shaped update with the vision tower frozen, new path against old, on G responses like (3)'s.
 The checkpoint is one save (model and optimizer state), timed on the new path only for the
 3B-shaped model: it does not depend on the path, and it writes 6.5 GB.
 
@@ -48,16 +48,15 @@ import data
 import grpo
 import kv_cache
 import models
-import rethink
+import phases
 import rollout
-import ssr
 import vlr
 
 PROMPTS, G, NEW_TOKENS, REPEATS = 8, 4, 64, 5
 LENGTHS = (64, 128, 256)
 # Long-tailed lengths of the 32 rows: 4 long, 28 short (12 to 36 tokens), in a fixed shuffled order.
 SPREAD = [256, 192, 128, 96] + [12 + 7 * i % 25 for i in range(28)]
-TOY_STEPS, TOY_RUNS = 3, 2  # steps per vlr.train run; runs per path, alternating
+TOY_STEPS, TOY_RUNS = 3, 2  # steps per timed run; runs per path, alternating
 
 
 def seconds(fn) -> float:
@@ -174,6 +173,17 @@ def spread(model, processor, records) -> dict:
 # 3 and 4: a training step, split
 # ---------------------------------------------------------------------------------------------
 
+# The marked functions of the code (phases.py) and the phase each one's exclusive time counts to:
+# prefill is rollout.sample less the decode loop (so also the prompts' encoding and bookkeeping),
+# rethink rethink.rethink less grading (its decode counts to it), ssr vlr.replay_batch (the step's
+# rows, the draw, the padding), text_forward rollout.logprobs less the vision tower, backward
+# grpo.policy_update less the forward and the optimizer (so also collate, the loss and the clip).
+PHASE_OF = {"rollout.sample": "prefill", "rollout.decode": "decode", "rethink.rethink": "rethink",
+            "reward.grade": "grading", "vlr.replay_batch": "ssr", "rollout.logprobs": "text_forward",
+            "grpo.policy_update": "backward"}
+PHASES = ("prefill", "decode", "rethink", "grading", "ssr", "vision", "text_forward", "backward", "optimizer")
+
+
 class Clock:
     """Seconds per phase, exclusive: time in a phase entered inside another (the vision tower in
     the forward) is taken out of the outer one. A decode inside Forced Rethinking counts as
@@ -195,22 +205,23 @@ class Clock:
             if self.stack:
                 self.s[self.stack[-1]] -= dt
 
-    def wrap(self, name, fn):
-        """fn, its time counted to `name` (a decode inside rethinking to rethinking)."""
-        def timed(*args, **kwargs):
-            inner = "rethink" if name == "decode" and "rethink" in self.stack else name
-            with self.phase(inner) if inner not in self.stack[-1:] else contextlib.nullcontext():
-                return fn(*args, **kwargs)
-        return timed
-
     def start(self, name, only_inside=None):
-        """Enter a phase from a hook (`stop` leaves it); with `only_inside`, only inside that phase."""
-        ctx = self.phase(name) if only_inside is None or only_inside in self.stack else contextlib.nullcontext()
+        """Enter phase `name` (`stop` leaves it); with `only_inside`, only inside that phase. Inside
+        `name` itself it is not entered again."""
+        enter = (only_inside is None or only_inside in self.stack) and name not in self.stack[-1:]
+        ctx = self.phase(name) if enter else contextlib.nullcontext()
         ctx.__enter__()
         self.open.append(ctx)
 
     def stop(self, *_):
         self.open.pop().__exit__(None, None, None)
+
+    def hear(self, name, started):
+        """The listener of phases.listen: a marked function of the code starts or ends."""
+        if not started:
+            return self.stop()
+        phase = PHASE_OF[name]
+        self.start("rethink" if phase == "decode" and "rethink" in self.stack else phase)
 
     def watch(self, run) -> list:
         """The vision tower's forward and the optimizer step of a run's model, by hooks (returned)."""
@@ -221,66 +232,39 @@ class Clock:
                 run.opt.register_step_post_hook(self.stop)]
 
 
-PHASES = ("prefill", "decode", "rethink", "grading", "ssr", "vision", "text_forward", "backward", "optimizer")
+def reference_cache(reference: bool):
+    """On the reference path, the KV cache before the preallocated one (bench runs in fp32, where
+    it was a plain DynamicCache, grown by torch.cat at every step). That cache is no longer in the
+    code, so it is swapped in for kv_cache.new_cache: the one thing bench changes in the code."""
+    if not reference:
+        return contextlib.nullcontext()
+    return mock.patch.object(kv_cache, "new_cache", lambda device, length=0: DynamicCache())
 
 
-def clocked(clock: Clock, reference: bool, checkpoint: bool, keep: dict, hooks: list) -> list:
-    """What timed_train wraps: (module, public name, replacement). Each phase is the exclusive time
-    of the functions named for it: prefill is rollout.sample less the decode loop (so also the
-    prompts' encoding and bookkeeping), rethink rethink.rethink less grading (its decode counts to
-    it), text_forward rollout.logprobs less the vision tower, backward grpo.policy_update less the
-    forward and the optimizer (so also collate, the loss and the clip). The reference path's rows
-    never leave the decode loop (Run.decoding's leave_at)."""
-    setup, update, grader = vlr.setup, grpo.policy_update, vlr.grader
-
-    def watched_setup(cfg):
-        run = setup(cfg)
-        hooks.extend(clock.watch(run))
+def timed_steps(cfg: vlr.Config, reference: bool, checkpoint: bool = True) -> tuple[dict, vlr.Run]:
+    """cfg.steps steps of vlr.train_step, the phases of the code clocked as they run (phases.listen);
+    the reference path with `reference` (--no-share-vision, rows never leave the decode loop, the
+    old KV cache). Returns the seconds per step of each phase, `step` (a step's wall time, as
+    metrics.jsonl's step_s), `other` (the step less the phases: rewards, advantages, metrics) and
+    `checkpoint` (one vlr.save; none without `checkpoint`); and the run, without its optimizer,
+    whose state would outlive the run. Only steps: no eval, no final model."""
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out, reference_cache(reference):
+        run = vlr.setup(dataclasses.replace(cfg, out=out, share_vision=not reference))
         if reference:
-            run.decoding = dataclasses.replace(run.decoding, leave_at=math.inf)
-        return run
-
-    def kept_update(run, batch, advantages, step):
-        # the run without its optimizer, whose state would outlive the run
-        keep["update"] = (dataclasses.replace(run, opt=None, sched=None, buffer=None), batch, advantages, step)
-        return update(run, batch, advantages, step)
-
-    return [(vlr, "setup", watched_setup),
-            (vlr, "run_eval", lambda run: {}),
-            (vlr, "finish", lambda run: run.log.close()),
-            (vlr, "save", clock.wrap("checkpoint", vlr.save) if checkpoint else lambda run, step: None),
-            (grpo, "policy_update", clock.wrap("backward", kept_update)),
-            (vlr, "grader", lambda cfg: clock.wrap("grading", grader(cfg))),
-            (vlr, "pad_batch", clock.wrap("ssr", vlr.pad_batch)),
-            (rollout, "sample", clock.wrap("prefill", rollout.sample)),
-            (rollout, "decode", clock.wrap("decode", rollout.decode)),
-            (rethink, "rethink", clock.wrap("rethink", rethink.rethink)),
-            (rollout, "logprobs", clock.wrap("text_forward", rollout.logprobs)),
-            (rollout, "split_rows", clock.wrap("ssr", rollout.split_rows)),
-            (ssr, "select_batch", clock.wrap("ssr", ssr.select_batch)),
-            # The cache before the preallocated one: bench runs in fp32, where it was a plain
-            # DynamicCache, grown by torch.cat at every step.
-            (kv_cache, "new_cache", (lambda device, length=0: DynamicCache()) if reference else kv_cache.new_cache)]
-
-
-def timed_train(cfg: vlr.Config, reference: bool, keep: dict | None = None, checkpoint: bool = True) -> dict:
-    """vlr.train(cfg) with its phases clocked; the reference path with `reference`. Returns the
-    seconds per step of each phase, `step` (metrics.jsonl's step_s), `other` (the step less the
-    phases: rewards, advantages, metrics) and `checkpoint` (one save; none without `checkpoint`).
-    No eval (not part of a step), no final model written. `keep` gets the update's arguments."""
-    clock, hooks = Clock(), []
-    patches = clocked(clock, reference, checkpoint, keep if keep is not None else {}, hooks)
-    with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
-        for obj, name, value in patches:
-            stack.enter_context(mock.patch.object(obj, name, value))
-        vlr.train(dataclasses.replace(cfg, out=out, share_vision=not reference, eval_every=0, save_every=cfg.steps))
-        step_s = [json.loads(line)["step_s"] for line in open(f"{out}/metrics.jsonl")]
-    for h in hooks:
-        h.remove()
+            run = dataclasses.replace(run, decoding=dataclasses.replace(run.decoding, leave_at=math.inf))
+        hooks = clock.watch(run)
+        with phases.listen(clock.hear):
+            step_s = [seconds(lambda: vlr.train_step(run, step)) for step in range(cfg.steps)]
+        save_s = seconds(lambda: vlr.save(run, cfg.steps)) if checkpoint else None
+        run.log.close()
+        for h in hooks:
+            h.remove()
+    run = dataclasses.replace(run, opt=None, sched=None)
     gc.collect()  # the run's optimizer state (4 GB for the 3B-shaped model) goes before the next run
     split = {k: clock.s[k] / len(step_s) for k in PHASES}
     split["other"] = sum(step_s) / len(step_s) - sum(split.values())
-    return {**split, "step": sum(step_s) / len(step_s), "checkpoint": clock.s["checkpoint"] if checkpoint else None}
+    return {**split, "step": sum(step_s) / len(step_s), "checkpoint": save_s}, run
 
 
 def mean_split(splits: list[dict]) -> dict:
@@ -289,50 +273,47 @@ def mean_split(splits: list[dict]) -> dict:
 
 def toy_steps() -> tuple[dict, dict]:
     cfg = vlr.Config(steps=TOY_STEPS)
-    timed_train(dataclasses.replace(cfg, steps=1), False)  # warm-up: the first run in a process pays for it
+    timed_steps(dataclasses.replace(cfg, steps=1), False)  # warm-up: the first run in a process pays for it
     runs = {True: [], False: []}
     for _ in range(TOY_RUNS):
         for reference in (False, True):
-            runs[reference].append(timed_train(cfg, reference))
+            runs[reference].append(timed_steps(cfg, reference)[0])
     return mean_split(runs[False]), mean_split(runs[True])
 
 
-def update_seconds(model, kept: tuple, cfg: vlr.Config, share: bool) -> float:
-    """One policy update of a kept (run, batch, advantages, step), less its optimizer step: the
-    forward and backward that sharing the vision forward changes. SGD at lr 0 leaves the weights
-    as they were."""
-    run, batch, adv, step = kept
+def update_seconds(run, batch: list, share: bool) -> float:
+    """One policy update of `batch` (rollout.Row, at zero advantage) by the run's model, less its
+    optimizer step: the forward and backward that sharing the vision forward changes. SGD at lr 0
+    leaves the weights as they were."""
     clock = Clock()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    opt = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=0.0)
     opt.register_step_pre_hook(lambda *_: clock.start("optimizer"))
     opt.register_step_post_hook(clock.stop)
-    run = dataclasses.replace(run, cfg=dataclasses.replace(cfg, share_vision=share), model=model, ddp=model, opt=opt)
-    return seconds(lambda: grpo.policy_update(run, batch, adv, step)) - clock.s["optimizer"]
+    run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, share_vision=share), opt=opt)
+    return seconds(lambda: grpo.policy_update(run, batch, torch.zeros(len(batch)), 0)) - clock.s["optimizer"]
 
 
 def smoke_3b() -> dict:
     """The 3B-shaped step split, tower trained (the default), and the update per response, new over
-    old, with the tower trained (from the split) and frozen (timed again on the step's batch). One
-    model for every run, at lr 0: the weights never change, so both paths sample the same tokens
-    and do the same work (the optimizer does all its work at lr 0 too). Its responses never stop
-    (random weights): every row runs to the cap, so no row leaves and none is rethought."""
+    old, with the tower trained (from the split) and frozen (timed again, on G responses that the
+    last run's model samples for a training prompt). Every run at lr 0 on the same weights: both
+    paths sample the same tokens and do the same work (the optimizer does all its work at lr 0 too)."""
     cfg = vlr.Config(model="smoke-3b-2l", steps=1, prompts_per_step=1, group_size=8, micro_batch=8, max_new_tokens=16,
                      lr=0.0)
-    model, processor = models.load_model(cfg.model)
-    keep = {}
-    with mock.patch.object(vlr, "load_policy", lambda c, path, device: (model.requires_grad_(True), processor)):
-        new = timed_train(cfg, False, keep)
-        old = timed_train(cfg, True, checkpoint=False)
-    fwd_bwd = lambda s: s["vision"] + s["text_forward"] + s["backward"]
-    for p in model.model.visual.parameters():
+    new = timed_steps(cfg, False)[0]
+    old, run = timed_steps(cfg, True, checkpoint=False)
+    ro = rollout.sample(run.model, run.processor, [run.train_set[0]], cfg.group_size, run.decoding, run.gen)
+    batch = rollout.split_rows(ro)
+    for p in run.model.model.visual.parameters():
         p.requires_grad_(False).grad = None
-    frozen = {share: update_seconds(model, keep["update"], cfg, share) for share in (False, True)}
+    frozen = {share: update_seconds(run, batch, share) for share in (False, True)}
+    fwd_bwd = lambda s: s["vision"] + s["text_forward"] + s["backward"]
     return {"split_3b": {"new": {k: round(v, 3) for k, v in new.items()},
                          "old": {k: v and round(v, 3) for k, v in old.items()}},
             "update_ratio_3b": round(frozen[True] / frozen[False], 3),
             "update_ratio_3b_trained": round(fwd_bwd(new) / fwd_bwd(old), 3),
             "update_3b_frozen_s": {"new": round(frozen[True], 2), "old": round(frozen[False], 2)},
-            "rows_3b": len(keep["update"][1])}
+            "rows_3b": len(batch)}
 
 
 def print_split(name: str, new: dict, old: dict):

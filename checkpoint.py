@@ -1,8 +1,11 @@
 """Folders written atomically (checkpoints, built models), and checkpoints that resume exactly.
 
 Plain values in, plain values out: the trainer (vlr.py) hands over the model, the processor and
-its state dict; the model builders (tiny.py, smoke.py) use `write_atomically` for their caches.
+its state dict; the model builders (tiny.py, smoke.py) use `write_atomically` for their caches,
+and smoke.py builds its cache once however many processes ask (`built_once`).
 """
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -12,6 +15,32 @@ from pathlib import Path
 import torch
 
 from distributed import UserError
+
+
+def built_once(out: Path, stamp: str, fingerprint: str, build) -> Path:
+    """`out`, built by build(out) on first use and rebuilt when the fingerprint in its `stamp` file
+    is not `fingerprint` (what determines the model changed). Several processes at once (torchrun
+    ranks) build it once: the first takes the lock and builds, the others wait and find it built."""
+    def fresh() -> bool:
+        try:
+            return json.loads((out / stamp).read_text()).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            return False
+
+    if not fresh():
+        with build_lock(out):
+            if not fresh():
+                build(out)
+    return out
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """One builder of `out` at a time, across processes; the lock goes with the file's close."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def write_atomically(out: Path, write) -> None:
@@ -91,6 +120,19 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
         raise UserError(f"--resume with a different configuration than {out}/config.json: "
                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
     checkpoint_dir(out)
+
+
+def open_log(out: Path, config: dict, start: int, overwrite: bool):
+    """The run's config.json written and its metrics.jsonl opened to append to, cut back to step
+    `start` on resume (those steps run again, identically); with `overwrite` the old run goes first."""
+    path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_run(out)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    lines = path.read_text().splitlines() if start and path.exists() else []
+    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+    return open(path, "a")
 
 
 def clear_run(out: Path):

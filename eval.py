@@ -36,6 +36,7 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -130,6 +131,22 @@ def summarize(rows, bench: str) -> dict:
     return {"bench": bench, **_stats(rows), "categories": {c: _stats(rs) for c, rs in cats.items()}}
 
 
+def toy_metrics(rows: list[dict], trained_tiers: list[str], world: int) -> dict:
+    """The trainer's in-loop eval (vlr.run_eval) from this process's rows and those of the others:
+    eval_acc is the accuracy on the tiers trained on, eval_acc_<tier> on each tier, eval_reflect the
+    share of responses with a self-reflection phrase (`reflects`, as the paper reports), eval_revise
+    the share whose reflection changes the answer (`revises`)."""
+    mine = [{k: r[k] for k in ("category", "correct", "reflects", "revises")} for r in rows]
+    rows = [r for part in distributed.gather(mine, world) for r in part]
+    trained = [r["correct"] for r in rows if r["category"] in trained_tiers]
+    res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(r["reflects"] for r in rows) / len(rows),
+           "eval_revise": sum(r["revises"] for r in rows) / len(rows)}
+    for cat in sorted({r["category"] for r in rows}):
+        hits = [r["correct"] for r in rows if r["category"] == cat]
+        res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
+    return res
+
+
 def table(summary: dict) -> str:
     lines = [f"{'bench / category':<36} {'n':>6} {'accuracy':>9} {'reflect':>8} {'mean_len':>9}"]
     entries = [(summary["bench"], summary)] + [("  " + c, s) for c, s in summary["categories"].items()]
@@ -164,10 +181,6 @@ def read_rows(path: Path) -> list:
             raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
         rows = list(obj.values()) if isinstance(obj, dict) else obj
     elif path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading .parquet needs pyarrow (pip install -r requirements.txt)") from None
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow's errors for a truncated or non-parquet file vary

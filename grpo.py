@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import models
+import phases
 import rollout
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, std: bool = True) -> torch.Tensor:
@@ -63,6 +64,7 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, denom=None, 
 # The policy update: Eq. 1 minimised, cfg.minibatches optimizer steps a rollout
 # ---------------------------------------------------------------------------------------------
 
+@phases.phase
 def policy_update(run, batch: list, advantages: torch.Tensor, step: int) -> dict:
     """cfg.minibatches optimizer steps of Eq. 1, each on an equal part of the batch (rollout.Row
     list), shuffled first as the published trainer draws its minibatches (it takes 8 per rollout).

@@ -20,6 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from data import DataError
 from eval import read_rows
 
@@ -165,14 +168,8 @@ def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
 def plot(run_dirs: list[str], out: str) -> str:
     """One panel per metric, one colour per run: the raw curve faint, its running average solid
     (rewards of a few prompts per step are noisy); the eval metrics are sparse, so as points."""
-    runs = {d: read_metrics(d) for d in run_dirs}  # all files checked before matplotlib is loaded
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("the plot needs matplotlib: pip install matplotlib") from None
+    runs = {d: read_metrics(d) for d in run_dirs}
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 3.8))
     names = list(dict.fromkeys(_run_name(d) for d in runs))  # seeds of one run share a colour
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10

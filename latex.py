@@ -20,16 +20,14 @@ Safety bounds, checked before sympy does any work; they are what keeps every cal
     exponents nest at most MAX_POW_NESTING deep (9^{9^{9^9}} stops here), n! needs n <= MAX_FACTORIAL,
     and a function's constant argument must fit a double (sympy may evaluate log(cos(e^{9!})) to
     learn its sign, at a precision that grows with the argument: seconds).
-Behind them, in the main thread, a timer (`time_limit`, which the caller arms around the whole
-grading call) stops whatever is left.
+Behind them, in the main thread, a timer that reward.py arms around the whole grading call
+(`reward.time_limit`) stops whatever is left.
 """
 import cmath
 import contextlib
 import math
 import random
 import re
-import signal
-import threading
 
 import sympy
 
@@ -53,7 +51,7 @@ def equivalent(pred: str, gold: str, abs_tol: float = 0.0) -> bool:
     """True when both strings parse as math in the subset and have the same values: equal within
     REL_TOL, or within `abs_tol` (the caller's allowance for a gold rounded to a few decimals).
     False for anything outside the subset or over a bound."""
-    p, g = _parse(pred), _parse(gold)
+    p, g = parse(pred), parse(gold)
     return p is not None and g is not None and _same_values(p, g, abs_tol)
 
 
@@ -195,9 +193,10 @@ def _tokenize(s: str) -> list[str]:
     return tokens
 
 
-def _parse(s: str):
-    """(brackets, values) for a math answer -- brackets "(]" etc. for a tuple or interval, "" for a
-    bare list or single value -- or None for anything outside the subset or over a bound."""
+def parse(s: str):
+    """A math answer as `equivalent` compares it: (brackets, values), brackets "(]" etc. for a tuple
+    or interval, "" for a bare list or single value; None for anything outside the subset or over a
+    bound."""
     try:
         return _Parser(_tokenize(s)).answer()
     except _Reject:
@@ -419,36 +418,3 @@ class _Parser:
             raise _Reject
         return tok
 
-
-# ---------------------------------------------------------------------------------------------
-# The backstop: a timer around the whole grading call
-# ---------------------------------------------------------------------------------------------
-
-class _Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise _Timeout after `seconds`: a backstop behind the static bounds, not a replacement.
-
-    Python runs signal handlers in the main thread only, so elsewhere this does nothing and the
-    bounds hold alone. It also stands aside when a real-time timer is already armed (someone
-    else's), and on the way out it disarms its timer and puts the previous handler back."""
-    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
-            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _Timeout
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:
-            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import phases
 import reward
 import rollout
 from rollout import Rollout
@@ -215,6 +216,7 @@ def unchanged(ro: Rollout, grades: list) -> Rethinking:
     return Rethinking(dataclasses.replace(ro, caches=None), list(grades), no, no.clone(), no.clone(), [None] * n)
 
 
+@phases.phase
 @torch.no_grad()
 def rethink(model, tokenizer, ro: Rollout, grades: list, grade, cfg: RethinkConfig, forced=None) -> Rethinking:
     """Forced Rethinking on a rollout sampled with `park` (its first responses graded: `grades`):

@@ -26,10 +26,17 @@ scan; an answer over MAX_ANSWER_CHARS is wrong (no final answer is that long); l
 math it parses (see its docstring); and a timer (TIME_LIMIT_S, main thread only) stops whatever is
 left. Any failure scores as a wrong answer.
 """
+import contextlib
+import json
+import random
 import re
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import latex
+import phases
 
 MAX_RESPONSE_CHARS = 100_000
 MAX_ANSWER_CHARS = 300
@@ -73,6 +80,7 @@ class Grade:
     valid: bool  # it ended by itself, has a box and does not loop (at most MAX_WAITS `waits`)
 
 
+@phases.phase
 def grade(response: str, answer: str, choices: list[str] | None = None, finished: bool = True, *,
           invalid_penalty: float = 0.0, reflection_bonus: float = 0.0, wait_penalty: float = 0.0,
           forced_waits: int = 0) -> Grade:
@@ -121,10 +129,39 @@ def waits(text: str) -> int:
 def _is_right(pred: str, answer: str, choices: list[str] | None) -> bool:
     """Does the extracted answer match the gold? Within TIME_LIMIT_S; any failure is a no."""
     try:
-        with latex.time_limit(TIME_LIMIT_S):
+        with time_limit(TIME_LIMIT_S):
             return _matches(pred, str(answer), [str(c) for c in choices or []])
     except Exception:  # a bound hit, the timer, or input no parser expects: not a right answer
         return False
+
+
+class _Timeout(Exception):
+    """The grading call ran past TIME_LIMIT_S."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise _Timeout after `seconds`: a backstop behind the static bounds (latex.py), not a
+    replacement. Python runs signal handlers in the main thread only, so elsewhere this does nothing
+    and the bounds hold alone. It also stands aside when a real-time timer is already armed (someone
+    else's), and on the way out it disarms its timer and puts the previous handler back."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
 # A self-reflection as the published code counts it (below): "wait," "wait a" or "alternatively".
@@ -188,7 +225,7 @@ def _choice_index(s: str, gold: bool) -> int | None:
 def _matches(pred: str, gold: str, options: list[str]) -> bool:
     if len(pred) > MAX_ANSWER_CHARS:  # no final answer is that long; and it bounds all the work below
         return False
-    pred, gold, options = _clean(_unbox(pred)), _clean(_unbox(gold)), [_clean(_unbox(o)) for o in options]
+    pred, gold, options = clean(pred), clean(gold), [clean(o) for o in options]
     if not pred or not gold:
         return False
     g, p = _choice_index(gold, gold=True), _choice_index(pred, gold=False)
@@ -228,9 +265,10 @@ _DECIMAL = re.compile(r"-?\d*\.(\d+)")
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 
 
-def _clean(s: str) -> str:
-    """Strip the LaTeX dress: $, spacing, \\left/\\right, degrees, %, \\text{...} and friends."""
-    s = _DROP.sub("", s.translate(_UNICODE))
+def clean(s: str) -> str:
+    """Step 3 (the module's docstring), first half: an answer or option without its box (`_unbox`)
+    and its LaTeX dress: $, spacing, \\left/\\right, degrees, %, \\text{...} and friends."""
+    s = _DROP.sub("", _unbox(s).translate(_UNICODE))
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = _UNIT_TEXT.sub("", s)
@@ -239,8 +277,9 @@ def _clean(s: str) -> str:
     return " ".join(s.split()).rstrip(".").strip()
 
 
-def _normalize(s: str) -> str:
-    """Reduce a cleaned answer to its value: drop a leading "x =", units and thousands commas."""
+def normalize(s: str) -> str:
+    """Step 3, second half: reduce a `clean` answer to its value: drop a leading "x =", units and
+    thousands commas."""
     s = s.replace("\\approx", "=")
     if s.count("=") == 1:  # "x = 5", "\angle ABC = 30", "Area = 9\pi", "5 = s": the answer is the value, but
         lhs, rhs = s.split("=")  # "x^2+y^2=49" is an equation, not 49 (latex.py compares equations)
@@ -259,7 +298,7 @@ def _text_key(s: str) -> str:
 
 
 def _equivalent(pred: str, gold: str) -> bool:
-    pred, gold = _normalize(pred), _normalize(gold)
+    pred, gold = normalize(pred), normalize(gold)
     if _text_key(pred) == _text_key(gold):
         return True
     # A gold written as a rounded decimal (MathVista's "1.73") accepts an exact answer that rounds to
@@ -271,10 +310,6 @@ def _equivalent(pred: str, gold: str) -> bool:
 
 
 if __name__ == "__main__":  # the grading rate on 10,000 typical responses, about half of them right
-    import json
-    import random
-    import time
-
     rng = random.Random(0)
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
 

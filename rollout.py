@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import data
 import kv_cache
+import phases
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -61,6 +62,7 @@ def positions(model, input_ids, mm_token_type_ids, image_grid_thw, attention_mas
 # The teacher-forced forward (what the trainer differentiates)
 # ---------------------------------------------------------------------------------------------
 
+@phases.phase
 def logprobs(model, prompts: dict, response_ids, response_mask, temperature: float, banned: list[int],
              share_vision: bool = True):
     """Log-probability of each response token given prompt + earlier tokens, in one forward pass.
@@ -206,14 +208,17 @@ class Decoded:
     real: torch.Tensor  # [N, T] the real tokens, up to and including the stop token
     stopped: torch.Tensor  # [N] the row ended by itself (not at the cap)
     parked: kv_cache.Parked | None  # with `park`: the KV caches of all rows
+    cache: object  # the cache `decode` was handed, extended by the loop: the rows still in the batch at its end
 
 
+@phases.phase
 def decode(model, cache, logits, attn, start, max_new: int, s: Sampling, park: bool = False) -> Decoded:
     """The KV-cache loop: one token per row per step until every row has stopped.
 
     `logits` are the next-token logits of each row, `attn` the attention mask of what is in the
-    cache, `start` the position of each row's first new token. Tokens are drawn at s.temperature
-    and recorded at s.logp_temperature. A row that stopped is fed padding, masked out of attention,
+    cache, `start` the position of each row's first new token. The caller hands `cache` over: the
+    loop writes into it and returns it (`Decoded.cache`). Tokens are drawn at s.temperature and
+    recorded at s.logp_temperature. A row that stopped is fed padding, masked out of attention,
     until s.leave_at of the batch has stopped: then those rows leave the batch and the cache, and
     the rest decodes on a smaller batch. With long-tailed lengths most rows stop early and would be
     fed padding until the longest ends. The noise of every row is drawn at every step (`draw`):
@@ -248,7 +253,7 @@ def decode(model, cache, logits, attn, start, max_new: int, s: Sampling, park: b
                        past_key_values=cache, use_cache=True).logits[:, -1]  # [B, V]
     if parked is not None:
         parked.add(cache, attn, rows)
-    return Decoded(torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(real, 1), done, parked)
+    return Decoded(torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(real, 1), done, parked, cache)
 
 
 @dataclass
@@ -275,6 +280,7 @@ class Rollout:
     caches: Caches | None = None  # with `park`, for Forced Rethinking (on the model's device)
 
 
+@phases.phase
 @torch.no_grad()
 def sample(model, processor, records, g: int, how: Decoding, generator=None, park: bool = False) -> Rollout:
     """G responses for each record, drawn as `how` says. With `park` the rollout keeps every row's

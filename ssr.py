@@ -80,6 +80,36 @@ class ReplayBuffer:
         weights = torch.tensor([abs(a) for _, a in self.entries], dtype=torch.float64, device=device) ** self.alpha
         return torch.multinomial(weights, k, replacement=True, generator=generator).tolist()
 
+    def select_batch(self, current_items, current_advantages, batch_size: int,
+                     generator: torch.Generator | None = None):
+        """Build one step's training batch with SSR (Section 3.1).
+
+        1. Keep every sample of this step whose advantage is non-zero, once each, in order.
+        2. Add those to the buffer (the oldest fall out).
+        3. Fill the batch back up to `batch_size` with draws from the buffer, p_j ~ |A_j|^alpha. The
+           buffer now also holds this step's samples, so a draw may repeat one of them; only draws of
+           earlier steps' samples count as replayed.
+        With nothing non-zero in the step and an empty buffer the batch is empty: there is no gradient.
+
+        Returns (items, advantages as a float32 tensor, n_replayed). Items are returned as given, not copied."""
+        adv = torch.as_tensor(current_advantages, dtype=torch.float32).flatten()
+        if len(adv) != len(current_items):
+            raise ValueError(f"{len(current_items)} items but {len(adv)} advantages")
+        if len(current_items) > batch_size:
+            raise ValueError(f"{len(current_items)} samples do not fit a batch of {batch_size}")
+        keep = (~zero_advantage(adv)).nonzero().flatten().tolist()
+        items, advs = [current_items[i] for i in keep], adv[keep].tolist()
+
+        n_fresh = min(self.add(current_items, adv), self.capacity)  # this step's samples, at the buffer's end
+        first_fresh = len(self) - n_fresh
+        n_replayed = 0
+        if len(items) < batch_size and len(self):
+            picks = self.sample(batch_size - len(items), generator)
+            items += [self.entries[j][0] for j in picks]
+            advs += [self.entries[j][1] for j in picks]
+            n_replayed = sum(j < first_fresh for j in picks)
+        return items, torch.tensor(advs, dtype=torch.float32), n_replayed
+
     def state_dict(self) -> dict:
         # Plain lists of the items (dicts of CPU tensors, numbers, strings) and floats: torch.save
         # writes them and torch.load, even with weights_only=True, reads them back.
@@ -87,34 +117,3 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         self.entries = deque(zip(state["items"], state["advantages"]), maxlen=self.capacity)
-
-
-def select_batch(current_items, current_advantages, buffer: ReplayBuffer, batch_size: int,
-                 generator: torch.Generator | None = None):
-    """Build one step's training batch with SSR (Section 3.1).
-
-    1. Keep every sample of this step whose advantage is non-zero, once each, in order.
-    2. Add those to the buffer (the oldest fall out).
-    3. Fill the batch back up to `batch_size` with draws from the buffer, p_j ~ |A_j|^alpha. The
-       buffer now also holds this step's samples, so a draw may repeat one of them; only draws of
-       earlier steps' samples count as replayed.
-    With nothing non-zero in the step and an empty buffer the batch is empty: there is no gradient.
-
-    Returns (items, advantages as a float32 tensor, n_replayed). Items are returned as given, not copied."""
-    adv = torch.as_tensor(current_advantages, dtype=torch.float32).flatten()
-    if len(adv) != len(current_items):
-        raise ValueError(f"{len(current_items)} items but {len(adv)} advantages")
-    if len(current_items) > batch_size:
-        raise ValueError(f"{len(current_items)} samples do not fit a batch of {batch_size}")
-    keep = (~zero_advantage(adv)).nonzero().flatten().tolist()
-    items, advs = [current_items[i] for i in keep], adv[keep].tolist()
-
-    n_fresh = min(buffer.add(current_items, adv), buffer.capacity)  # this step's samples, at the buffer's end
-    first_fresh = len(buffer) - n_fresh
-    n_replayed = 0
-    if len(items) < batch_size and len(buffer):
-        picks = buffer.sample(batch_size - len(items), generator)
-        items += [buffer.entries[j][0] for j in picks]
-        advs += [buffer.entries[j][1] for j in picks]
-        n_replayed = sum(j < first_fresh for j in picks)
-    return items, torch.tensor(advs, dtype=torch.float32), n_replayed

@@ -6,7 +6,7 @@
 
 One step (paper, Algorithm 1): sample prompts -> G responses each (rollout.sample) -> rewards
 (reward.grade) -> Forced Rethinking (rethink.rethink) -> group advantages (grpo, Eq. 2) ->
-Selective Sample Replay (ssr.select_batch) -> the clipped policy-gradient update (grpo, Eq. 1)
+Selective Sample Replay (ssr.ReplayBuffer.select_batch) -> the clipped policy-gradient update (grpo, Eq. 1)
 -> metrics.
 """
 import argparse
@@ -25,6 +25,7 @@ import data
 import eval as evaluation
 import grpo
 import models
+import phases
 import rethink
 import reward
 import rollout
@@ -256,7 +257,8 @@ def setup(cfg: Config) -> Run:
     return Run(cfg=cfg, rank=rank, world=world, device=device, out=out, model=model, ddp=ddp, processor=processor,
                ref=ref, opt=opt, sched=sched, gen=gen, buffer=buffer, rethink=rethink_config(cfg),
                decoding=rollout.Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k),
-               train_set=train_set, test_set=test_set, start=start, log=open_log(out, cfg, start, rank))
+               train_set=train_set, test_set=test_set, start=start,
+               log=checkpoint.open_log(out, asdict(cfg), start, cfg.overwrite) if rank == 0 else None)
 
 
 def check_flags(cfg: Config) -> Path:
@@ -279,20 +281,6 @@ def rows_per_process(cfg: Config, world: int) -> int:
     return cfg.prompts_per_step // world * cfg.group_size
 
 
-def open_log(out: Path, cfg: Config, start: int, rank: int):
-    """metrics.jsonl on rank 0, cut back to the checkpoint's step on resume: those steps run again, identically."""
-    if rank != 0:
-        return None
-    path = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        checkpoint.clear_run(out)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    lines = path.read_text().splitlines() if start and path.exists() else []
-    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
-    return open(path, "a")
-
-
 def grader(cfg: Config):
     """grade(text, record, finished, forced): each response graded once (reward.grade)."""
     return lambda text, rec, finished, forced: reward.grade(
@@ -302,43 +290,41 @@ def grader(cfg: Config):
 
 def train(cfg: Config):
     run = setup(cfg)
-    g, n_rows = cfg.group_size, rows_per_process(cfg, run.world)
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
     low_format_steps, last_eval = 0, float("nan")
     for step in bar:
         t0 = time.time()
-        recs = [run.train_set[i] for i in prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
-                                                           run.world, cfg.seed)]
-        # --- 1. Rollout: G responses per prompt, graded, then Forced Rethinking (Section 3.2) ---
-        done = rollout_step(run, recs)
-        # --- 2. Rewards -> group advantages (Eq. 2) ---
-        rewards = torch.tensor([x.reward for x in done.grades])
-        adv = grpo.group_advantages(rewards, g, std=cfg.adv_std)
-        # --- 3. Selective Sample Replay (Section 3.1): drop zero-advantage samples, refill from the buffer ---
-        reflects = [kept or reward.reflections(text) > 0 for kept, text in zip(done.kept.tolist(), done.rollout.texts)]
-        rows = rollout.split_rows(done.rollout, step, reflects)  # `reflects`: the rows of the SFT term
-        if cfg.ssr:
-            batch, batch_adv, n_replayed = ssr.select_batch(rows, adv, run.buffer, n_rows, generator=run.gen)
-        else:
-            batch, batch_adv, n_replayed = rows, adv, 0
-        batch, batch_adv = pad_batch(batch, batch_adv, rows, n_rows)
-        # --- 4. The clipped policy-gradient update (Eq. 1) ---
-        up = grpo.policy_update(run, batch, batch_adv, step)
-        if up["skipped"]:
-            tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
-        run.sched.step()
-
-        m = step_metrics(run, step, done, rewards, adv, n_replayed, up)
+        m = train_step(run, step)
         dt = time.time() - t0
         if run.test_set is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             m.update(run_eval(run))
-        m.update(step_s=time.time() - t0, tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * g / dt)
+        m.update(step_s=time.time() - t0, tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * cfg.group_size / dt)
         last_eval = log_step(run, bar, m, last_eval)
         low_format_steps = check_collapse(cfg, step, m, low_format_steps)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save(run, step + 1)
     finish(run)
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One step of Algorithm 1; returns its metrics."""
+    cfg = run.cfg
+    recs = [run.train_set[i] for i in prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
+                                                       run.world, cfg.seed)]
+    # --- 1. Rollout: G responses per prompt, graded, then Forced Rethinking (Section 3.2) ---
+    done = rollout_step(run, recs)
+    # --- 2. Rewards -> group advantages (Eq. 2) ---
+    rewards = torch.tensor([x.reward for x in done.grades])
+    adv = grpo.group_advantages(rewards, cfg.group_size, std=cfg.adv_std)
+    # --- 3. Selective Sample Replay (Section 3.1): drop zero-advantage samples, refill from the buffer ---
+    batch, batch_adv, n_replayed = replay_batch(run, done, adv, step)
+    # --- 4. The clipped policy-gradient update (Eq. 1) ---
+    up = grpo.policy_update(run, batch, batch_adv, step)
+    if up["skipped"]:
+        tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
+    run.sched.step()
+    return step_metrics(run, step, done, rewards, adv, n_replayed, up)
 
 
 def rollout_step(run: Run, recs: list) -> rethink.Rethinking:
@@ -363,11 +349,21 @@ def rollout_chunk(run: Run, recs: list) -> rethink.Rethinking:
                                lambda text, i, finished: grade(text, recs[i // g], finished, True), run.rethink)
 
 
-def pad_batch(batch, batch_adv, rows, n_rows):
-    """With nothing to learn from anywhere, SSR returns fewer rows than a batch: pad with this
-    step's rows at zero advantage, so that every process runs the same backward passes (DDP)."""
+@phases.phase
+def replay_batch(run: Run, done: rethink.Rethinking, adv: torch.Tensor, step: int):
+    """Step 3 of Algorithm 1: the step's rows (rollout.Row), of which SSR builds the batch
+    (ssr.ReplayBuffer.select_batch; --no-ssr: all of them). Returns (batch, advantages, n_replayed)."""
+    n_rows = rows_per_process(run.cfg, run.world)
+    reflects = [kept or reward.reflections(text) > 0 for kept, text in zip(done.kept.tolist(), done.rollout.texts)]
+    rows = rollout.split_rows(done.rollout, step, reflects)  # `reflects`: the rows of the SFT term
+    if run.cfg.ssr:
+        batch, batch_adv, n_replayed = run.buffer.select_batch(rows, adv, n_rows, generator=run.gen)
+    else:
+        batch, batch_adv, n_replayed = rows, adv, 0
+    # With nothing to learn from anywhere, SSR returns fewer rows than a batch: pad with this step's
+    # rows at zero advantage, so that every process runs the same backward passes (DDP).
     pad = n_rows - len(batch)
-    return list(batch) + rows[:pad], torch.cat([batch_adv, torch.zeros(pad)])
+    return list(batch) + rows[:pad], torch.cat([batch_adv, torch.zeros(pad)]), n_replayed
 
 
 def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_replayed: int, up: dict) -> dict:
@@ -393,23 +389,12 @@ def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_
 
 
 def run_eval(run: Run) -> dict:
-    """Greedy decoding on this rank's shard of the toy test split (all tiers), summed over ranks.
-    eval_acc is the accuracy on the tiers trained on; eval_acc_<tier> on each tier; eval_reflect
-    the share of responses with a self-reflection phrase (eval.reflects, as the paper reports);
-    eval_revise the share whose reflection changes the answer (eval.revises)."""
+    """Greedy decoding on this rank's shard of the toy test split (all tiers), into the eval metrics
+    of all ranks' rows (eval.toy_metrics)."""
     recs = [run.test_set[i] for i in range(run.rank, len(run.test_set), run.world)]
     with models.autocast(run.cfg.bf16, run.device):
         rows = evaluation.evaluate(run.model, run.processor, recs, max_new_tokens=run.cfg.max_new_tokens)
-    mine = [(r["category"], r["correct"], r["reflects"], r["revises"]) for r in rows]
-    allrows = [x for part in gather(mine, run.world) for x in part]
-    trained_tiers = set(run.cfg.toy_tiers.split(","))
-    trained = [c for k, c, _, _ in allrows if k in trained_tiers]
-    res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(f for _, _, f, _ in allrows) / len(allrows),
-           "eval_revise": sum(v for *_, v in allrows) / len(allrows)}
-    for cat in sorted({k for k, *_ in allrows}):
-        hits = [c for k, c, *_ in allrows if k == cat]
-        res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
-    return res
+    return evaluation.toy_metrics(rows, run.cfg.toy_tiers.split(","), run.world)
 
 
 def log_step(run: Run, bar, m: dict, last_eval: float) -> float:

@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +12,7 @@ from PIL import Image
 import data
 import helpers
 import procs
+import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,9 +181,6 @@ TWO = virl_row("two", ["images/square.png", "images/wide.jpg"], answer="\\boxed{
 def write_parquet(tmp_path, rows, drop=()):
     """A parquet in ViRL39K's released schema, in its own folder with an images/ folder of a PNG
     (448x448), a JPEG (640x480) and a broken file; `drop` leaves columns out."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     folder = tmp_path / "virl"
     (folder / "images").mkdir(parents=True)
     Image.new("RGB", (448, 448), (255, 0, 0)).save(folder / "images" / "square.png")
@@ -212,8 +212,6 @@ def test_parquet_records_keep_placeholders_images_and_meta(tmp_path):
 
 
 def test_encoded_prompt_has_each_image_where_its_placeholder_was(tmp_path):
-    import tiny
-
     processor = tiny.build_processor()
     path = write_parquet(tmp_path, [TWO])
     enc = data.encode_prompts(processor, data.load_parquet(path)[0])

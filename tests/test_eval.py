@@ -7,13 +7,18 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 import data
 import eval as ev
+import models
 import procs
 import reward
+import vlr
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +37,6 @@ def image(colour, size=(64, 48), path=None) -> dict:
 def write_parquet(path, rows, images=()):
     """`images` name the columns typed as the Hugging Face Image feature stores them, struct<bytes,
     path>: so also a column with no image at all (MMMU-Pro's image_7) has that type, not `null`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.Table.from_pylist(rows)
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     for name in images:
@@ -306,11 +308,6 @@ def test_evaluate_grades_every_record_in_order(tiny_model, tmp_path):
 def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
     """The response budget defaults to the toy runs' 48 on toy and the published 2048 on a benchmark;
     the image budget goes to models.load_model, the one loader, with bf16 only on a GPU."""
-    import torch
-
-    import models
-    import vlr
-
     calls = []
 
     def load_model(*args):

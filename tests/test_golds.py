@@ -186,7 +186,7 @@ def test_every_rewrite_of_every_real_gold():
         for name in classes:
             print(f"  {name:24s} rewrites pass {table[name]['pass']:5d}, fail {table[name]['fail']:4d};  golds n/a {table[name]['n/a']:4d}")
     free = [r["gold"] for r in RECORDS if "choices" not in r]
-    as_math = sum(latex._parse(reward._normalize(reward._clean(reward._unbox(g)))) is not None for g in free)
+    as_math = sum(latex.parse(reward.normalize(reward.clean(g))) is not None for g in free)
     print(f"free-form golds read as math: {as_math} of {len(free)}; the rest compared as text")
     assert failures == []
 

@@ -9,6 +9,7 @@ import torch
 
 import data
 import rollout
+import tiny
 from helpers import RECORDS, TOL, check_logprobs, is_stop, picture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,8 +84,6 @@ def test_a_row_decoded_alone_equals_the_row_in_a_batch(tiny_model, greedy, banne
 
 
 def test_vision_tokens_are_never_sampled(tiny_model, banned):
-    import tiny
-
     processor = tiny_model[1]
     model = tiny.build_model(processor.tokenizer).eval()  # untrained, and pushed towards vision tokens:
     boost = lambda module, args, out: out.index_add(-1, torch.tensor(banned), torch.full_like(out[..., :len(banned)], 5.0))

@@ -77,7 +77,7 @@ def test_state_dict_round_trip_gives_the_same_draws(tmp_path):
 
 def test_select_batch_all_zero_step_and_empty_buffer_gives_an_empty_batch():
     buf = ssr.ReplayBuffer(capacity=4, alpha=1.0)
-    items, adv, n_replayed = ssr.select_batch(rows(8), torch.zeros(8), buf, 8, torch.Generator().manual_seed(0))
+    items, adv, n_replayed = buf.select_batch(rows(8), torch.zeros(8), 8, torch.Generator().manual_seed(0))
     assert items == [] and adv.shape == (0,) and n_replayed == 0 and len(buf) == 0
 
 
@@ -86,7 +86,7 @@ def test_select_batch_all_nonzero_step_is_plain_grpo():
     buf.add(rows(4, "old"), [1.0, 1.0, 1.0, 1.0])
     current = rows(8)
     adv = torch.tensor([0.5, -0.5, 1.2, -1.2, 0.3, -0.3, 2.0, -2.0])
-    items, batch_adv, n_replayed = ssr.select_batch(current, adv, buf, 8, torch.Generator().manual_seed(0))
+    items, batch_adv, n_replayed = buf.select_batch(current, adv, 8, torch.Generator().manual_seed(0))
     assert len(items) == 8 and all(a is b for a, b in zip(items, current))
     assert torch.equal(batch_adv, adv) and n_replayed == 0
     assert [item["step"] for item, _ in buf.entries] == ["s"] * 4  # the step's newest four pushed the old ones out
@@ -97,7 +97,7 @@ def test_select_batch_refills_half_zero_step_and_counts_replays():
     buf = ssr.ReplayBuffer(capacity=6, alpha=1.0)
     old = rows(8, "old")
     old_adv = torch.tensor([0.1, -0.1, 0.9, -0.9, 1.5, -1.5, 0.7, -0.7])
-    ssr.select_batch(old, old_adv, buf, 8, gen)  # buffer: the last six of `old`
+    buf.select_batch(old, old_adv, 8, gen)  # buffer: the last six of `old`
     adv_of = {id(item): a for item, a in zip(old, old_adv.tolist())}
 
     total_replayed = 0
@@ -106,7 +106,7 @@ def test_select_batch_refills_half_zero_step_and_counts_replays():
         adv = torch.tensor([0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.4, -0.4])
         adv_of.update({id(item): a for item, a in zip(current, adv.tolist())})
         before = copy.deepcopy(current), copy.deepcopy(old)
-        items, batch_adv, n_replayed = ssr.select_batch(current, adv, buf, 8, gen)
+        items, batch_adv, n_replayed = buf.select_batch(current, adv, 8, gen)
 
         assert len(items) == 8 and batch_adv.shape == (8,)
         assert [id(x) for x in items[:4]] == [id(current[i]) for i in (2, 3, 6, 7)]  # the step's non-zero ones, once
@@ -127,7 +127,7 @@ def test_select_batch_with_no_effective_sample_replays_the_whole_batch():
     buf = ssr.ReplayBuffer(capacity=4, alpha=1.0)
     old = rows(4, "old")
     buf.add(old, [1.0, -1.0, 2.0, -2.0])
-    items, adv, n_replayed = ssr.select_batch(rows(8), torch.zeros(8), buf, 8, torch.Generator().manual_seed(0))
+    items, adv, n_replayed = buf.select_batch(rows(8), torch.zeros(8), 8, torch.Generator().manual_seed(0))
     assert len(items) == 8 and n_replayed == 8
     assert all(any(x is o for o in old) for x in items)
     assert all(abs(a) in (1.0, 2.0) for a in adv.tolist())
@@ -143,7 +143,7 @@ def test_select_batch_draws_reproducibly_from_the_generator():
     gen = torch.Generator().manual_seed(5)
     gen_resumed = torch.Generator()
     gen_resumed.set_state(gen.get_state())
-    a, adv_a, n_a = ssr.select_batch(current, adv, buf, 8, gen)
-    b, adv_b, n_b = ssr.select_batch(current, adv, resumed, 8, gen_resumed)
+    a, adv_a, n_a = buf.select_batch(current, adv, 8, gen)
+    b, adv_b, n_b = resumed.select_batch(current, adv, 8, gen_resumed)
     assert [(x["step"], x["k"]) for x in a] == [(x["step"], x["k"]) for x in b]
     assert torch.equal(adv_a, adv_b) and n_a == n_b

@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import procs
 import test_refusals
 import vlr
@@ -136,7 +137,7 @@ def test_help_names_every_flag_with_its_text_and_config_json_records_every_field
     assert (cfg.rethink_max_waits, cfg.rethink_only_wrong, cfg.top_k) == (4, False, 40)
     rc = vlr.rethink_config(cfg)
     assert (rc.max_waits, rc.only_wrong, rc.max_group_acc, rc.cut_prob) == (4, False, 0.6, 0.5)
-    vlr.open_log(tmp_path, cfg, 0, 0).close()
+    checkpoint.open_log(tmp_path, asdict(cfg), 0, cfg.overwrite).close()
     assert json.loads((tmp_path / "config.json").read_text()) == {f.name: getattr(cfg, f.name) for f in fields(cfg)}
 
 
