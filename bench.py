@@ -24,6 +24,9 @@
 4. The 3B-shaped update with the vision tower frozen, new path against old, on G responses like (3)'s.
 The checkpoint is one save (model and optimizer state), timed on the new path only for the
 3B-shaped model: it does not depend on the path, and it writes 6.5 GB.
+5. For gpu_check.py, what a GPU's figures are set against: the copy and matmul rates measured on
+   it (`ceilings`), the model FLOPs of an update (`update_flops`) and the bandwidth bound of a
+   decode step (`bound_s`).
 
 Everything runs on the CPU with one thread for the tiny model (its ops are too small to gain
 from two, and on a shared machine a second thread that waits for a busy core at every op makes
@@ -187,18 +190,22 @@ PHASES = ("prefill", "decode", "rethink", "grading", "ssr", "vision", "text_forw
 class Clock:
     """Seconds per phase, exclusive: time in a phase entered inside another (the vision tower in
     the forward) is taken out of the outer one. A decode inside Forced Rethinking counts as
-    rethinking, and the vision tower counts as such in the update only (in sampling it is prefill)."""
+    rethinking, and the vision tower counts as such in the update only (in sampling it is prefill).
+    On a GPU each edge of a phase waits for the device (gpu_check.py): its work is asynchronous."""
 
     def __init__(self):
         self.s, self.stack, self.open = defaultdict(float), [], []
+        self.sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
 
     @contextlib.contextmanager
     def phase(self, name):
+        self.sync()
         t0 = time.perf_counter()
         self.stack.append(name)
         try:
             yield
         finally:
+            self.sync()
             dt = time.perf_counter() - t0
             self.stack.pop()
             self.s[name] += dt
@@ -314,6 +321,71 @@ def smoke_3b() -> dict:
             "update_ratio_3b_trained": round(fwd_bwd(new) / fwd_bwd(old), 3),
             "update_3b_frozen_s": {"new": round(frozen[True], 2), "old": round(frozen[False], 2)},
             "rows_3b": len(batch)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. On a GPU (gpu_check.py): the ceilings measured there, the FLOPs of an update, the decode bound
+# ---------------------------------------------------------------------------------------------
+
+def ceilings(device) -> dict:
+    """The two rates a GPU's figures are measured against (the device README's METHOD), here:
+    the device-to-device copy (bytes read plus written) and a large matmul in the compute dtype,
+    on random data, the median of ten after three warm-ups."""
+    n, dtype = (2**30, torch.bfloat16) if device.type == "cuda" else (2**24, torch.float32)
+    x = torch.randn(n, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+    m = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def median_s(fn) -> float:
+        times = []
+        for _ in range(13):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[3:])
+
+    copy_s, mm_s = median_s(lambda: y.copy_(x)), median_s(lambda: a @ b)
+    return {"copy_bytes_per_s": 2 * x.numel() * x.element_size() / copy_s, "matmul_flops_per_s": 2 * m**3 / mm_s,
+            "matmul_dtype": str(dtype).removeprefix("torch.")}
+
+
+def update_flops(model, rows: list, micro_batch: int) -> float:
+    """Model FLOPs of one update (gradient checkpointing's recomputation not counted, by
+    convention): 6 per trained matmul weight per token (forward and backward; the tied head
+    counted as a matmul), causal attention's scores and sums (6 * T^2 * hidden per layer and row),
+    and the frozen vision tower's forward, 2 per weight per patch (the merger's per merged token:
+    4 patches), once per micro-batch: its rows answer one prompt, whose picture the update
+    encodes once (rollout.embed_shared)."""
+    lm, visual = model.model.language_model, model.model.visual
+    matmul = sum(p.numel() for n, p in lm.named_parameters() if "layers." in n and p.dim() == 2)
+    head = model.lm_head.weight.numel()
+    hidden, layers = lm.config.hidden_size, lm.config.num_hidden_layers
+    tower = sum(p.numel() for n, p in visual.named_parameters() if p.dim() >= 2 and "merger" not in n)
+    merger = sum(p.numel() for p in visual.merger.parameters() if p.dim() >= 2)
+    merge = visual.spatial_merge_size ** 2
+    flops = 0.0
+    for i, r in enumerate(rows):
+        t, patches = len(r.prompt_ids) + len(r.response_ids), r.pixel_values.shape[0]
+        flops += 6 * (matmul + head) * t + 6 * t * t * hidden * layers
+        flops += 2 * (tower * patches + merger * patches // merge) if i % micro_batch == 0 else 0
+    return flops
+
+
+def bound_s(model, rows: int, prompt_len: int, n: int, peak: dict) -> float:
+    """The fewest seconds a decode step can take: the language model's bf16 weights (the tied head
+    read whole, the embedding only as rows) and the KV cache at the mean length of the response,
+    read once, at the copy rate measured here."""
+    lm = model.model.language_model
+    read = sum(p.numel() for name, p in lm.named_parameters() if "embed_tokens" not in name)
+    weights = 2 * (read + model.lm_head.weight.numel())
+    cfg = lm.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    kv = rows * (prompt_len + n / 2) * kv_per_token
+    return (weights + kv) / peak["copy_bytes_per_s"]
 
 
 def print_split(name: str, new: dict, old: dict):

@@ -1,29 +1,25 @@
 """The GPU check: the README's 3B command on one GPU, and what it costs there (memory, speed).
 
     python gpu_check.py --prepare    # here: fill .gpu/ with what the device call carries
-    python gpu_check.py --out DIR    # on the GPU (the call: docs/gpu/README.md); on a CPU, the same at toy sizes
+    python gpu_check.py --out DIR    # on the GPU (the call: docs/gpu/README.md); on a CPU, at toy sizes
 
-Parts, most important first; a part that would overrun --budget-s is cut or skipped (later parts
-first, never an earlier one), and the JSON says which:
-  a. the model: Qwen2.5-VL-3B-Instruct's config at full depth (36 decoder layers, 32 vision
-     blocks), random weights initialised on the GPU, the real Qwen2.5 tokenizer (smoke.py's,
-     carried in .gpu/processor);
-  b. the README's 3B command under `torchrun --nproc_per_node 1` (NCCL for CUDA tensors, gloo
-     for CPU ones) with only the sizes cut: three steps; the step-2 checkpoint resumed to step 3
-     in a second folder and compared with the uninterrupted step 3;
-     then eval.py under torchrun on a MathVista-shaped parquet. A checkpoint of the 3B is 40 GB
-     and the atomic write holds two, so on a small disk the command runs on the model cut to the
-     deepest decoder that fits (the JSON gives the depth and the arithmetic);
-  c. memory at the command's per-GPU sizes (one rollout chunk of 8 prompts x 8 responses of
-     2,048 tokens, micro-batches of 2): peak allocated and reserved for the first rollout, the
-     update (forward, backward, AdamW step) and a rollout with gradients and AdamW state held;
+Parts, most important first; d skips a length that would overrun --budget-s:
+  a. Qwen2.5-VL-3B-Instruct's config at full depth (36 decoder layers, 32 vision blocks), random
+     weights made on the GPU, the real Qwen2.5 processor (smoke.py's, carried in .gpu/);
+  b. the README's 3B command under `torchrun --nproc_per_node 1` (NCCL and gloo), only the sizes
+     cut: three steps, the step-2 checkpoint resumed beside them and its step 3 compared, then
+     eval.py under torchrun. A 3B checkpoint is 40 GB and an atomic save holds two: on a small
+     disk b runs on the model cut to the deepest decoder that fits (the JSON says);
+  c. peak memory at the command's per-GPU sizes (a rollout chunk of 8 prompts x 8 responses of
+     2,048 tokens, micro-batches of 2): the first rollout, the update, a rollout with gradients
+     and AdamW state held;
   d. decode speed: the sampler against `model.generate` (eager; static cache if it runs) on the
-     same 64 rows, against the bandwidth bound (bf16 weights plus the KV cache read per step,
-     over the device-to-device copy rate measured here);
-  e. update speed: tokens/s and model-FLOP utilisation (over the bf16 matmul rate measured here).
-Random weights never stop by themselves: in c-e every response is forced to its full length
-(stop tokens ignored). Without a GPU the same parts run on smoke-3b-1l at toy sizes in fp32
-(tests/test_gpu_check.py), so that the check cannot rot between lendings.
+     same 64 rows, and the share of the bandwidth bound each reaches (bench.bound_s);
+  e. the update's tokens/s and model-FLOP utilisation (bench.update_flops over the measured bf16
+     matmul rate), and the time of c's first rollout and update split as bench.py splits a step.
+Random weights never stop: in c-e every response is forced to its full length. Without a GPU
+the same parts run on smoke-3b-1l at toy sizes in fp32 (tests/test_gpu_check.py), so that the
+check cannot rot between lendings.
 """
 import argparse
 import dataclasses
@@ -42,9 +38,11 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoProcessor
 
+import bench
 import data
 import grpo
 import models
+import phases
 import released
 import rollout
 import smoke
@@ -126,14 +124,6 @@ def commit() -> str:
     except FileNotFoundError:  # no git there
         pass
     return (CARRIED / "commit").read_text().strip() if (CARRIED / "commit").exists() else "unknown"
-
-
-def widest_records(work: Path, n: int) -> list:
-    """n prompts of one 1280x960 picture each: at the published budget about 1,280 visual tokens,
-    the longest prompt the README's memory table counts."""
-    path = str(work / released.picture((1280, 960), (40, 170, 60), work / "widest.jpg"))
-    return [data.Record(id=str(i), images=[path], question=f"<image>What is the value of x in figure {i}?",
-                        answer="1") for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,25 +282,6 @@ def measured(fn, device) -> tuple:
     return out, time.perf_counter() - t0, gib(torch.cuda.max_memory_allocated()), gib(torch.cuda.max_memory_reserved())
 
 
-def ceilings(device) -> dict:
-    """The two rates the METHOD asks for, measured here: device-to-device copy (bytes read plus
-    written) and a large matmul in the compute dtype, on random data, median of ten."""
-    n, dtype = (2**30, torch.bfloat16) if device.type == "cuda" else (2**24, torch.float32)
-    x = torch.randn(n, device=device, dtype=dtype)
-    y = torch.empty_like(x)
-    m = 8192 if device.type == "cuda" else 1024
-    a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
-
-    def median_s(fn) -> float:
-        times = [measured(fn, device)[1] for _ in range(13)][3:]
-        return sorted(times)[len(times) // 2]
-
-    copy_s = median_s(lambda: y.copy_(x))
-    mm_s = median_s(lambda: a @ b)
-    return {"copy_bytes_per_s": 2 * x.numel() * x.element_size() / copy_s, "matmul_flops_per_s": 2 * m**3 / mm_s,
-            "matmul_dtype": str(dtype).removeprefix("torch.")}
-
-
 def in_process_run(model: Path, work: Path, sizes: Sizes, on_gpu: bool):
     """vlr.py's own set-up (weights, optimizer, the flags of the README's command at one GPU's
     sizes), in this process, and its sampling forced to full length."""
@@ -324,44 +295,29 @@ def in_process_run(model: Path, work: Path, sizes: Sizes, on_gpu: bool):
 
 def memory_and_update(run, records: list, peak: dict) -> tuple[dict, dict]:
     """c: peaks of a first rollout chunk, the update on its rows, and a rollout with gradients
-    and AdamW state held; e: the update's tokens/s and model-FLOP utilisation. (memory, update)"""
-    first, t_first, *mem_first = measured(lambda: vlr.rollout_chunk(run, records), run.device)
-    rows = rollout.split_rows(first.rollout)
-    adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
-    up, t_up, *mem_up = measured(lambda: grpo.policy_update(run, rows, adv, 0), run.device)
+    and AdamW state held; e: the update's tokens/s and model-FLOP utilisation, and the first
+    rollout's and the update's time split into bench.py's phases. (memory, update)"""
+    clock = bench.Clock()
+    hooks = clock.watch(run)
+    with phases.listen(clock.hear):
+        first, t_first, *mem_first = measured(lambda: vlr.rollout_chunk(run, records), run.device)
+        rows = rollout.split_rows(first.rollout)
+        adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
+        up, t_up, *mem_up = measured(lambda: grpo.policy_update(run, rows, adv, 0), run.device)
+    for h in hooks:
+        h.remove()
     _, t_again, *mem_again = measured(lambda: vlr.rollout_chunk(run, records), run.device)
     memory = {"rows": len(rows), "response_tokens": int(first.rollout.response_mask.sum()),
               "prompt_tokens": int(first.rollout.prompts["attention_mask"][0].sum()),
               "first_rollout_gib": mem_first, "update_gib": mem_up, "rollout_with_optimizer_state_gib": mem_again,
               "rollout_s": [round(t_first, 2), round(t_again, 2)]}
     tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rows)
-    flops = update_flops(run.model, rows, run.cfg.micro_batch)
+    flops = bench.update_flops(run.model, rows, run.cfg.micro_batch)
     update = {"seconds": round(t_up, 2), "tokens": tokens, "tokens_per_s": round(tokens / t_up, 1),
               "model_flops": flops, "mfu": round(flops / t_up / peak["matmul_flops_per_s"], 4),
-              "logp_drift_max": up["logp_drift_max"], "grad_norm": up["grad_norm"]}
+              "logp_drift_max": up["logp_drift_max"], "grad_norm": up["grad_norm"],
+              "split_s": {k: round(clock.s[k], 3) for k in bench.PHASES}}
     return memory, update
-
-
-def update_flops(model, rows: list, micro_batch: int) -> float:
-    """Model FLOPs of one update (gradient checkpointing's recomputation not counted, by
-    convention): 6 per trained matmul weight per token (forward and backward; the tied head
-    counted as a matmul), causal attention's scores and sums (6 * T^2 * hidden per layer and row),
-    and the frozen vision tower's forward, 2 per weight per patch (the merger's per merged token:
-    4 patches), once per micro-batch: its rows answer one prompt, whose picture the update
-    encodes once (rollout.embed_shared)."""
-    lm, visual = model.model.language_model, model.model.visual
-    matmul = sum(p.numel() for n, p in lm.named_parameters() if "layers." in n and p.dim() == 2)
-    head = model.lm_head.weight.numel()
-    hidden, layers = lm.config.hidden_size, lm.config.num_hidden_layers
-    tower = sum(p.numel() for n, p in visual.named_parameters() if p.dim() >= 2 and "merger" not in n)
-    merger = sum(p.numel() for p in visual.merger.parameters() if p.dim() >= 2)
-    merge = visual.spatial_merge_size ** 2
-    flops = 0.0
-    for i, r in enumerate(rows):
-        t, patches = len(r.prompt_ids) + len(r.response_ids), r.pixel_values.shape[0]
-        flops += 6 * (matmul + head) * t + 6 * t * t * hidden * layers
-        flops += 2 * (tower * patches + merger * patches // merge) if i % micro_batch == 0 else 0
-    return flops
 
 
 def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, sampled_s: float) -> dict:
@@ -404,21 +360,11 @@ def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, s
                 entry["lengths"].append(n)
                 entry["ms_per_step"].append(round(per_step * 1e3, 3))
                 entry["tokens_per_s"].append(round(rows * n / seconds, 1))
-                entry["bound_fraction"].append(round(bound_s(model, rows, prompt_len, n, peak) / per_step, 3))
+                entry["bound_fraction"].append(round(bench.bound_s(model, rows, prompt_len, n, peak) / per_step, 3))
     out.update(rows=rows, prompt_tokens=prompt_len, prefill_s={k: round(v, 3) for k, v in prefill.items()})
     return out
 
 
-def bound_s(model, rows: int, prompt_len: int, n: int, peak: dict) -> float:
-    """The fewest seconds a decode step can take: the language model's bf16 weights (the tied head
-    read whole, the embedding only as rows) and the KV cache at the mean length of the response,
-    read once, at the copy rate measured here."""
-    lm = model.model.language_model
-    weights = 2 * (sum(p.numel() for n_, p in lm.named_parameters() if "embed_tokens" not in n_) + model.lm_head.weight.numel())
-    cfg = lm.config
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-    kv = rows * (prompt_len + n / 2) * kv_per_token
-    return (weights + kv) / peak["copy_bytes_per_s"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,9 +387,9 @@ def check(out: Path, work: Path, budget_s: float) -> dict:
     report.put("b_command", the_command(report, cut, work, sizes, on_gpu))
     shutil.rmtree(work / "resumed" / "ckpt")
     run = in_process_run(full, work, sizes, on_gpu)
-    peak = ceilings(run.device)
+    peak = bench.ceilings(run.device)
     report.put("ceilings", peak)
-    records = widest_records(work, sizes.prompts)
+    records = released.widest_records(work, sizes.prompts)
     memory, update = memory_and_update(run, records, peak)
     report.put("c_memory", memory)
     report.put("d_decode", decode_speed(report, run, records, sizes, peak, memory["rollout_s"][1]))
@@ -455,18 +401,14 @@ def check(out: Path, work: Path, budget_s: float) -> dict:
 def summary(v: dict) -> str:
     """The short table printed last (the device call's reply holds the end of the output)."""
     env, b, c, d, e = (v[k] for k in ("environment", "b_command", "c_memory", "d_decode", "e_update"))
-    lines = [f"gpu_check: {env.get('gpu', 'no GPU')}, {env['commit']}, torch {env['torch']}, {v['elapsed_s']} s",
-             f"b  steps {b['steps']}, resumed step equal: {b['resumed_equals_uninterrupted']}, eval "
-             f"{b['eval_records']} records; {b['run_s']} + {b['resume_s']} + {b['eval_s']} s",
-             f"c  peak GiB (allocated, reserved): first rollout {c['first_rollout_gib']}, update {c['update_gib']}, "
-             f"rollout with optimizer state {c['rollout_with_optimizer_state_gib']}"]
-    for side in ("sampler", "generate", "generate_static"):
-        s = d.get(side, {})
-        lines.append(f"d  {side}: " + (s["error"] if "error" in s else
-                                      f"tokens {s.get('lengths')}, ms/step {s.get('ms_per_step')}, tokens/s "
-                                      f"{s.get('tokens_per_s')}, of the bound {s.get('bound_fraction')}"))
-    lines.append(f"e  update {e['tokens_per_s']} tokens/s, MFU {e['mfu']}")
-    return "\n".join(lines)
+    return "\n".join([
+        f"gpu_check: {env.get('gpu', 'no GPU')}, {env['commit']}, torch {env['torch']}, {v['elapsed_s']} s",
+        f"b  steps {b['steps']}, resumed step equal: {b['resumed_equals_uninterrupted']}, eval {b['eval_records']} "
+        f"records; {b['run_s']} + {b['resume_s']} + {b['eval_s']} s",
+        f"c  peak GiB (allocated, reserved): first rollout {c['first_rollout_gib']}, update {c['update_gib']}, "
+        f"rollout with optimizer state {c['rollout_with_optimizer_state_gib']}",
+        *(f"d  {side}: {d[side]}" for side in ("sampler", "generate", "generate_static") if side in d),
+        f"e  update {e['tokens_per_s']} tokens/s, MFU {e['mfu']}; first rollout + update split (s) {e['split_s']}"])
 
 
 def prepare():

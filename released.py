@@ -7,6 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+import data
+
 
 def picture(size, colour, path: Path) -> str:
     img = Image.new("RGB", size, (255, 255, 255))
@@ -46,3 +48,11 @@ def make_mathvista(root: Path, n: int) -> Path:
              "unit": None, "metadata": {"task": "geometry problem solving"}} for i in range(n)]
     pq.write_table(pa.Table.from_pylist(rows), root / "testmini.parquet")
     return root / "testmini.parquet"
+
+
+def widest_records(work: Path, n: int) -> list:
+    """n prompts of one 1280x960 picture each: at the published budget about 1,280 visual tokens,
+    the longest prompt the README's memory table counts."""
+    path = str(work / picture((1280, 960), (40, 170, 60), work / "widest.jpg"))
+    return [data.Record(id=str(i), images=[path], question=f"<image>What is the value of x in figure {i}?",
+                        answer="1") for i in range(n)]

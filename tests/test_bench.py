@@ -1,0 +1,42 @@
+"""bench.py's counts that a GPU's figures are set against (gpu_check.py): the model FLOPs of an
+update and the bandwidth bound of a decode step, each against the count from the config's shapes."""
+import pytest
+import torch
+
+import bench
+import rollout
+import smoke
+
+
+def shapes():
+    """The smoke model on the meta device: every shape, no memory."""
+    return smoke.build_model(smoke.smoke_config(2), "meta")
+
+
+def test_update_flops_count_the_shapes():
+    model, cfg = shapes(), smoke.HUB_CONFIG
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    layer = h * (h + kv + kv + h) + 3 * h * i  # q, k, v, o; gate, up, down
+    head = cfg["vocab_size"] * h
+    vc = cfg["vision_config"]
+    vh, vi = vc["hidden_size"], vc["intermediate_size"]
+    block = vh * 3 * vh + vh * vh + 3 * vh * vi  # qkv, proj; gate, up, down
+    merger = (4 * vh) ** 2 + 4 * vh * vc["out_hidden_size"]
+    patch = vh * 3 * 2 * 14 * 14  # the conv over 2 frames of 14x14 RGB patches
+    rows = [rollout.Row(prompt_ids=torch.zeros(t, dtype=torch.long), mm_token_type_ids=torch.zeros(t),
+                                  pixel_values=torch.zeros(64, 1176), image_grid_thw=torch.tensor([[1, 8, 8]]),
+                                  response_ids=torch.zeros(5, dtype=torch.long), logp=torch.zeros(5),
+                                  loss_mask=torch.ones(5)) for t in (7, 9)]
+    vision = 2 * ((2 * block + patch) * 64 + merger * 16)  # one micro-batch of two rows: the picture once
+    expected = sum(6 * (2 * layer + head) * t + 6 * t * t * h * 2 for t in (12, 14)) + vision
+    assert bench.update_flops(model, rows, micro_batch=2) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_decode_bound_is_weights_and_cache_over_bandwidth():
+    model, cfg = shapes(), smoke.HUB_CONFIG
+    h, kv = cfg["hidden_size"], cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+    lm = sum(p.numel() for n, p in model.model.language_model.named_parameters() if "embed_tokens" not in n)
+    weights = 2 * (lm + cfg["vocab_size"] * h)  # bf16; the tied head read whole
+    cache = 64 * (100 + 50) * 2 * 2 * kv * 2  # rows x mean length x layers x (k, v) x width x bf16
+    assert bench.bound_s(model, 64, 100, 100, {"copy_bytes_per_s": 1e12}) == pytest.approx((weights + cache) / 1e12)
