@@ -334,7 +334,7 @@ def ceilings(device) -> dict:
     n, dtype = (2**30, torch.bfloat16) if device.type == "cuda" else (2**24, torch.float32)
     x = torch.randn(n, device=device, dtype=dtype)
     y = torch.empty_like(x)
-    m = 8192 if device.type == "cuda" else 1024
+    m = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 

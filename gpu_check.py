@@ -7,8 +7,8 @@ Parts, most important first; d skips a length that would overrun --budget-s:
   a. Qwen2.5-VL-3B-Instruct's config at full depth (36 decoder layers, 32 vision blocks), random
      weights made on the GPU, the real Qwen2.5 processor (smoke.py's, carried in .gpu/);
   b. the README's 3B command under `torchrun --nproc_per_node 1` (NCCL and gloo), only the sizes
-     cut: three steps, the step-2 checkpoint resumed beside them and its step 3 compared, then
-     eval.py under torchrun. A 3B checkpoint is 40 GB and an atomic save holds two: on a small
+     cut: two steps with a checkpoint after each, the first resumed beside them and its second
+     step compared, then eval.py under torchrun. A 3B checkpoint is 40 GB and an atomic save holds two: on a small
      disk b runs on the model cut to the deepest decoder that fits (the JSON says);
   c. peak memory at the command's per-GPU sizes (a rollout chunk of 8 prompts x 8 responses of
      2,048 tokens, micro-batches of 2): the first rollout, the update, a rollout with gradients
@@ -68,14 +68,15 @@ class Sizes:
     new_tokens: int  # c, e: the response length
     micro_batch: int
     lengths: tuple  # d: decode lengths timed
+    picture: tuple  # the largest picture, (width, height)
 
 
 GPU = Sizes(run=("--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "256", "--micro-batch", "2",
                  "--rollout-chunk", "2"), eval_records=4, eval_tokens=128,
-            prompts=8, group=8, new_tokens=2048, micro_batch=2, lengths=(512, 2048))
+            prompts=8, group=8, new_tokens=2048, micro_batch=2, lengths=(512, 2048), picture=(1280, 960))
 CPU = Sizes(run=("--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "16", "--micro-batch", "2",
                  "--rollout-chunk", "1"), eval_records=2, eval_tokens=8,
-            prompts=1, group=2, new_tokens=8, micro_batch=2, lengths=(4, 8))
+            prompts=1, group=2, new_tokens=8, micro_batch=2, lengths=(4, 8), picture=(640, 480))
 
 
 class Report:
@@ -225,22 +226,22 @@ TIMINGS = ("step_s", "tokens_per_s")
 
 
 def the_command(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: bool) -> dict:
-    """Three steps, checkpoints after the second and the third; the step-2 checkpoint resumed in a
-    folder of its own; eval.py on the result. Whether the resumed step 3 equals the uninterrupted one."""
-    flags = ["--model", model, "--data", released.make_virl(work / "virl"), *README_3B, *(["--bf16"] if on_gpu else []),
-             *sizes.run, "--steps", "3", "--save-every", "2"]
+    """Two steps with a checkpoint after each; the first checkpoint resumed in a folder of its own;
+    eval.py on the result. Whether the resumed second step equals the uninterrupted one."""
+    flags = ["--model", model, "--data", released.make_virl(work / "virl", sizes.picture), *README_3B,
+             *(["--bf16"] if on_gpu else []), *sizes.run, "--steps", "2", "--save-every", "1"]
     straight, resumed = work / "run", work / "resumed"
     t0 = time.time()
     proc = torchrun(report, "vlr.py", flags + ["--out", straight], popen=True)
-    linked = snapshot_at(proc, straight, 2, resumed)
+    linked = snapshot_at(proc, straight, 1, resumed)
     if proc.wait() or not linked:
-        raise RuntimeError(f"vlr.py exited with {proc.returncode}, step-2 checkpoint linked: {linked} (gpu_check.log)")
+        raise RuntimeError(f"vlr.py exited with {proc.returncode}, first checkpoint linked: {linked} (gpu_check.log)")
     shutil.rmtree(straight / "ckpt")  # its metrics are what is compared; room for the resumed run's save
     t1 = time.time()
     torchrun(report, "vlr.py", flags + ["--out", resumed, "--resume"])
     t2 = time.time()
     one, two = metrics(straight), metrics(resumed)
-    diff = {k: abs(v - two[2][k]) for k, v in one[2].items() if k not in TIMINGS and v != two[2][k]}
+    diff = {k: abs(v - two[1][k]) for k, v in one[1].items() if k not in TIMINGS and v != two[1][k]}
     bench = released.make_mathvista(work / "mathvista", sizes.eval_records)
     torchrun(report, "eval.py", ["--model", resumed / "final", "--bench", "mathvista", "--data", bench,
                                  "--max-new-tokens", sizes.eval_tokens, "--out", work / "eval.jsonl"])
@@ -390,7 +391,7 @@ def check(out: Path, work: Path, budget_s: float) -> dict:
     run = in_process_run(full, work, sizes, on_gpu)
     peak = bench.ceilings(run.device)
     report.put("ceilings", peak)
-    records = released.widest_records(work, sizes.prompts)
+    records = released.widest_records(work, sizes.prompts, sizes.picture)
     memory, update = memory_and_update(run, records, peak)
     report.put("c_memory", memory)
     report.put("d_decode", decode_speed(report, run, records, sizes, peak, memory["rollout_s"][1]))

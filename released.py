@@ -17,13 +17,13 @@ def picture(size, colour, path: Path) -> str:
     return path.name
 
 
-def make_virl(root: Path) -> Path:
-    """39Krelease.parquet + images/ as ViRL39K releases them: pictures from 448x448 to 1280x960,
+def make_virl(root: Path, largest=(1280, 960)) -> Path:
+    """39Krelease.parquet + images/ as ViRL39K releases them: pictures from 448x448 to `largest`,
     one record with two."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     a = picture((448, 448), (220, 40, 40), root / "images" / "a.png")
     b = picture((640, 480), (40, 80, 220), root / "images" / "b.jpg")
-    c = picture((1280, 960), (40, 170, 60), root / "images" / "c.jpg")
+    c = picture(largest, (40, 170, 60), root / "images" / "c.jpg")
     rows = [
         {"qid": "q1", "question": "<image>What colour is the circle?", "answer": "\\boxed{red}", "image": [f"images/{a}"]},
         {"qid": "q2", "question": "<image>The radius is 3. What is the area?", "answer": "\\boxed{9\\pi}",
@@ -50,9 +50,9 @@ def make_mathvista(root: Path, n: int) -> Path:
     return root / "testmini.parquet"
 
 
-def widest_records(work: Path, n: int) -> list:
-    """n prompts of one 1280x960 picture each: at the published budget about 1,280 visual tokens,
-    the longest prompt the README's memory table counts."""
-    path = str(work / picture((1280, 960), (40, 170, 60), work / "widest.jpg"))
+def widest_records(work: Path, n: int, size=(1280, 960)) -> list:
+    """n prompts of one picture each; at 1280x960 and the published budget about 1,280 visual
+    tokens, the longest prompt the README's memory table counts."""
+    path = str(work / picture(size, (40, 170, 60), work / "widest.jpg"))
     return [data.Record(id=str(i), images=[path], question=f"<image>What is the value of x in figure {i}?",
                         answer="1") for i in range(n)]

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_check")
-    res = procs.run([sys.executable, "gpu_check.py", "--out", str(root / "out"), "--work", str(root / "work")], 900,
+    res = procs.run([sys.executable, "gpu_check.py", "--out", str(root / "out"), "--work", str(root / "work"),
+                     "--budget-s", "3600"], 900,
                     cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.loads((root / "out" / "gpu_check.json").read_text()), root / "work", res.stdout
@@ -27,7 +28,7 @@ def checked(tmp_path_factory):
 def test_the_command_trains_resumes_exactly_and_evaluates(checked):
     report, work, _ = checked
     b = report["b_command"]
-    assert b["steps"] == [0, 1, 2] and b["resumed_steps"] == [0, 1, 2]
+    assert b["steps"] == [0, 1] and b["resumed_steps"] == [0, 1]
     assert b["resumed_equals_uninterrupted"] and b["resumed_differences"] == {}  # fp32 on a CPU: bit for bit
     assert all(d < 1e-3 for d in b["logp_drift_max"])  # fp32: the sampler's log-probs are the trainer's
     assert any(t < 1 for t in b["truncated_frac"])  # the warm-started responses stop

@@ -26,7 +26,7 @@ REAL_FLAGS, SMALL = list(gpu_check.README_3B), list(gpu_check.CPU.run)
 
 @pytest.fixture(scope="module")
 def virl(tmp_path_factory):
-    return released.make_virl(tmp_path_factory.mktemp("virl"))
+    return released.make_virl(tmp_path_factory.mktemp("virl"), gpu_check.CPU.picture)
 
 
 def run(args, nproc=1, timeout=600):
