@@ -92,7 +92,7 @@ def optimizer_step(run, batch: list, advantages: torch.Tensor, current: list) ->
     """One optimizer step of Eq. 1 on `batch`'s rows, in micro-batches (gradients accumulate).
 
     The loss is the token-level mean over the whole batch of all processes: each process divides
-    its sum by (all tokens / processes), since DDP averages gradients over processes. With
+    its sum by (all tokens / processes), since DDP and FSDP (--shard) average gradients over processes. With
     cfg.sft_coef, an SFT term on the rows with a positive advantage that reflect (Row.reflects),
     averaged over the step's SFT tokens (the published code: a token mean per micro-batch).
     A non-finite loss or gradient skips the update instead of corrupting the weights."""
@@ -111,7 +111,10 @@ def optimizer_step(run, batch: list, advantages: torch.Tensor, current: list) ->
         mb = rollout.collate(batch[part], run.processor.tokenizer.pad_token_id)  # prompts [B, L], responses [B, T]
         mb = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in mb.items()}
         last = c0 + cfg.micro_batch >= len(batch)
-        sync = contextlib.nullcontext() if last or run.world == 1 else run.ddp.no_sync()  # all-reduce once, at the end
+        # DDP all-reduces once, at the end; --shard reduce-scatters every micro-batch's gradient
+        # (deferred, each process would hold the whole unsharded gradient: the memory sharding saves)
+        defer = not last and isinstance(run.ddp, torch.nn.parallel.DistributedDataParallel)
+        sync = run.ddp.no_sync() if defer else contextlib.nullcontext()
         with sync, models.autocast(cfg.bf16, device):
             logp = micro_batch_logprobs(run, run.ddp, mb)  # [B, T]
             ref_logp = None

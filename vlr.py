@@ -11,6 +11,7 @@ Selective Sample Replay (ssr.ReplayBuffer.select_batch) -> the clipped policy-gr
 """
 import argparse
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -29,6 +30,7 @@ import phases
 import rethink
 import reward
 import rollout
+import shard
 import ssr
 from distributed import UserError, exit_once, gather, once_per_run, rank_world, reduce, setup_distributed
 
@@ -109,6 +111,8 @@ class Config:
     bf16: bool = arg(False, "compute in bfloat16 under autocast (fp32 master weights and optimizer)")
     grad_checkpointing: bool = arg(False, "recompute activations in the backward (memory for time)")
     freeze_vision: bool = arg(False, "train the language model only")
+    shard: bool = arg(False, "shard weights, gradients and AdamW state over the processes (FSDP2, torchrun only) "
+                             "instead of a whole copy on each (DDP): the 3B on 40-48 GB cards, the 7B on 80 GB")
     min_format_rate: float = arg(0.2, "stop when fewer responses than this have a \\boxed{} answer ...")
     collapse_patience: int = arg(20, "... for this many steps in a row: a collapsed run teaches nothing")
 
@@ -195,7 +199,7 @@ class Run:
     world: int
     device: torch.device
     out: Path
-    model: torch.nn.Module  # the policy; `ddp` wraps it when world > 1
+    model: torch.nn.Module  # the policy (under --shard, sharded); `ddp` wraps it under DDP (world > 1), else is it
     ddp: torch.nn.Module
     processor: object
     ref: torch.nn.Module | None  # the frozen reference policy of the KL term
@@ -232,7 +236,10 @@ def setup(cfg: Config) -> Run:
     if cfg.resume:
         ckpt = checkpoint.checkpoint_dir(out)
         state = checkpoint.load_state(ckpt)
-    model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, device)
+    # --shard: loaded on the CPU, so that each layer goes to the GPU as a shard (shard.shard_model)
+    model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, "cpu" if cfg.shard else device)
+    if cfg.shard:  # before the optimizer: AdamW holds the shards
+        model = shard.shard_model(model, device, world, cfg.bf16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
                             betas=(0.9, cfg.adam_beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: grpo.lr_factor(s, cfg.warmup_steps, cfg.steps,
@@ -242,12 +249,16 @@ def setup(cfg: Config) -> Run:
     ref = load_policy(cfg, cfg.model, device)[0].requires_grad_(False).eval() if cfg.kl_coef else None
     # All toy and jsonl records have images, so every parameter gets a gradient each step.
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not in a second copy.
-    ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+           if world > 1 and not cfg.shard else model)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     # Section 3.1: the buffer keeps recent non-zero-advantage samples, about half a batch.
     buffer = ssr.ReplayBuffer(capacity=max(1, rows_per_process(cfg, world) // 2), alpha=cfg.ssr_alpha)
     if state:
-        opt.load_state_dict(state["optimizer"])
+        if cfg.shard:
+            shard.load_optimizer(model, opt, ckpt)
+        else:
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generators"][rank])
         buffer.load_state_dict(state["buffers"][rank])
@@ -267,6 +278,12 @@ def check_flags(cfg: Config) -> Path:
     world = rank_world()[1]
     if cfg.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
+    if cfg.shard and cfg.kl_coef:
+        raise UserError("--kl-coef with --shard: the reference policy would be a whole copy on every process, "
+                        "the memory --shard saves; not supported")
+    if cfg.shard and "RANK" not in os.environ:
+        raise UserError("--shard shards over torchrun's processes: run it under torchrun "
+                        "(torchrun --nproc_per_node 1 vlr.py ... for one)")
     if rows_per_process(cfg, world) % cfg.minibatches:
         raise UserError(f"--minibatches {cfg.minibatches} must divide the {rows_per_process(cfg, world)} rows "
                         "of a process's batch")
@@ -332,7 +349,8 @@ def rollout_step(run: Run, recs: list) -> rethink.Rethinking:
     what sampling holds in memory): G responses per prompt (rollout.sample), each graded once,
     then Forced Rethinking (rethink.rethink) on the caches the sampler parked."""
     size = run.cfg.rollout_chunk if run.cfg.rollout_chunk > 0 else len(recs)
-    parts = [rollout_chunk(run, recs[c:c + size]) for c in range(0, len(recs), size)]
+    with shard.gathered(run.model):  # --shard: the weights gathered once for all the sampler's forwards
+        parts = [rollout_chunk(run, recs[c:c + size]) for c in range(0, len(recs), size)]
     return parts[0] if len(parts) == 1 else rethink.concat(parts, run.processor.tokenizer.pad_token_id)
 
 
@@ -392,7 +410,7 @@ def run_eval(run: Run) -> dict:
     """Greedy decoding on this rank's shard of the toy test split (all tiers), into the eval metrics
     of all ranks' rows (eval.toy_metrics)."""
     recs = [run.test_set[i] for i in range(run.rank, len(run.test_set), run.world)]
-    with models.autocast(run.cfg.bf16, run.device):
+    with shard.gathered(run.model), models.autocast(run.cfg.bf16, run.device):
         rows = evaluation.evaluate(run.model, run.processor, recs, max_new_tokens=run.cfg.max_new_tokens)
     return evaluation.toy_metrics(rows, run.cfg.toy_tiers.split(","), run.world)
 
@@ -421,21 +439,25 @@ def check_collapse(cfg: Config, step: int, m: dict, low_format_steps: int) -> in
 
 def save(run: Run, next_step: int):
     """A checkpoint that resumes exactly: weights, optimizer, schedule, every rank's generator and
-    replay buffer, and the host RNGs. Refused when the processes disagree on the weights."""
-    sums = gather(checkpoint.param_checksum(run.model), run.world)
-    if len(set(sums)) != 1:
+    replay buffer, and the host RNGs. Refused when the processes disagree on the weights (under
+    --shard each weight lives on one process: no second copy to disagree with, no checksums)."""
+    sums = [] if run.cfg.shard else gather(checkpoint.param_checksum(run.model), run.world)
+    if len(set(sums)) > 1:
         raise SystemExit(f"step {next_step - 1}: processes disagree on the weights (checksums {sums}); not saving")
-    state = {"step": next_step, "checksums": sums, "optimizer": run.opt.state_dict(),
+    state = {"step": next_step, "checksums": sums, "optimizer": None if run.cfg.shard else run.opt.state_dict(),
              "scheduler": run.sched.state_dict(), "generators": gather(run.gen.get_state(), run.world),
              "buffers": gather(run.buffer.state_dict(), run.world), "torch_rng": torch.get_rng_state(),
              "python_rng": random.getstate()}
-    if run.rank == 0:
+    if run.cfg.shard:  # AdamW's shards go beside it, written by every process
+        shard.save_checkpoint(run.out, run.model, run.processor, run.opt, state, run.rank, run.world)
+    elif run.rank == 0:
         checkpoint.save_checkpoint(run.out, run.model, run.processor, state)
 
 
 def finish(run: Run):
+    weights = shard.full_weights(run.model) if run.cfg.shard else None  # every process takes part in the gather
     if run.rank == 0:
-        run.model.save_pretrained(run.out / "final")
+        run.model.save_pretrained(run.out / "final", state_dict=weights)  # None: the model's own
         run.processor.save_pretrained(run.out / "final")
         run.log.close()
         print(f"done: {run.out}/final, metrics in {run.out / 'metrics.jsonl'}")

@@ -45,15 +45,19 @@ def metrics(out):
 
 def test_torchrun_two_processes(virl, tmp_path):
     """One step of the published recipe (two optimizer steps here, SFT term, reflection bonus) on two
-    processes (each ~7 GB: two of them fit this machine), then the checkpoint: the ranks agree."""
-    out = tmp_path / "ddp"
+    processes under --shard (FSDP2, as the 7B runs; DDP on two processes: tests/test_shard.py),
+    then the checkpoint, each process's AdamW shard in it, and eval.py on the final model folder."""
+    out = tmp_path / "shard"
     run(["vlr.py", "--model", "smoke-3b-1l", "--data", str(virl), "--out", str(out), *REAL_FLAGS, *SMALL,
-         "--recipe", "published", "--minibatches", "2", "--steps", "1"], nproc=2)
+         "--recipe", "published", "--minibatches", "2", "--steps", "1", "--shard"], nproc=2)
     state = torch.load(out / "ckpt" / "train_state.pt", weights_only=False)
-    assert len(set(state["checksums"])) == 1 and len(state["generators"]) == 2
+    assert len(state["generators"]) == 2 and len(list((out / "ckpt" / "optimizer").glob("*.distcp"))) == 2
     assert [m["step"] for m in metrics(out)] == [0]
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["minibatches"], cfg["sft_coef"], cfg["adv_std"]) == (2, 0.05, False)
+    assert (cfg["minibatches"], cfg["sft_coef"], cfg["adv_std"], cfg["shard"]) == (2, 0.05, False, True)
+    res = run(["eval.py", "--model", str(out / "final"), "--bench", "toy", "--limit", "2", "--max-new-tokens", "8",
+               "--out", str(tmp_path / "eval.jsonl")])
+    assert json.loads(res.stdout.strip().splitlines()[-1])["n"] == 2
 
 
 @pytest.fixture(scope="module")

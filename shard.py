@@ -1,0 +1,94 @@
+"""Sharding (--shard): FSDP2 over the processes, the training loop unchanged.
+
+DDP keeps the whole fp32 weights, gradients and AdamW state on every GPU (52 GB for the 3B before
+an activation); sharded, each process holds 1/N of each (docs/memory.md). The trainer (vlr.py)
+calls `shard_model` once in its set-up, wraps each rollout in `gathered`, and saves through
+`save_checkpoint` and `full_weights`: everything else (loss, SSR, rethinking) is what DDP runs.
+"""
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import checkpoint
+from distributed import gather
+
+
+def shard_model(model, device, world: int, bf16: bool):
+    """fully_shard on each vision block, the vision tower, each decoder layer, the embedding with
+    the head, and the root, bottom up. The tower and the embedding get units of their own because
+    the trainer calls them outside the root's forward (rollout.embed_shared): a unit's weights are
+    gathered by its own forward. The embedding and the head share a unit: the 3B ties them, and a
+    tied weight must live in one. Under --bf16 the gathered weights are bf16 (compute) and the
+    gradients are reduced in fp32; the shards, and AdamW on them, stay fp32."""
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    inner = model.model
+    units = [*inner.visual.blocks, inner.visual, *inner.language_model.layers,
+             [inner.language_model.embed_tokens, model.lm_head], model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The whole model all-gathered once, for a rollout or an eval, and freed after: the sampler
+    runs one forward per token, and gathering each layer for each token would make sampling
+    network-bound. Costs one full copy of the weights (in the compute dtype) while it lasts.
+    Yields the model, whole; any other model (not sharded) as it is."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            # the root keeps its weights after its forward (FSDP's default): its backward needs them first
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_weights(model) -> dict:
+    """The whole fp32 state dict on rank 0's CPU ({} on the other ranks), gathered a tensor at a
+    time; every process must call it."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def save_checkpoint(out: Path, model, processor, opt, state: dict, rank: int, world: int):
+    """out/ckpt as DDP writes it (a model folder and train_state.pt; rank 0) plus optimizer/, each
+    process's AdamW shard, written by all through torch.distributed.checkpoint, all atomically:
+    rank 0 makes the temporary folder, the others write into it, rank 0 swaps it in."""
+    weights = full_weights(model)
+    optim = get_optimizer_state_dict(model, opt)
+
+    def write(tmp: Path):
+        dcp.save({"optimizer": optim}, checkpoint_id=gather(str(tmp), world)[0] + "/optimizer")
+        model.save_pretrained(tmp, state_dict=weights)
+        processor.save_pretrained(tmp)
+        torch.save(state, tmp / "train_state.pt")
+
+    if rank == 0:
+        checkpoint.write_atomically(out / "ckpt", write)
+    else:
+        dcp.save({"optimizer": optim}, checkpoint_id=gather(None, world)[0] + "/optimizer")
+
+
+def load_optimizer(model, opt, ckpt: Path):
+    """`opt` with AdamW's shards as `save_checkpoint` wrote them (as Optimizer.load_state_dict,
+    in place). Asking for the state dict first gives the loader its shapes (a fresh AdamW gets its
+    state from a zero step at learning rate 0)."""
+    optim = get_optimizer_state_dict(model, opt)
+    dcp.load({"optimizer": optim}, checkpoint_id=str(ckpt / "optimizer"))
+    set_optimizer_state_dict(model, opt, optim)
+    return opt
