@@ -130,6 +130,19 @@ def repeat_prompts(batch: dict, g: int) -> dict:
     return out
 
 
+def prompts_for_step(n_data: int, step: int, per_step: int, rank: int, world: int, seed: int) -> list[int]:
+    """This rank's prompt indices at `step`: epochs of seeded shuffles, cut into steps. A pure
+    function of the step, so a resumed run sees exactly the prompts it would have seen."""
+    per_rank = per_step // world
+    first = step * per_step + rank * per_rank
+    out = []
+    for i in range(first, first + per_rank):
+        epoch, k = divmod(i, n_data)
+        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[k]))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Data files
 # ---------------------------------------------------------------------------------------------

@@ -114,6 +114,14 @@ def grade(response: str, answer: str, choices: list[str] | None = None, finished
     return Grade(correct=correct, reward=score, boxed=pred is not None, valid=valid)
 
 
+def grader(invalid_penalty: float, reflection_bonus: float, wait_penalty: float):
+    """grade(text, record, finished, forced) under the run's reward settings: the trainer's one
+    call per response (forced: a Forced Rethinking continuation, whose trigger is one "wait")."""
+    return lambda text, rec, finished, forced: grade(
+        text, rec.answer, rec.choices, finished, invalid_penalty=invalid_penalty,
+        reflection_bonus=reflection_bonus, wait_penalty=wait_penalty, forced_waits=int(forced))
+
+
 def accuracy(response: str, answer: str, choices: list[str] | None = None) -> float:
     """1.0 if the response's last boxed answer matches the gold `answer`, else 0.0. Never raises."""
     return float(grade(response, answer, choices).correct)

@@ -6,6 +6,7 @@ calls `shard_model` once in its set-up, wraps each rollout in `gathered`, and sa
 `save_checkpoint` and `full_weights`: everything else (loss, SSR, rethinking) is what DDP runs.
 """
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,17 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import checkpoint
-from distributed import gather
+from distributed import UserError, gather
+
+
+def check_flags(kl_coef: float):
+    """--shard's refusals, before the processes meet (vlr.check_flags)."""
+    if kl_coef:
+        raise UserError("--kl-coef with --shard: the reference policy would be a whole copy on every process, "
+                        "the memory --shard saves; not supported")
+    if "RANK" not in os.environ:
+        raise UserError("--shard shards over torchrun's processes: run it under torchrun "
+                        "(torchrun --nproc_per_node 1 vlr.py ... for one)")
 
 
 def shard_model(model, device, world: int, bf16: bool):

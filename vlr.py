@@ -11,7 +11,6 @@ Selective Sample Replay (ssr.ReplayBuffer.select_batch) -> the clipped policy-gr
 """
 import argparse
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -174,19 +173,6 @@ def load_data(cfg: Config, rank: int):
     return records, None
 
 
-def prompts_for_step(n_data: int, step: int, per_step: int, rank: int, world: int, seed: int) -> list[int]:
-    """This rank's prompt indices at `step`: epochs of seeded shuffles, cut into steps. A pure
-    function of the step, so a resumed run sees exactly the prompts it would have seen."""
-    per_rank = per_step // world
-    first = step * per_step + rank * per_rank
-    out = []
-    for i in range(first, first + per_rank):
-        epoch, k = divmod(i, n_data)
-        perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[k]))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -278,12 +264,8 @@ def check_flags(cfg: Config) -> Path:
     world = rank_world()[1]
     if cfg.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
-    if cfg.shard and cfg.kl_coef:
-        raise UserError("--kl-coef with --shard: the reference policy would be a whole copy on every process, "
-                        "the memory --shard saves; not supported")
-    if cfg.shard and "RANK" not in os.environ:
-        raise UserError("--shard shards over torchrun's processes: run it under torchrun "
-                        "(torchrun --nproc_per_node 1 vlr.py ... for one)")
+    if cfg.shard:
+        shard.check_flags(cfg.kl_coef)
     if rows_per_process(cfg, world) % cfg.minibatches:
         raise UserError(f"--minibatches {cfg.minibatches} must divide the {rows_per_process(cfg, world)} rows "
                         "of a process's batch")
@@ -296,13 +278,6 @@ def check_flags(cfg: Config) -> Path:
 
 def rows_per_process(cfg: Config, world: int) -> int:
     return cfg.prompts_per_step // world * cfg.group_size
-
-
-def grader(cfg: Config):
-    """grade(text, record, finished, forced): each response graded once (reward.grade)."""
-    return lambda text, rec, finished, forced: reward.grade(
-        text, rec.answer, rec.choices, finished, invalid_penalty=cfg.invalid_penalty,
-        reflection_bonus=cfg.reflection_bonus, wait_penalty=cfg.wait_penalty, forced_waits=int(forced))
 
 
 def train(cfg: Config):
@@ -327,8 +302,8 @@ def train(cfg: Config):
 def train_step(run: Run, step: int) -> dict:
     """One step of Algorithm 1; returns its metrics."""
     cfg = run.cfg
-    recs = [run.train_set[i] for i in prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
-                                                       run.world, cfg.seed)]
+    recs = [run.train_set[i] for i in data.prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
+                                                            run.world, cfg.seed)]
     # --- 1. Rollout: G responses per prompt, graded, then Forced Rethinking (Section 3.2) ---
     done = rollout_step(run, recs)
     # --- 2. Rewards -> group advantages (Eq. 2) ---
@@ -356,7 +331,7 @@ def rollout_step(run: Run, recs: list) -> rethink.Rethinking:
 
 def rollout_chunk(run: Run, recs: list) -> rethink.Rethinking:
     """One chunk of `rollout_step`: sample -> grade -> rethink."""
-    g, grade = run.cfg.group_size, grader(run.cfg)
+    g, grade = run.cfg.group_size, reward.grader(run.cfg.invalid_penalty, run.cfg.reflection_bonus, run.cfg.wait_penalty)
     with models.autocast(run.cfg.bf16, run.device):
         ro = rollout.sample(run.model, run.processor, recs, g, run.decoding, run.gen, park=run.rethink is not None)
         grades = [grade(text, recs[i // g], not cut, False)

@@ -315,3 +315,12 @@ def test_repeat_prompts_pairs_every_copy_with_its_own_images(tiny_model):
         assert torch.equal(rep["image_grid_thw"][image:image + n], alone["image_grid_thw"])
         assert torch.equal(torch.cat(patches[image:image + n]), alone["pixel_values"])
         image += n
+
+
+def test_prompts_for_step_is_a_pure_function_covering_each_epoch():
+    seen = []
+    for step in range(5):
+        a = data.prompts_for_step(20, step, 4, 0, 2, seed=3) + data.prompts_for_step(20, step, 4, 1, 2, seed=3)
+        assert a == data.prompts_for_step(20, step, 4, 0, 2, seed=3) + data.prompts_for_step(20, step, 4, 1, 2, seed=3)
+        seen += a
+    assert sorted(seen) == list(range(20))  # 5 steps x 4 prompts = one epoch, no repeats

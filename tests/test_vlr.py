@@ -20,15 +20,6 @@ import vlr
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_prompts_for_step_is_a_pure_function_covering_each_epoch():
-    seen = []
-    for step in range(5):
-        a = vlr.prompts_for_step(20, step, 4, 0, 2, seed=3) + vlr.prompts_for_step(20, step, 4, 1, 2, seed=3)
-        assert a == vlr.prompts_for_step(20, step, 4, 0, 2, seed=3) + vlr.prompts_for_step(20, step, 4, 1, 2, seed=3)
-        seen += a
-    assert sorted(seen) == list(range(20))  # 5 steps x 4 prompts = one epoch, no repeats
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer, end to end (small: 4 prompts x 4 responses, 24 tokens)
 # ---------------------------------------------------------------------------------------------
