@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The README's 3B command, but for the sizes (steps, prompts, G, response cap, micro-batch, chunk)
 # and without --bf16: on a CPU without native bf16 (no AVX512_BF16/AMX) a bf16 step of this model
 # takes over 20 minutes instead of one. tests/test_vlr.py runs the loop under --bf16 on the tiny model.
-REAL_FLAGS, SMALL = list(gpu_check.README_3B), list(gpu_check.CPU.run)
+REAL_FLAGS = list(gpu_check.README_3B)
+SMALL = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "16", "--micro-batch", "2",
+         "--rollout-chunk", "1"]
 
 
 @pytest.fixture(scope="module")

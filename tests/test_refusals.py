@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,20 +39,23 @@ def test_a_missing_model_or_run_folder_a_bad_flag_and_bad_data_are_one_sentence_
     missing = str(tmp_path / "no-such-model")
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    for torchrun in (False, True):
-        out = str(tmp_path / f"run-{torchrun}")
-        said = refused("vlr.py", [*CHEAP, "--out", out, "--model", missing], torchrun)
-        assert "\n" not in said and missing in said and all(name in said for name in KNOWN), said
-        said = refused("vlr.py", [*CHEAP, "--out", out, "--resume"], torchrun)
-        assert "\n" not in said and out in said and "--resume" in said, said
-        said = refused("vlr.py", [*CHEAP, "--out", out, "--data", str(bad)], torchrun)
-        head, line = said.splitlines()  # the report lists every bad line under its head
-        assert head == f"1 bad line(s) in {bad}:" and line.startswith(f"{bad}:1: invalid JSON"), said
-        said = refused("vlr.py", ["--stepz", "3"], torchrun)
-        assert said == "vlr.py: error: unrecognized arguments: --stepz 3 (--help lists every flag)", said
-        said = refused("eval.py", ["--bench", "toy", "--model", missing], torchrun)
-        assert "\n" not in said and missing in said and all(name in said for name in KNOWN), said
-        assert not Path(out).exists()  # nothing was written
+    out = {torchrun: str(tmp_path / f"run-{torchrun}") for torchrun in (False, True)}
+    cases = [(script, args, torchrun) for torchrun in (False, True) for script, args in (
+        ("vlr.py", [*CHEAP, "--out", out[torchrun], "--model", missing]),
+        ("vlr.py", [*CHEAP, "--out", out[torchrun], "--resume"]),
+        ("vlr.py", [*CHEAP, "--out", out[torchrun], "--data", str(bad)]),
+        ("vlr.py", ["--stepz", "3"]),
+        ("eval.py", ["--bench", "toy", "--model", missing]))]
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each is a Python start-up, mostly one core's work
+        said = list(pool.map(lambda case: refused(*case), cases))
+    for torchrun, (model, resume, data, flag, evaluation) in ((False, said[:5]), (True, said[5:])):
+        assert "\n" not in model and missing in model and all(name in model for name in KNOWN), model
+        assert "\n" not in resume and out[torchrun] in resume and "--resume" in resume, resume
+        head, line = data.splitlines()  # the report lists every bad line under its head
+        assert head == f"1 bad line(s) in {bad}:" and line.startswith(f"{bad}:1: invalid JSON"), data
+        assert flag == "vlr.py: error: unrecognized arguments: --stepz 3 (--help lists every flag)", flag
+        assert "\n" not in evaluation and missing in evaluation and all(name in evaluation for name in KNOWN), evaluation
+        assert not Path(out[torchrun]).exists()  # nothing was written
 
 
 def test_a_resume_of_a_run_killed_before_its_first_checkpoint_is_one_sentence(tmp_path):

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -71,13 +72,16 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     before = snapshot(tmp_path)
     assert {"metrics.jsonl", "config.json", "ckpt/train_state.pt", "final/model.safetensors"} <= set(before)
-    for torchrun in (False, True):
-        said = test_refusals.refused("vlr.py", [*SMALL, "--steps", "1", "--out", str(tmp_path)], torchrun)
-        assert "\n" not in said and str(tmp_path) in said
-        assert all(flag in said for flag in ("--resume", "--out", "--overwrite")), said
-    said = test_refusals.refused("vlr.py", [*SMALL, "--steps", "4", "--resume", "--lr", "0.5", "--out", str(tmp_path)],
-                                 False)
-    assert "\n" not in said and f"lr: saved {vlr.Config.lr!r}, now 0.5" in said and "steps: saved 2, now 4" in said
+    again = [*SMALL, "--steps", "1", "--out", str(tmp_path)]
+    other = [*SMALL, "--steps", "4", "--resume", "--lr", "0.5", "--out", str(tmp_path)]
+    with ThreadPoolExecutor(2) as pool:  # each refusal is a Python start-up
+        *said, resumed = pool.map(lambda case: test_refusals.refused("vlr.py", *case),
+                                  [(again, False), (again, True), (other, False)])
+    for line in said:
+        assert "\n" not in line and str(tmp_path) in line
+        assert all(flag in line for flag in ("--resume", "--out", "--overwrite")), line
+    assert "\n" not in resumed and f"lr: saved {vlr.Config.lr!r}, now 0.5" in resumed
+    assert "steps: saved 2, now 4" in resumed
     assert snapshot(tmp_path) == before
     again = run(["--steps", "1", "--overwrite"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
