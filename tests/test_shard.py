@@ -20,9 +20,11 @@ from distributed import UserError
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "vlr.py"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-# SMALL checkpoints at step 2, so a kill after it has a step left to redo; two micro-batches a
-# process: DDP all-reduces their sum once, FSDP reduce-scatters each
-STEPS = ["--steps", "3", "--micro-batch", "4"]
+# SMALL checkpoints at step 2, so a kill after it has a step left to redo. The published recipe
+# (two optimizer steps a rollout, the SFT term, the reflection bonus; test_real.py trains the
+# 3B-shaped model with the defaults), two micro-batches an optimizer step and process: DDP
+# all-reduces their sum once, FSDP reduce-scatters each.
+STEPS = ["--steps", "3", "--recipe", "published", "--minibatches", "2", "--micro-batch", "2"]
 
 
 def command(out: Path, *flags: str) -> list[str]:
