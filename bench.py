@@ -63,8 +63,12 @@ TOY_STEPS, TOY_RUNS = 3, 2  # steps per timed run; runs per path, alternating
 
 
 def seconds(fn) -> float:
+    """fn's wall time; on a GPU, its work included (the device runs asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -336,17 +340,10 @@ def ceilings(device) -> dict:
     y = torch.empty_like(x)
     m = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def median_s(fn) -> float:
-        times = []
-        for _ in range(13):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[3:])
+        median_seconds(fn, 3)  # warm-up
+        return median_seconds(fn, 10)
 
     copy_s, mm_s = median_s(lambda: y.copy_(x)), median_s(lambda: a @ b)
     return {"copy_bytes_per_s": 2 * x.numel() * x.element_size() / copy_s, "matmul_flops_per_s": 2 * m**3 / mm_s,

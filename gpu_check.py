@@ -42,6 +42,7 @@ from transformers import AutoProcessor
 import bench
 import data
 import grpo
+import lab
 import models
 import phases
 import released
@@ -195,10 +196,6 @@ def torchrun(report: Report, script: str, args: list, popen: bool = False):
     return proc
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def snapshot_at(proc, out: Path, step: int, dest: Path) -> bool:
     """While the run in `out` goes on, hard-link its checkpoint of `step` into dest/ckpt (no copy:
     the next save swaps in a new folder and deletes the old one, which the links keep), with
@@ -213,10 +210,12 @@ def snapshot_at(proc, out: Path, step: int, dest: Path) -> bool:
                 for f in ckpt.iterdir():
                     os.link(f, dest / "ckpt" / f.name)
                 shutil.copy(out / "config.json", dest / "config.json")
-                (dest / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(out)[:step]))
+                done = lab.read_metrics(out)[:step]
+                (dest / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in done))
                 return True
             seen = ino
-        except (OSError, RuntimeError, EOFError, KeyError):  # a save swapped the folder meanwhile: look again
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError):  # a save swapped the folder, or a
+            # metrics line was half written, meanwhile: look again
             shutil.rmtree(dest / "ckpt", ignore_errors=True)
         time.sleep(0.05)
     return False
@@ -240,7 +239,7 @@ def the_command(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: b
     t1 = time.time()
     torchrun(report, "vlr.py", flags + ["--out", resumed, "--resume"])
     t2 = time.time()
-    one, two = metrics(straight), metrics(resumed)
+    one, two = lab.read_metrics(straight), lab.read_metrics(resumed)
     diff = {k: abs(v - two[1][k]) for k, v in one[1].items() if k not in TIMINGS and v != two[1][k]}
     bench = released.make_mathvista(work / "mathvista", sizes.eval_records)
     torchrun(report, "eval.py", ["--model", resumed / "final", "--bench", "mathvista", "--data", bench,
