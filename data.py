@@ -100,8 +100,7 @@ def encode_prompts(processor, records: list[Record]):
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     # Both walk the content lists in order, so the i-th image block of the text gets the i-th image.
     images, _ = process_vision_info(chats, image_patch_size=ip.patch_size)
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
 def images_per_prompt(batch: dict) -> list[int]:

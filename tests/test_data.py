@@ -317,6 +317,20 @@ def test_repeat_prompts_pairs_every_copy_with_its_own_images(tiny_model):
         image += n
 
 
+def test_prompts_are_left_padded_without_touching_the_processor(tiny_model):
+    """The sampler appends at the right end of every row, so padding goes left; the processor
+    the caller passed keeps its own setting."""
+    processor = tiny_model[1]
+    before = processor.tokenizer.padding_side
+    recs = [helpers.RECORDS[2], helpers.RECORDS[0]]
+    enc = data.encode_prompts(processor, recs)
+    lengths = [len(data.encode_prompts(processor, [r])["input_ids"][0]) for r in recs]
+    width = max(lengths)
+    for row, n in enumerate(lengths):
+        assert enc["attention_mask"][row].tolist() == [0] * (width - n) + [1] * n
+    assert min(lengths) < width and processor.tokenizer.padding_side == before
+
+
 def test_prompts_for_step_is_a_pure_function_covering_each_epoch():
     seen = []
     for step in range(5):
