@@ -89,6 +89,15 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
     assert len(metrics(tmp_path)) == 1 and state["step"] == 1
 
 
+def test_a_resume_names_a_flag_the_saved_run_did_not_have(tmp_path):
+    """A run saved before a flag existed: its default may not be what that run did, so the resume
+    is refused, and the sentence says the flag is newer rather than that it was saved as None."""
+    config = asdict(vlr.Config(out=str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "top_k"}))
+    with pytest.raises(checkpoint.UserError, match=r"top_k: not saved \(a flag newer than the run\), now 0$"):
+        checkpoint.check_run_folder(tmp_path, config, resume=True, overwrite=False)
+
+
 def test_ablation_switches(tmp_path):
     plain = run(["--steps", "2", "--no-ssr", "--no-rethink"], tmp_path / "plain")
     assert plain.returncode == 0, plain.stderr[-2000:]
