@@ -97,7 +97,6 @@ def load_state(ckpt: Path) -> dict:
 
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
 RESUMABLE = {"resume", "overwrite", "save_every", "eval_every", "out", "share_vision"}
-MISSING = object()
 RUN_FILES = ("metrics.jsonl", "ckpt", ".ckpt-old", "final")  # what a run leaves behind, besides config.json
 
 
@@ -116,7 +115,7 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
     if not (out / "config.json").exists():
         raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
     saved = json.loads((out / "config.json").read_text())
-    diff = [k for k, v in config.items() if k not in RESUMABLE and saved.get(k, MISSING) != v]
+    diff = [k for k, v in config.items() if k not in RESUMABLE and (k not in saved or saved[k] != v)]
     if diff:  # a flag newer than the saved run: its default may not be what that run did, so no guess
         raise UserError(f"--resume with a different configuration than {out}/config.json: " + ", ".join(
             f"{k}: saved {saved[k]!r}, now {config[k]!r}" if k in saved else
