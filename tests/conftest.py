@@ -16,15 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 # A child that trains the 3B-shaped model on the CPU touches about 10 GB of fresh memory (weights,
-# gradients of the 151,936-token embedding, AdamW state), and on these virtual machines a page
-# fault costs ~20 us: in 4 KB pages, most of its time went to the kernel. glibc's tunable has
-# malloc ask for transparent huge pages (2 MB); other C libraries ignore it. Measured: docs/speed.md.
-HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+# the gradient of the 151,936-token embedding, AdamW state), and on these virtual machines taking
+# it in 4 KB pages was most of its time, in the kernel. glibc's tunable has malloc ask for 2 MB
+# transparent huge pages; other C libraries ignore it. What it saves: docs/speed.md.
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 def pytest_configure(config):
-    for name, value in HUGE_PAGES.items():  # every child inherits it
-        os.environ.setdefault(name, value)
+    os.environ.setdefault("GLIBC_TUNABLES", HUGE_PAGES)  # every child inherits it
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
