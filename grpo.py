@@ -1,10 +1,12 @@
 """GRPO (paper, Section 2): group advantages (Eq. 2), the clipped objective (Eq. 1), the update.
 
-The trainer (vlr.py) hands over its run (vlr.Run: the Config, the policy, its optimizer, the
-reference policy, the generator, the processes) and a batch of rollout.Row.
+The trainer (vlr.py) hands over what the update uses (`Learner`: the policy, its optimizer, the
+KL term's reference, the processes, the update's `Settings`) and a batch of rollout.Row.
 """
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -12,6 +14,46 @@ import torch.distributed as dist
 import models
 import phases
 import rollout
+
+
+@dataclass
+class Settings:
+    """The flags the update reads (vlr.Config's fields of the same names)."""
+    clip_eps: float
+    clip_eps_high: float
+    kl_coef: float
+    agg: str
+    sft_coef: float
+    minibatches: int
+    micro_batch: int
+    grad_clip: float
+    temperature: float
+    share_vision: bool
+    bf16: bool
+
+
+@dataclass
+class Reference:
+    """The KL term's reference policy: `model` while `switch()` holds. A frozen copy of the starting
+    policy under a context that does nothing, or, under LoRA, the policy itself with its adapters
+    switched off (lora.adapters_off): the base is the starting policy, and costs no second copy."""
+    model: torch.nn.Module
+    switch: Callable = contextlib.nullcontext
+
+
+@dataclass
+class Learner:
+    """What the update works on."""
+    model: torch.nn.Module  # the policy: its trainable parameters are what `opt` steps
+    forward: torch.nn.Module  # what the training forward goes through: DDP's wrapper of `model`, or `model`
+    opt: torch.optim.Optimizer
+    reference: Reference | None  # None without the KL term
+    cfg: Settings
+    tokenizer: object  # its pad id and the vision special tokens, which are never sampled
+    gen: torch.Generator  # the minibatches' shuffle
+    device: torch.device
+    world: int  # processes: the token mean is over all of them
+
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, std: bool = True) -> torch.Tensor:
     """Eq. 2: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), one value per response; with
@@ -65,19 +107,19 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, denom=None, 
 # ---------------------------------------------------------------------------------------------
 
 @phases.phase
-def policy_update(run, batch: list, advantages: torch.Tensor, step: int) -> dict:
+def policy_update(learner: Learner, batch: list, advantages: torch.Tensor, step: int) -> dict:
     """cfg.minibatches optimizer steps of Eq. 1, each on an equal part of the batch (rollout.Row
     list), shuffled first as the published trainer draws its minibatches (it takes 8 per rollout).
     The first part is on-policy: for the rows sampled at `step` the training forward must
     reproduce the sampler's log-probs before the update (`logp_drift_max`, a live check that
     rollout and training agree). Each later part meets a policy that the steps before it moved:
     its ratio is off 1 and the clip acts."""
-    cfg, current = run.cfg, [r.step == step for r in batch]
+    cfg, current = learner.cfg, [r.step == step for r in batch]
     if cfg.minibatches > 1:
-        order = torch.randperm(len(batch), generator=run.gen, device=run.gen.device).tolist()
+        order = torch.randperm(len(batch), generator=learner.gen, device=learner.gen.device).tolist()
         batch, advantages, current = [batch[i] for i in order], advantages[order], [current[i] for i in order]
     size = len(batch) // cfg.minibatches
-    parts = [optimizer_step(run, batch[i:i + size], advantages[i:i + size],
+    parts = [optimizer_step(learner, batch[i:i + size], advantages[i:i + size],
                             current[i:i + size] if i == 0 else [False] * size)
              for i in range(0, size * cfg.minibatches, size)]
 
@@ -88,7 +130,7 @@ def policy_update(run, batch: list, advantages: torch.Tensor, step: int) -> dict
             "logp_drift_max": parts[0]["logp_drift_max"], "skipped": sum(p["skipped"] for p in parts)}
 
 
-def optimizer_step(run, batch: list, advantages: torch.Tensor, current: list) -> dict:
+def optimizer_step(learner: Learner, batch: list, advantages: torch.Tensor, current: list) -> dict:
     """One optimizer step of Eq. 1 on `batch`'s rows, in micro-batches (gradients accumulate).
 
     The loss is the token-level mean over the whole batch of all processes: each process divides
@@ -96,31 +138,29 @@ def optimizer_step(run, batch: list, advantages: torch.Tensor, current: list) ->
     cfg.sft_coef, an SFT term on the rows with a positive advantage that reflect (Row.reflects),
     averaged over the step's SFT tokens (the published code: a token mean per micro-batch).
     A non-finite loss or gradient skips the update instead of corrupting the weights."""
-    cfg, device = run.cfg, run.device
+    cfg, device, world = learner.cfg, learner.device, learner.world
     n_tok = torch.tensor(float(sum(r.loss_mask.sum() for r in batch)), device=device)  # [] tokens trained on
-    if run.world > 1:
+    if world > 1:
         dist.all_reduce(n_tok)
-    denom = n_tok / run.world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
+    denom = n_tok / world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
     sft_rows = [bool(a > 0) and r.reflects for r, a in zip(batch, advantages.tolist())]
     sft_tok = max(1.0, float(sum(r.loss_mask.sum() for r, s in zip(batch, sft_rows) if s)))
-    run.model.train()
-    run.opt.zero_grad(set_to_none=True)
+    learner.model.train()
+    learner.opt.zero_grad(set_to_none=True)
     loss_sum, drift, clip = 0.0, 0.0, []
     for c0 in range(0, len(batch), cfg.micro_batch):
         part = slice(c0, c0 + cfg.micro_batch)
-        mb = rollout.collate(batch[part], run.processor.tokenizer.pad_token_id)  # prompts [B, L], responses [B, T]
+        mb = rollout.collate(batch[part], learner.tokenizer.pad_token_id)  # prompts [B, L], responses [B, T]
         mb = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in mb.items()}
         last = c0 + cfg.micro_batch >= len(batch)
         # DDP all-reduces once, at the end; --shard reduce-scatters every micro-batch's gradient
         # (deferred, each process would hold the whole unsharded gradient: the memory sharding saves)
-        defer = not last and isinstance(run.ddp, torch.nn.parallel.DistributedDataParallel)
-        sync = run.ddp.no_sync() if defer else contextlib.nullcontext()
+        defer = not last and isinstance(learner.forward, torch.nn.parallel.DistributedDataParallel)
+        sync = learner.forward.no_sync() if defer else contextlib.nullcontext()
         with sync, models.autocast(cfg.bf16, device):
-            logp = micro_batch_logprobs(run, run.ddp, mb)  # [B, T]
-            ref_logp = None
-            if cfg.kl_coef:  # the reference is fixed, so replayed rows get theirs now, like current ones
-                with torch.no_grad():
-                    ref_logp = micro_batch_logprobs(run, run.ref, mb)
+            logp = micro_batch_logprobs(learner, learner.forward, mb)  # [B, T]
+            # the reference is fixed, so replayed rows get theirs now, like current ones
+            ref_logp = reference_logprobs(learner, mb) if cfg.kl_coef else None  # [B, T]
             sft = (torch.tensor(sft_rows[part], device=device), sft_tok)
             loss, st = grpo_loss(logp, mb["logp"], advantages[part].to(device), mb["loss_mask"], cfg, ref_logp, denom, sft)
             loss.backward()
@@ -128,29 +168,36 @@ def optimizer_step(run, batch: list, advantages: torch.Tensor, current: list) ->
         clip.append(st["clip_frac"])
         now = torch.tensor(current[part], device=device)[:, None]  # [B, 1] sampled this step
         drift = max(drift, ((logp.detach() - mb["logp"]).abs() * mb["response_mask"] * now).max().item())
-    grad_norm, skipped = clip_and_step(run)
+    grad_norm, skipped = clip_and_step(learner)
     return {"loss": loss_sum, "grad_norm": grad_norm, "clip_frac": sum(clip) / len(clip), "logp_drift_max": drift,
             "skipped": int(skipped)}
 
 
-def micro_batch_logprobs(run, model, mb: dict) -> torch.Tensor:
-    """rollout.logprobs of a collated micro-batch under `model` (the policy or the reference)."""
-    banned = rollout.special_ids(run.processor.tokenizer, rollout.VISION_TOKENS)
-    return rollout.logprobs(model, mb["prompts"], mb["response_ids"], mb["response_mask"], run.cfg.temperature,
-                            banned, run.cfg.share_vision)
+def micro_batch_logprobs(learner: Learner, model, mb: dict) -> torch.Tensor:
+    """rollout.logprobs of a collated micro-batch under `model` (the policy, or the reference's)."""
+    banned = rollout.special_ids(learner.tokenizer, rollout.VISION_TOKENS)
+    return rollout.logprobs(model, mb["prompts"], mb["response_ids"], mb["response_mask"], learner.cfg.temperature,
+                            banned, learner.cfg.share_vision)
 
 
-def clip_and_step(run) -> tuple[float, bool]:
+def reference_logprobs(learner: Learner, mb: dict) -> torch.Tensor:
+    """log pi_ref of a collated micro-batch, however the reference is made (`Reference`). [B, T]"""
+    with torch.no_grad(), learner.reference.switch():
+        return micro_batch_logprobs(learner, learner.reference.model, mb)
+
+
+def clip_and_step(learner: Learner) -> tuple[float, bool]:
     """Clip the gradient norm (--grad-clip; 0: none) and take the optimizer step, unless the norm
     is not finite: then the gradient is dropped. Returns (norm, skipped)."""
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip if run.cfg.grad_clip > 0 else float("inf"))
+    clip = learner.cfg.grad_clip
+    params = [p for p in learner.model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     skipped = not torch.isfinite(grad_norm).item()
     if skipped:
-        run.opt.zero_grad(set_to_none=True)
+        learner.opt.zero_grad(set_to_none=True)
     else:
-        run.opt.step()
-    run.model.eval()
+        learner.opt.step()
+    learner.model.eval()
     return grad_norm.item(), skipped
 
 

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 import data
+import lora
 import smoke
 import tiny
 from distributed import UserError
@@ -37,8 +38,16 @@ def resolve(model: str) -> str:
     return tiny.resolve() if model == "tiny" else model
 
 
+def location(model: str) -> str:
+    """Where `model` is, as a loader elsewhere finds it: a folder's absolute path, or the hub id."""
+    src = resolve(model)
+    return str(Path(src).resolve()) if Path(src).is_dir() else src
+
+
 def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 0, max_pixels: int = 0):
-    """(model, processor) from a name (`resolve`), with its image budget.
+    """(model, processor) from a name (`resolve`), with its image budget. An adapter folder (vlr.py's
+    final/adapter) loads as its base with the adapters merged, in fp32 and then cast to `dtype`:
+    the weights of the merged model folder beside it, bit for bit.
 
     The image budget: explicit min/max_pixels win; else a processor that allows more than the
     published 1280 * 28^2 pixels (the hub's default) gets the published budget; a processor within
@@ -46,7 +55,14 @@ def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 
     processor, so a checkpoint evaluates at the budget it was trained at."""
     src = resolve(model)
     try:
-        policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype).to(device)
+        if lora.is_adapter_folder(src):
+            base = Qwen2_5_VLForConditionalGeneration.from_pretrained(adapters_base(model, src), dtype=torch.float32)
+            policy = lora.merged(base, src)
+            for p in policy.parameters():  # the weights only: rotary inv_freq stays fp32, as from_pretrained keeps it
+                p.data = p.data.to(dtype)
+        else:
+            policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype)
+        policy = policy.to(device)
         processor = AutoProcessor.from_pretrained(src)
     except OSError as e:  # a hub id the hub does not know or cannot be reached for, a folder without a model
         raise UserError(f"--model {model}: cannot load it: {str(e).splitlines()[0]}") from None
@@ -59,6 +75,16 @@ def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 
         raise ValueError(f"image budget: min_pixels {lo} must be positive and at most max_pixels {hi}")
     ip.size = {"shortest_edge": lo, "longest_edge": hi}
     return policy, processor
+
+
+def adapters_base(model: str, folder: str) -> str:
+    """The base model folder or hub id of an adapter folder, found (`resolve`) or refused in one sentence."""
+    base = lora.base_of(folder)
+    try:
+        return resolve(base)
+    except UserError:
+        raise UserError(f"--model {model}: these adapters' base model {base} (adapter_config.json) cannot be "
+                        "found: no such folder, and not a known name or a hub id") from None
 
 
 def autocast(bf16: bool, device):

@@ -20,8 +20,11 @@ import checkpoint
 from distributed import UserError, gather
 
 
-def check_flags(kl_coef: float):
+def check_flags(kl_coef: float, lora_rank: int):
     """--shard's refusals, before the processes meet (vlr.check_flags)."""
+    if lora_rank:
+        raise UserError("--lora-rank with --shard: adapters keep the frozen base whole on each GPU (the 3B fits one "
+                        "24 GB card, docs/memory.md); run LoRA under DDP, without --shard")
     if kl_coef:
         raise UserError("--kl-coef with --shard: the reference policy would be a whole copy on every process, "
                         "the memory --shard saves; not supported")

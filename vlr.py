@@ -24,6 +24,7 @@ import checkpoint
 import data
 import eval as evaluation
 import grpo
+import lora
 import models
 import phases
 import rethink
@@ -110,6 +111,10 @@ class Config:
     bf16: bool = arg(False, "compute in bfloat16 under autocast (fp32 master weights and optimizer)")
     grad_checkpointing: bool = arg(False, "recompute activations in the backward (memory for time)")
     freeze_vision: bool = arg(False, "train the language model only")
+    lora_rank: int = arg(0, "train low-rank adapters of this rank on the language model's projections, the base "
+                            "frozen (lora.py; the 3B on one GPU); 0: full fine-tuning")
+    lora_alpha: float = arg(32.0, "the adapters' scale alpha: their update is (alpha / rank) B A, so the learning rate "
+                                  "need not move with the rank")
     shard: bool = arg(False, "shard weights, gradients and AdamW state over the processes (FSDP2, torchrun only) "
                              "instead of a whole copy on each (DDP): the 3B on 40-48 GB cards, the 7B on 80 GB")
     min_format_rate: float = arg(0.2, "stop when fewer responses than this have a \\boxed{} answer ...")
@@ -153,9 +158,20 @@ def parse_args(argv=None) -> Config:
 # Setup: processes, model, data
 # ---------------------------------------------------------------------------------------------
 
-def load_policy(cfg: Config, path: str, device):
-    """fp32 weights (the master copy; --bf16 computes in bf16 under autocast), the image budget."""
-    model, processor = models.load_model(path, device, torch.float32, cfg.min_pixels, cfg.max_pixels)
+def load_policy(cfg: Config, device, ckpt: Path | None = None):
+    """The policy from --model, or from the checkpoint `ckpt`, with the image budget. Full
+    fine-tuning: fp32 weights (the master copy; --bf16 computes in bf16 under autocast). LoRA
+    (--lora-rank): the base from --model, frozen, loaded in the compute dtype (not cast afterwards,
+    which would also round the rotary inv_freq buffer), and fp32 adapters: fresh, or `ckpt`'s."""
+    if not cfg.lora_rank:
+        model, processor = models.load_model(str(ckpt or cfg.model), device, torch.float32, cfg.min_pixels,
+                                             cfg.max_pixels)
+    else:
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model, processor = models.load_model(cfg.model, device, dtype, cfg.min_pixels, cfg.max_pixels)
+        lora.add(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed, models.location(cfg.model))
+        if ckpt:
+            lora.load(model, ckpt)
     if cfg.freeze_vision:  # also keeps DDP from waiting for gradients that never come
         model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:
@@ -188,7 +204,8 @@ class Run:
     model: torch.nn.Module  # the policy (under --shard, sharded); `ddp` wraps it under DDP (world > 1), else is it
     ddp: torch.nn.Module
     processor: object
-    ref: torch.nn.Module | None  # the frozen reference policy of the KL term
+    ref: grpo.Reference | None  # the KL term's reference policy (None without the term)
+    base: dict | None  # under LoRA: the base model's name and fingerprint (lora.base_record), saved with the adapters
     opt: torch.optim.Optimizer
     sched: object
     gen: torch.Generator  # sampling and replay draws
@@ -223,16 +240,17 @@ def setup(cfg: Config) -> Run:
         ckpt = checkpoint.checkpoint_dir(out)
         state = checkpoint.load_state(ckpt)
     # --shard: loaded on the CPU, so that each layer goes to the GPU as a shard (shard.shard_model)
-    model, processor = load_policy(cfg, str(ckpt) if state else cfg.model, "cpu" if cfg.shard else device)
+    model, processor = load_policy(cfg, "cpu" if cfg.shard else device, ckpt if state else None)
+    base = lora.base_record(model, models.location(cfg.model)) if cfg.lora_rank else None
+    if state and base:  # adapters resumed on another base than they were trained on would be meaningless
+        lora.check_base(base, state["base"], ckpt)
     if cfg.shard:  # before the optimizer: AdamW holds the shards
         model = shard.shard_model(model, device, world, cfg.bf16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
                             betas=(0.9, cfg.adam_beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: grpo.lr_factor(s, cfg.warmup_steps, cfg.steps,
                                                                        cfg.min_lr_ratio))
-    # KL term (off by default, as in the published runs): the reference is the starting policy,
-    # loaded from --model again, so a resumed run keeps the same reference.
-    ref = load_policy(cfg, cfg.model, device)[0].requires_grad_(False).eval() if cfg.kl_coef else None
+    ref = reference(cfg, model, device) if cfg.kl_coef else None
     # All toy and jsonl records have images, so every parameter gets a gradient each step.
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not in a second copy.
     ddp = (torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
@@ -252,10 +270,19 @@ def setup(cfg: Config) -> Run:
         random.setstate(state["python_rng"])
     start = state["step"] if state else 0
     return Run(cfg=cfg, rank=rank, world=world, device=device, out=out, model=model, ddp=ddp, processor=processor,
-               ref=ref, opt=opt, sched=sched, gen=gen, buffer=buffer, rethink=rethink_config(cfg),
+               ref=ref, base=base, opt=opt, sched=sched, gen=gen, buffer=buffer, rethink=rethink_config(cfg),
                decoding=rollout.Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k),
                train_set=train_set, test_set=test_set, start=start,
                log=checkpoint.open_log(out, asdict(cfg), start, cfg.overwrite) if rank == 0 else None)
+
+
+def reference(cfg: Config, model, device) -> grpo.Reference:
+    """The KL term's reference (off by default, as in the published runs): the starting policy.
+    Under LoRA that is the policy with its adapters switched off (B starts at zero); else a frozen
+    copy loaded from --model again, so that a resumed run keeps the same reference."""
+    if cfg.lora_rank:
+        return grpo.Reference(model, lambda: lora.adapters_off(model))
+    return grpo.Reference(load_policy(cfg, device)[0].requires_grad_(False).eval())
 
 
 def check_flags(cfg: Config) -> Path:
@@ -264,14 +291,17 @@ def check_flags(cfg: Config) -> Path:
     world = rank_world()[1]
     if cfg.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora-rank {cfg.lora_rank}: give a positive rank for adapters, or 0 for full fine-tuning")
     if cfg.shard:
-        shard.check_flags(cfg.kl_coef)
+        shard.check_flags(cfg.kl_coef, cfg.lora_rank)
     if rows_per_process(cfg, world) % cfg.minibatches:
         raise UserError(f"--minibatches {cfg.minibatches} must divide the {rows_per_process(cfg, world)} rows "
                         "of a process's batch")
     out = Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
     checkpoint.check_run_folder(out, asdict(cfg), cfg.resume, cfg.overwrite)
-    if not cfg.resume or cfg.kl_coef:  # a resumed policy loads from the checkpoint; the KL reference from --model
+    # a resumed policy loads from the checkpoint; the KL reference and LoRA's base from --model
+    if not cfg.resume or cfg.kl_coef or cfg.lora_rank:
         models.check(cfg.model)
     return out
 
@@ -312,7 +342,7 @@ def train_step(run: Run, step: int) -> dict:
     # --- 3. Selective Sample Replay (Section 3.1): drop zero-advantage samples, refill from the buffer ---
     batch, batch_adv, n_replayed = replay_batch(run, done, adv, step)
     # --- 4. The clipped policy-gradient update (Eq. 1) ---
-    up = grpo.policy_update(run, batch, batch_adv, step)
+    up = grpo.policy_update(learner(run), batch, batch_adv, step)
     if up["skipped"]:
         tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
     run.sched.step()
@@ -340,6 +370,13 @@ def rollout_chunk(run: Run, recs: list) -> rethink.Rethinking:
             return rethink.unchanged(ro, grades)
         return rethink.rethink(run.model, run.processor.tokenizer, ro, grades,
                                lambda text, i, finished: grade(text, recs[i // g], finished, True), run.rethink)
+
+
+def learner(run: Run) -> grpo.Learner:
+    """What the update uses of the run."""
+    settings = grpo.Settings(**{f.name: getattr(run.cfg, f.name) for f in fields(grpo.Settings)})
+    return grpo.Learner(model=run.model, forward=run.ddp, opt=run.opt, reference=run.ref, cfg=settings,
+                        tokenizer=run.processor.tokenizer, gen=run.gen, device=run.device, world=run.world)
 
 
 @phases.phase
@@ -419,7 +456,7 @@ def save(run: Run, next_step: int):
     sums = [] if run.cfg.shard else gather(checkpoint.param_checksum(run.model), run.world)
     if len(set(sums)) > 1:
         raise SystemExit(f"step {next_step - 1}: processes disagree on the weights (checksums {sums}); not saving")
-    state = {"step": next_step, "checksums": sums, "optimizer": None if run.cfg.shard else run.opt.state_dict(),
+    state = {"step": next_step, "checksums": sums, "base": run.base, "optimizer": None if run.cfg.shard else run.opt.state_dict(),
              "scheduler": run.sched.state_dict(), "generators": gather(run.gen.get_state(), run.world),
              "buffers": gather(run.buffer.state_dict(), run.world), "torch_rng": torch.get_rng_state(),
              "python_rng": random.getstate()}
@@ -431,13 +468,26 @@ def save(run: Run, next_step: int):
 
 def finish(run: Run):
     weights = shard.full_weights(run.model) if run.cfg.shard else None  # every process takes part in the gather
-    if run.rank == 0:
+    if run.rank == 0 and run.cfg.lora_rank:
+        checkpoint.write_atomically(run.out / "final", lambda tmp: save_adapted(run, tmp))
+    elif run.rank == 0:
         run.model.save_pretrained(run.out / "final", state_dict=weights)  # None: the model's own
         run.processor.save_pretrained(run.out / "final")
+    if run.rank == 0:
         run.log.close()
         print(f"done: {run.out}/final, metrics in {run.out / 'metrics.jsonl'}")
     if run.world > 1:
         dist.destroy_process_group()
+
+
+def save_adapted(run: Run, folder: Path):
+    """LoRA's final folder: the adapters in peft's format in `adapter/` (eval.py --model loads it too),
+    and around them the model with the adapters merged, in fp32, loaded as any model folder. The
+    merge is eval.py's own load of the adapter folder, so both give the same weights."""
+    lora.save(folder / "adapter", run.model, run.processor, run.base)
+    merged, processor = models.load_model(str(folder / "adapter"))
+    merged.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVICE_HAS = {"torch": "2.11.0", "torchvision": "0.26.0", "transformers": "5.17.0", "huggingface-hub": "1.33.0",
               "tokenizers": "0.23.2", "safetensors": "0.8.0", "tiktoken": "0.14.0", "numpy": "2.5.2", "pillow": None,
               "pyarrow": None, "sympy": None, "tqdm": None, "matplotlib": None, "requests": None, "packaging": None,
-              "pyyaml": None, "typer": None, "regex": None}
+              "pyyaml": None, "typer": None, "regex": None, "accelerate": "1.15.0", "psutil": None}
 LAZY = {"av"}  # qwen_vl_utils reads videos with it, imported inside a function; the project passes images only
 
 
@@ -59,6 +59,9 @@ def test_memory_and_speed_parts_report_forced_lengths(checked):
         assert all(0 < f for f in d[side]["bound_fraction"]) and all(t > 0 for t in d[side]["tokens_per_s"])
     assert e["tokens"] == c["rows"] * (c["prompt_tokens"] + sizes.new_tokens) and 0 < e["mfu"]
     assert "gpu_check: " in stdout  # the table, printed last
+    lora = report["c_lora_memory"]  # the one-GPU command's reading: adapters of rank 16 on smoke-3b-1l's 1 layer
+    assert lora["adapter_params"] == 16 * (2048 + 2048 + 2 * (2048 + 256) + 2048 + 2048 + 3 * (2048 + 11008))
+    assert lora["adapter_dtype"] == "torch.float32" and lora["rows"] == c["rows"] and lora["logp_drift_max"] < 1e-3
 
 
 def third_party_imports() -> set[str]:

@@ -98,11 +98,12 @@ def test_group_advantages():
     assert adv[0].item() == pytest.approx(1.5, rel=1e-5)  # (1 - 0.25) / 0.5
 
 
-def run_of(model, processor, cfg, opt, ref=None, gen=None) -> vlr.Run:
-    """A one-process Run on the CPU holding what the update uses."""
-    return vlr.Run(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), out=None, model=model, ddp=model,
-                   processor=processor, ref=ref, opt=opt, sched=None, gen=gen or torch.Generator(), buffer=None,
-                   rethink=None, decoding=None, train_set=None, test_set=None, start=0, log=None)
+def run_of(model, processor, cfg, opt, ref=None, gen=None) -> grpo.Learner:
+    """What the update uses, for one process on the CPU, as the trainer builds it (vlr.learner)."""
+    return vlr.learner(vlr.Run(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), out=None, model=model,
+                               ddp=model, processor=processor, ref=grpo.Reference(ref) if ref else None, base=None, opt=opt,
+                               sched=None, gen=gen or torch.Generator(), buffer=None, rethink=None, decoding=None,
+                               train_set=None, test_set=None, start=0, log=None))
 
 
 def sample(model, processor, recs, g, seed):

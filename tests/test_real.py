@@ -63,6 +63,21 @@ def test_torchrun_two_processes(virl, tmp_path):
     assert len(rows) == 2 and all(r["len"] > 0 for r in rows)
 
 
+def test_torchrun_lora(virl, tmp_path):
+    """The README's one-GPU command (adapters of rank 16) on two processes under DDP, one step: the
+    processes agree on the weights (the save checks), and the checkpoint holds the adapters and
+    the base's fingerprint, not the base."""
+    out = tmp_path / "lora"
+    run(["vlr.py", "--model", "smoke-3b-1l", "--data", str(virl), "--out", str(out), *REAL_FLAGS, *gpu_check.LORA,
+         *SMALL, "--steps", "1"], nproc=2)
+    ckpt = out / "ckpt"
+    assert not list(ckpt.glob("model*.safetensors")) and (ckpt / "adapter_model.safetensors").stat().st_size < 2**22
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    assert len(set(state["checksums"])) == 1 and len(state["checksums"]) == 2
+    assert state["base"]["model"] == models.location("smoke-3b-1l")
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "adapter" / "base.json").exists()
+
+
 @pytest.fixture(scope="module")
 def smoke():
     model, processor = models.load_model("smoke-3b-1l")
