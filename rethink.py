@@ -58,9 +58,18 @@ def who_rethinks(correct: list, stopped: list, g: int, cfg: RethinkConfig, coins
     to check), of a prompt whose group accuracy is at most cfg.max_group_acc (there the model is
     unsure), a wrong one only when cfg.only_wrong, each with probability cfg.frac (`coins`: one
     uniform draw per response). Returns their row indices, in order."""
+    return [i for i, why in enumerate(why_not_triggered(correct, stopped, g, cfg, coins)) if not why]
+
+
+def why_not_triggered(correct: list, stopped: list, g: int, cfg: RethinkConfig, coins: list) -> list[str]:
+    """`who_rethinks`' rules, response by response: "" for one that gets a trigger, else the first
+    rule it fails, in words."""
     acc = [sum(correct[p * g:(p + 1) * g]) / g for p in range(len(correct) // g)]
-    return [i for i in range(len(correct)) if acc[i // g] <= cfg.max_group_acc and stopped[i]
-            and not (cfg.only_wrong and correct[i]) and coins[i] < cfg.frac]
+    return ["cut by the cap: no answer to check" if not stopped[i]
+            else f"group accuracy {acc[i // g]:.2f} > {cfg.max_group_acc}" if acc[i // g] > cfg.max_group_acc
+            else "right: only wrong answers are rethought" if cfg.only_wrong and correct[i]
+            else f"not drawn: coin {coins[i]:.2f} >= {cfg.frac}" if coins[i] >= cfg.frac
+            else "" for i in range(len(correct))]
 
 
 def cut_at(text: str, rule: str = "answer") -> int:
@@ -183,15 +192,25 @@ def keep_rethought(cands: list[Rethought], g: int, cfg: RethinkConfig, max_len: 
     continuation's reflections, as published), have a continuation longer than cfg.min_new_tokens,
     and fit the response cap `max_len` (so the policy trains only on responses it could have
     produced itself), at most cfg.max_replace per prompt (-1: any number), first come first kept."""
-    replaced, keep = {}, []
+    return [not why for why in why_not_kept(cands, g, cfg, max_len)]
+
+
+def why_not_kept(cands: list[Rethought], g: int, cfg: RethinkConfig, max_len: int) -> list[str]:
+    """`keep_rethought`'s rules, candidate by candidate: "" for one that is kept, else the first
+    rule it fails, in words."""
+    replaced, out = {}, []
     for c in cands:
         waits = reward.reflections(c.continuation) if cfg.count_markers else reward.waits(c.text)
         room = cfg.max_replace < 0 or replaced.get(c.row // g, 0) < cfg.max_replace
-        ok = (c.grade.correct and c.stopped and waits <= cfg.max_waits and c.new_tokens > cfg.min_new_tokens
-              and len(c.ids) <= max_len and room)
-        replaced[c.row // g] = replaced.get(c.row // g, 0) + ok
-        keep.append(ok)
-    return keep
+        why = ("wrong answer" if not c.grade.correct
+               else "the continuation did not stop by itself" if not c.stopped
+               else f"{waits} waits > {cfg.max_waits}" if waits > cfg.max_waits
+               else f"a {c.new_tokens}-token continuation (> {cfg.min_new_tokens} needed)" if c.new_tokens <= cfg.min_new_tokens
+               else f"{len(c.ids)} tokens > the cap of {max_len}" if len(c.ids) > max_len
+               else f"its prompt already has {cfg.max_replace} replaced" if not room else "")
+        replaced[c.row // g] = replaced.get(c.row // g, 0) + (not why)
+        out.append(why)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +227,9 @@ class Rethinking:
     fixed: torch.Tensor  # [N] triggered, the first answer wrong and the rethought one right (kept or not)
     first_texts: list  # [N] the replaced first response of a kept row, else None
     forced: list = dataclasses.field(default_factory=list)  # the Forced of every triggered row
+    rethought: list = dataclasses.field(default_factory=list)  # the Rethought of each, in the order of `forced`
+    why_not_kept: list = dataclasses.field(default_factory=list)  # of each: "" kept, else why not (`why_not_kept`)
+    why_not_triggered: list = dataclasses.field(default_factory=list)  # [N] "" triggered, else why not
 
 
 def unchanged(ro: Rollout, grades: list) -> Rethinking:
@@ -222,12 +244,19 @@ def rethink(model, tokenizer, ro: Rollout, grades: list, grade, cfg: RethinkConf
     """Forced Rethinking on a rollout sampled with `park` (its first responses graded: `grades`):
     plan who is triggered and where (`plan`; `forced` given: that plan instead), continue them
     (`continue_forced`), grade each rethought response (`grade(text, row, finished)`), and keep
-    the ones `keep_rethought` keeps."""
+    the ones `keep_rethought` keeps. Returns what it decided, and why (`why_not_triggered`,
+    `why_not_kept`)."""
     s = ro.caches.sampling
     coins = torch.rand(len(grades), 3, generator=s.generator, device=ro.caches.start.device).cpu()  # trigger?, cut?, which
-    forced = plan(tokenizer, ro, [x.correct for x in grades], cfg, coins) if forced is None else forced
+    correct = [x.correct for x in grades]
+    if forced is None:
+        why = why_not_triggered(correct, (~ro.truncated).tolist(), ro.group_size, cfg, coins[:, 0].tolist())
+        forced = plan(tokenizer, ro, correct, cfg, coins)
+    else:
+        planned = {f.row for f in forced}
+        why = ["" if i in planned else "not in the plan handed over" for i in range(len(grades))]
     if not forced:
-        return unchanged(ro, grades)
+        return dataclasses.replace(unchanged(ro, grades), why_not_triggered=why)
     trig_lp, d = continue_forced(model, ro, forced, cfg)
     cands = []
     for j, f in enumerate(forced):
@@ -239,7 +268,9 @@ def rethink(model, tokenizer, ro: Rollout, grades: list, grade, cfg: RethinkConf
             loss_mask=torch.cat([torch.ones(f.keep), torch.full((m,), float(cfg.train_trigger)), torch.ones(int(real.sum()))]),
             text=text, stopped=bool(d.stopped[j]), grade=grade(text, f.row, bool(d.stopped[j])),
             continuation=tokenizer.decode(d.tokens[j][real], skip_special_tokens=True), new_tokens=int(real.sum())))
-    return replaced(ro, grades, cands, keep_rethought(cands, ro.group_size, cfg, ro.caches.cap), forced)
+    not_kept = why_not_kept(cands, ro.group_size, cfg, ro.caches.cap)
+    return dataclasses.replace(replaced(ro, grades, cands, [not w for w in not_kept], forced), rethought=cands,
+                               why_not_kept=not_kept, why_not_triggered=why)
 
 
 def replaced(ro: Rollout, grades: list, cands: list[Rethought], keep: list[bool], forced: list) -> Rethinking:
@@ -268,4 +299,5 @@ def concat(parts: list[Rethinking], pad_id: int) -> Rethinking:
     """One Rethinking from those of chunks of prompts (--rollout-chunk), laid out as one."""
     return Rethinking(rollout.concat([p.rollout for p in parts], pad_id), [x for p in parts for x in p.grades],
                       *(torch.cat([getattr(p, k) for p in parts]) for k in ("triggered", "kept", "fixed")),
-                      [t for p in parts for t in p.first_texts])
+                      [t for p in parts for t in p.first_texts],
+                      why_not_triggered=[w for p in parts for w in p.why_not_triggered])

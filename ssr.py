@@ -68,17 +68,21 @@ class ReplayBuffer:
         self.entries.extend(new)
         return len(new)
 
+    def weights(self, device="cpu") -> torch.Tensor:
+        """|A_j|^alpha of every sample, oldest first: sample j is drawn with probability
+        weights[j] / weights.sum() (alpha = 0: uniform)."""
+        return torch.tensor([abs(a) for _, a in self.entries], dtype=torch.float64, device=device) ** self.alpha
+
     def sample(self, k: int, generator: torch.Generator | None = None) -> list[int]:
-        """k positions in the buffer (0 = oldest), drawn with replacement, p_j ~ |A_j|^alpha
-        (alpha = 0: uniform). Draws come from `generator`, so a run that restores the generator's
-        state and the buffer (state_dict) draws the same samples again."""
+        """k positions in the buffer (0 = oldest), drawn with replacement by `weights`. Draws come
+        from `generator`, so a run that restores the generator's state and the buffer (state_dict)
+        draws the same samples again."""
         if k == 0:
             return []
         if not self.entries:
             raise ValueError("cannot sample from an empty buffer")
         device = generator.device if generator is not None else "cpu"  # multinomial wants them together
-        weights = torch.tensor([abs(a) for _, a in self.entries], dtype=torch.float64, device=device) ** self.alpha
-        return torch.multinomial(weights, k, replacement=True, generator=generator).tolist()
+        return torch.multinomial(self.weights(device), k, replacement=True, generator=generator).tolist()
 
     def select_batch(self, current_items, current_advantages, batch_size: int,
                      generator: torch.Generator | None = None):

@@ -36,6 +36,10 @@ def test_who_rethinks_low_accuracy_groups_wrong_stopped_responses_by_coin():
     everyone = rules(max_group_acc=1.0, only_wrong=False, frac=1.0)
     assert rethink.who_rethinks(correct, stopped, 4, everyone, coins) == [i for i in range(12) if i != 2]
     assert rethink.who_rethinks(correct, stopped, 4, cfg, [1.0] * 12) == []
+    why = rethink.why_not_triggered(correct, stopped, 4, cfg, coins)
+    assert why == ["right: only wrong answers are rethought", "", "cut by the cap: no answer to check",
+                   "not drawn: coin 0.90 >= 0.5"] + ["group accuracy 0.75 > 0.5"] * 4 + [
+                   "right: only wrong answers are rethought"] * 2 + ["", "not drawn: coin 0.50 >= 0.5"]
 
 
 def candidate(row, correct=True, stopped=True, text="A red circle. \\boxed{red}", n=10):
@@ -53,6 +57,9 @@ def test_keep_rethought_right_sane_within_the_cap_at_most_max_replace_per_prompt
              candidate(8, text="Wait, wait. \\boxed{red}"), candidate(9)]  # prompt 1: two waits is fine
     assert rethink.keep_rethought(cands, 8, cfg, max_len=20) == [True, False, False, False, False, True, False, False,
                                                                  True, True]
+    assert rethink.why_not_kept(cands, 8, cfg, max_len=20) == [
+        "", "wrong answer", "the continuation did not stop by itself", "3 waits > 2", "21 tokens > the cap of 20", "",
+        "its prompt already has 2 replaced", "its prompt already has 2 replaced", "", ""]
     assert not any(rethink.keep_rethought([candidate(0)], 8, rules(max_replace=0), max_len=20))
     assert all(rethink.keep_rethought([candidate(r) for r in range(5)], 8, rules(max_replace=-1),
                                       max_len=20))
@@ -71,6 +78,8 @@ def test_keep_rethought_as_published_long_enough_continuations_with_at_most_thre
              cont(3, "wait, wait a bit, alternatively \\boxed{1}"),  # 3: kept; the trigger's "Wait" is not counted
              cont(4, "fine", correct=False), cont(5, "fine"), cont(6, "fine")]  # no cap per prompt
     assert rethink.keep_rethought(cands, 8, cfg, max_len=20) == [True, False, False, True, False, True, True]
+    assert rethink.why_not_kept(cands, 8, cfg, max_len=20)[1:3] == ["a 30-token continuation (> 30 needed)",
+                                                                     "4 waits > 3"]
 
 
 def test_cut_point(tok):
@@ -211,6 +220,14 @@ def test_rethought_responses_longer_than_the_cap_are_not_kept(tiny_model):
     assert int(done.kept.sum()) < len(cuts)  # the rule bit
     for i in (done.triggered & ~done.kept).nonzero().flatten().tolist():
         assert done.first_texts[i] is None and not any(t.strip() in ro.texts[i] for t in rethink.TRIGGERS)
+    # what it returns of each triggered row: the rethought response, kept or not, and why not
+    assert [c.row for c in done.rethought] == [f.row for f in done.forced] and len(done.why_not_kept) == len(cuts)
+    for c, why in zip(done.rethought, done.why_not_kept):
+        expect = ("the continuation did not stop by itself" if not c.stopped
+                  else f"{len(c.ids)} tokens > the cap of 20" if len(c.ids) > 20 else "")
+        assert why == expect and (why == "") == bool(done.kept[c.row]) == (ro.texts[c.row] == c.text)
+    cut = "cut by the cap: no answer to check"
+    assert done.why_not_triggered == ["" if t else cut for t in done.triggered.tolist()]
 
 
 def test_rethinking_continues_rows_that_left_the_decode_batch_alike(tiny_model):

@@ -49,6 +49,14 @@ def test_sampling_frequencies_follow_abs_advantage_to_the_alpha(alpha):
         assert abs(picks.count(j) - n * p) < 4 * sigma, (alpha, j, picks.count(j), n * p)
 
 
+def test_weights_are_abs_advantage_to_the_alpha_oldest_first():
+    buf = ssr.ReplayBuffer(capacity=3, alpha=1.5)
+    buf.add(rows(4), [0.5, -2.0, 0.0, 1.0])
+    assert buf.weights().tolist() == pytest.approx([0.5 ** 1.5, 2.0 ** 1.5, 1.0])
+    buf.add(rows(1), [-0.25])  # the oldest (0.5) falls out
+    assert buf.weights().tolist() == pytest.approx([2.0 ** 1.5, 1.0, 0.125])
+
+
 def test_sample_edge_cases():
     buf = ssr.ReplayBuffer(capacity=3, alpha=1.0)
     with pytest.raises(ValueError):
