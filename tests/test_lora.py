@@ -118,7 +118,7 @@ def test_kill_and_resume_reproduce_the_run_and_the_final_folders_agree(tmp_path)
     """An uninterrupted LoRA run and one killed after its step-2 checkpoint and resumed: the same
     metrics and the same fp32 adapters, bit for bit; a checkpoint of megabytes without the base; the
     adapter folder (peft's format) and the merged folder beside it give the same greedy texts."""
-    steps = ["--steps", "5", *LORA]
+    steps = ["--steps", "4", *LORA]
     a = test_vlr.run(steps, tmp_path / "a")
     assert a.returncode == 0, a.stderr[-2000:]
     b = tmp_path / "b"
@@ -130,7 +130,7 @@ def test_kill_and_resume_reproduce_the_run_and_the_final_folders_agree(tmp_path)
             break
         time.sleep(0.05)
     procs.stop(proc)
-    assert len(test_vlr.metrics(b)) < 5, "killed too late to test anything"
+    assert len(test_vlr.metrics(b)) < 4, "killed too late to test anything"
     resumed = test_vlr.run(steps + ["--resume"], b)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert test_vlr.metrics(b) == test_vlr.metrics(tmp_path / "a")
@@ -142,7 +142,7 @@ def test_kill_and_resume_reproduce_the_run_and_the_final_folders_agree(tmp_path)
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(models.resolve("tiny"), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(final / "adapter"))  # peft's own loader reads the folder
     assert sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) > 0
-    recs = evaluation.load_bench("toy")[:6]
+    recs = evaluation.load_bench("toy")[:4]
     texts = {}
     for folder in (final, final / "adapter"):
         model, processor = models.load_model(str(folder))
