@@ -4,6 +4,7 @@
     python lab.py --seeds 0 1 --steps 200
     python lab.py --out runs/lab-mb1 -- --minibatches 1    # flags after -- go to every vlr.py run
     python lab.py --compare runs/ex/base runs/ex/alpha0 --out runs/ex/alpha0.png   # any runs: table, plot
+    python lab.py --preset lora --out runs/lab-lora   # low-rank adapters against full fine-tuning
 
 GRPO, GRPO + Selective Sample Replay, GRPO + SSR + Forced Rethinking, and the published recipe:
 each is a `vlr.py` run with the lab's settings (LAB) and its own switches, in
@@ -45,12 +46,26 @@ CONFIGS = {  # name -> the vlr.py switches
 }
 
 
+# "LoRA Without Regret" on the tiny model (docs/lab.md, "Low-rank adapters"): the default run's task,
+# adapters of rank 1 and 8 against full fine-tuning of the same layers (the language model), each
+# at the learning rate that did best in a sweep over 5e-4, 2e-3 and 8e-3 (seed 0, 100 steps).
+LORA_LAB = ["--eval-every", "10"]
+LORA_CONFIGS = {
+    "full": ["--freeze-vision", "--lr", "5e-4"],
+    "lora-r1": ["--lora-rank", "1", "--lr", "2e-3"],
+    "lora-r8": ["--lora-rank", "8", "--lr", "2e-3"],
+}
+PRESETS = {"ablation": (LAB, CONFIGS), "lora": (LORA_LAB, LORA_CONFIGS)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--out", help="the lab's folder (default runs/lab); with --compare, the plot (default compare.png)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--preset", choices=PRESETS, default="ablation",
+                   help="which lab: the paper's ablation, or low-rank adapters against full fine-tuning")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                    help="no lab: the table and the plot of these runs (NAME-s<seed> folders pool as NAME)")
     p.add_argument("vlr_args", nargs="*", help="after --: more vlr.py flags, the same for every run")
@@ -60,24 +75,26 @@ def main(argv=None):
         print(f"wrote {plot(args.compare, args.out or 'compare.png')}")
         return
     out = Path(args.out or "runs/lab")
-    dirs = run_lab(out, args.seeds, args.steps, args.parallel, args.vlr_args)
+    dirs = run_lab(out, *PRESETS[args.preset], args.seeds, args.steps, args.parallel, args.vlr_args)
     table = compare_table(dirs)
     (out / "table.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out / 'table.md'} and {plot(dirs, str(out / 'lab.png'))}")
 
 
-def run_lab(out: Path, seeds: list, steps: int, parallel: int, vlr_args: list) -> list[str]:
-    """Every configuration x seed as a vlr.py run, `parallel` at a time; their folders."""
+def run_lab(out: Path, settings: list, configs: dict, seeds: list, steps: int, parallel: int,
+            vlr_args: list) -> list[str]:
+    """Every configuration x seed as a vlr.py run (`settings`, then the configuration's switches,
+    then `vlr_args`), `parallel` at a time; their folders."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     running = []
-    for name, seed in [(name, seed) for seed in seeds for name in CONFIGS]:
+    for name, seed in [(name, seed) for seed in seeds for name in configs]:
         run_dir = out / f"{name}-s{seed}"
         if (run_dir / "final" / "model.safetensors").exists():
             print(f"{run_dir}: done before, kept")
             continue
         # a folder without a final model holds an unfinished run (killed, or collapsed): run it again afresh
-        cmd = [sys.executable, "vlr.py", *LAB, *CONFIGS[name], "--seed", str(seed), "--steps", str(steps),
+        cmd = [sys.executable, "vlr.py", *settings, *configs[name], "--seed", str(seed), "--steps", str(steps),
                "--out", str(run_dir), "--overwrite", *vlr_args]
         print(" ".join(cmd[1:]), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +105,7 @@ def run_lab(out: Path, seeds: list, steps: int, parallel: int, vlr_args: list) -
             wait(running.pop(0))
     for job in running:
         wait(job)
-    return [str(out / f"{name}-s{seed}") for name in CONFIGS for seed in seeds]
+    return [str(out / f"{name}-s{seed}") for name in configs for seed in seeds]
 
 
 def wait(job):
