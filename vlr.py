@@ -468,16 +468,20 @@ def save(run: Run, next_step: int):
 
 def finish(run: Run):
     weights = shard.full_weights(run.model) if run.cfg.shard else None  # every process takes part in the gather
-    if run.rank == 0 and run.cfg.lora_rank:
-        checkpoint.write_atomically(run.out / "final", lambda tmp: save_adapted(run, tmp))
-    elif run.rank == 0:
-        run.model.save_pretrained(run.out / "final", state_dict=weights)  # None: the model's own
-        run.processor.save_pretrained(run.out / "final")
-    if run.rank == 0:
+    if run.rank == 0:  # final/ written atomically, as the checkpoints are
+        checkpoint.write_atomically(run.out / "final", lambda tmp: save_adapted(run, tmp) if run.cfg.lora_rank
+                                    else save_whole(run, tmp, weights))
         run.log.close()
         print(f"done: {run.out}/final, metrics in {run.out / 'metrics.jsonl'}")
     if run.world > 1:
         dist.destroy_process_group()
+
+
+def save_whole(run: Run, folder: Path, weights: dict | None):
+    """The final folder of full fine-tuning: the model (`weights`: --shard's gathered state dict;
+    None: the model's own) and its processor."""
+    run.model.save_pretrained(folder, state_dict=weights)
+    run.processor.save_pretrained(folder)
 
 
 def save_adapted(run: Run, folder: Path):
