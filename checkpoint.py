@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -152,8 +153,15 @@ def checkpoint_dir(out: Path) -> Path:
 
 def load_state(ckpt: Path) -> dict:
     """The training state, onto the CPU first: saved from rank 0's GPU, every rank would load it
-    onto GPU 0. The optimizer's load_state_dict moves its state to each parameter's device."""
-    return torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+    onto GPU 0. The optimizer's load_state_dict moves its state to each parameter's device.
+    Tensors and plain values only (weights_only=True): a file that needs unpickling is refused."""
+    path = ckpt / "train_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds objects that only unpickling would rebuild, which could run code "
+                        "(a checkpoint written before vlr saved plain values, or not by vlr): not loaded; "
+                        "start afresh with --overwrite") from e
 
 
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)

@@ -265,7 +265,7 @@ def setup(cfg: Config) -> Run:
             opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generators"][rank])
-        buffer.load_state_dict(state["buffers"][rank])
+        buffer.load_state_dict(state["buffers"][rank], rollout.Row)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
     start = state["step"] if state else 0

@@ -1,13 +1,16 @@
 """checkpoint.py's saves that cannot lose a checkpoint (write_atomically: a failing writer, a
-failing rename, a kill between the renames; the leftovers cleaned) and metrics.jsonl cut back
-with a torn last line. End to end under torchrun (a full disk, kills): test_faults.py."""
+failing rename, a kill between the renames; the leftovers cleaned), metrics.jsonl cut back with a
+torn last line, and train_state.pt read without unpickling. End to end under torchrun (a full
+disk, kills): test_faults.py."""
 import errno
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import checkpoint
+import rollout
 from distributed import UserError
 
 
@@ -107,3 +110,14 @@ def test_a_torn_last_metrics_line_is_dropped_a_torn_line_elsewhere_is_refused(tm
     with pytest.raises(UserError, match=r"metrics.jsonl:2: not a line of metrics"):
         checkpoint.open_log(tmp_path, {"seed": 0}, 2, False)
 
+
+def test_a_train_state_that_needs_unpickling_is_refused_in_one_sentence(tmp_path):
+    """A checkpoint written before the replay buffer stored plain values held rollout.Row objects:
+    weights_only=True refuses to build them, and so does the trainer, in one sentence."""
+    row = rollout.Row(*(torch.zeros(2) for _ in range(7)), step=3)
+    torch.save({"step": 4, "buffers": [{"items": [row], "advantages": [0.5]}]}, tmp_path / "train_state.pt")
+    with pytest.raises(UserError) as refused:
+        checkpoint.load_state(tmp_path)
+    said = str(refused.value)
+    assert said.startswith(f"{tmp_path / 'train_state.pt'} holds objects that only unpickling would rebuild")
+    assert "\n" not in said and said.endswith("start afresh with --overwrite")
