@@ -143,12 +143,16 @@ def save_checkpoint(out: Path, model, processor, state: dict):
     write_atomically(out / "ckpt", write)
 
 
+class NoCheckpoint(UserError):
+    """A run folder without a checkpoint: --resume has nothing to continue from (--auto-resume starts afresh)."""
+
+
 def checkpoint_dir(out: Path) -> Path:
     """The newest complete checkpoint (a kill between the two renames leaves only .ckpt-old)."""
     for name in ("ckpt", ".ckpt-old"):
         if (out / name / "train_state.pt").exists():
             return out / name
-    raise UserError(f"--resume: no checkpoint in {out}/ckpt to resume from")
+    raise NoCheckpoint(f"--resume: no checkpoint in {out}/ckpt to resume from")
 
 
 def load_state(ckpt: Path) -> dict:
@@ -165,8 +169,9 @@ def load_state(ckpt: Path) -> dict:
 
 
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
-RESUMABLE = {"resume", "overwrite", "save_every", "eval_every", "out", "share_vision"}
-RUN_FILES = ("metrics.jsonl", "ckpt", ".ckpt-old", "final")  # what a run leaves behind, besides config.json
+RESUMABLE = {"resume", "overwrite", "auto_resume", "save_every", "eval_every", "out", "share_vision"}
+# what a run leaves behind, besides config.json
+RUN_FILES = ("metrics.jsonl", "ckpt", ".ckpt-old", "final", "status.json")
 # flags added after runs were saved, with the value that reproduces those runs (they trained every weight)
 ADDED = {"lora_rank": 0, "lora_alpha": 32.0}
 
