@@ -37,7 +37,9 @@ RECIPE = ["--max-restarts", "1", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,S
 
 
 def command(out: Path, launcher: list[str], *flags: str) -> list[str]:
-    return [*TORCHRUN, *launcher, "vlr.py", *FLAGS, "--out", str(out), *flags]
+    """torchrun's error files go beside --out, not into a new /tmp/torchelastic_* folder per launch."""
+    return [*TORCHRUN, *launcher, "--log-dir", str(out.parent / "torchelastic"), "vlr.py", *FLAGS, "--out", str(out),
+            *flags]
 
 
 def launch(cmd: list[str], fault: str = "") -> subprocess.CompletedProcess:
