@@ -8,11 +8,13 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from distributed import UserError
 
@@ -45,23 +47,83 @@ def build_lock(out: Path):
 
 def write_atomically(out: Path, write) -> None:
     """Fill a folder so that whoever looks finds the old one or the new one, never half of one:
-    `write(tmp)` fills a temporary folder beside `out`, then two renames swap it in. A process
-    killed between the renames leaves only `.<name>-old` (`checkpoint_dir` looks there too).
-    Two processes writing the same folder at once (torchrun ranks building a model) both end with
-    a complete folder."""
+    `write(tmp)` fills a temporary folder beside `out`, its files reach the disk (fsync), then two
+    renames swap it in. The previous folder is deleted only once the new one is in place: a process
+    killed between the renames leaves it as `.<name>-old` (`checkpoint_dir` looks there too), a
+    rename that fails puts it back, and a writer that fails (a full disk) leaves it untouched and
+    stops with one sentence. Two processes writing the same folder at once (torchrun ranks
+    building a model) both end with a complete folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
-    os.chmod(tmp, 0o755)  # a plain folder, not mkdtemp's private one
-    write(tmp)
-    old = out.parent / f".{out.name}-old"
-    shutil.rmtree(old, ignore_errors=True)
     try:
-        if out.exists():
-            os.replace(out, old)
+        os.chmod(tmp, 0o755)  # a plain folder, not mkdtemp's private one
+        try:
+            write(tmp)
+            sync(tmp)
+        except WRITE_ERRORS as e:
+            raise UserError(f"could not write {out} ({first_line(e)}); the previous {out.name} is left as it "
+                            "was") from e
+        swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in
+
+
+# A full disk or a quota as the writers report it: the OS's OSError, torch.save's RuntimeError
+# ("PytorchStreamWriter failed writing file"), safetensors' own error (save_pretrained).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def sync(folder: Path):
+    """Every file of `folder`, and the folder, on the disk before it is renamed into place: after a
+    crash of the machine a renamed folder must not hold files the disk never received."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # files before their folders
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def swap_in(tmp: Path, out: Path):
+    """The two renames of `write_atomically`. `.<name>-old` is stale only while `out` exists (a
+    kill between the renames leaves it as the newest complete folder): it goes only then."""
+    old = out.parent / f".{out.name}-old"
+    moved = out.exists()
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    try:
         os.replace(tmp, out)
-    except OSError:  # another process swapped its folder in first; what it wrote is the same
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        if not out.exists():  # not another process's folder swapped in first (the same model, built twice)
+            if moved:
+                os.replace(old, out)  # the previous one back where it was
+            raise UserError(f"could not rename {tmp} to {out} ({e.strerror}); the previous {out.name} is "
+                            "left as it was") from e
     shutil.rmtree(old, ignore_errors=True)
+    sync(out.parent)
+
+
+def clean_stale(out: Path):
+    """What an interrupted save left in the run folder `out`: temporary folders, and `.<name>-old`
+    beside a complete `<name>` (without it, `.<name>-old` is the newest checkpoint and stays)."""
+    for name in ("ckpt", "final"):
+        for tmp in out.glob(f".{name}-tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if (out / name).exists():
+            shutil.rmtree(out / f".{name}-old", ignore_errors=True)
+
+
+def replace_text(path: Path, text: str):
+    """A small file rewritten atomically (a temporary file renamed over it): config.json, status.json,
+    metrics.jsonl cut back on resume. A kill leaves the old text or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def param_checksum(model) -> float:
@@ -81,23 +143,35 @@ def save_checkpoint(out: Path, model, processor, state: dict):
     write_atomically(out / "ckpt", write)
 
 
+class NoCheckpoint(UserError):
+    """A run folder without a checkpoint: --resume has nothing to continue from (--auto-resume starts afresh)."""
+
+
 def checkpoint_dir(out: Path) -> Path:
     """The newest complete checkpoint (a kill between the two renames leaves only .ckpt-old)."""
     for name in ("ckpt", ".ckpt-old"):
         if (out / name / "train_state.pt").exists():
             return out / name
-    raise UserError(f"--resume: no checkpoint in {out}/ckpt to resume from")
+    raise NoCheckpoint(f"--resume: no checkpoint in {out}/ckpt to resume from")
 
 
 def load_state(ckpt: Path) -> dict:
     """The training state, onto the CPU first: saved from rank 0's GPU, every rank would load it
-    onto GPU 0. The optimizer's load_state_dict moves its state to each parameter's device."""
-    return torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
+    onto GPU 0. The optimizer's load_state_dict moves its state to each parameter's device.
+    Tensors and plain values only (weights_only=True): a file that needs unpickling is refused."""
+    path = ckpt / "train_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds objects that only unpickling would rebuild, which could run code "
+                        "(a checkpoint written before vlr saved plain values, or not by vlr): not loaded; "
+                        "start afresh with --overwrite") from e
 
 
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
-RESUMABLE = {"resume", "overwrite", "save_every", "eval_every", "out", "share_vision"}
-RUN_FILES = ("metrics.jsonl", "ckpt", ".ckpt-old", "final")  # what a run leaves behind, besides config.json
+RESUMABLE = {"resume", "overwrite", "auto_resume", "save_every", "eval_every", "out", "share_vision"}
+# what a run leaves behind, besides config.json
+RUN_FILES = ("metrics.jsonl", "ckpt", ".ckpt-old", "final", "status.json")
 # flags added after runs were saved, with the value that reproduces those runs (they trained every weight)
 ADDED = {"lora_rank": 0, "lora_alpha": 32.0}
 
@@ -132,10 +206,25 @@ def open_log(out: Path, config: dict, start: int, overwrite: bool):
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         clear_run(out)
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    lines = path.read_text().splitlines() if start and path.exists() else []
-    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+    replace_text(out / "config.json", json.dumps(config, indent=1))
+    lines = logged_lines(path) if start and path.exists() else []
+    replace_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
     return open(path, "a")
+
+
+def logged_lines(path: Path) -> list[str]:
+    """metrics.jsonl's lines. A last line cut short (a kill while it was written) is dropped: its
+    step is after the last checkpoint, and runs again."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}:{i + 1}: not a line of metrics (only the last one can be cut short, "
+                                "by a kill)") from None
+            return lines[:-1]
+    return lines
 
 
 def clear_run(out: Path):

@@ -208,7 +208,7 @@ def snapshot_at(proc, out: Path, step: int, dest: Path) -> bool:
         ckpt = out / "ckpt"
         try:
             ino = (ckpt / "train_state.pt").stat().st_ino
-            if ino != seen and torch.load(ckpt / "train_state.pt", mmap=True, weights_only=False)["step"] == step:
+            if ino != seen and torch.load(ckpt / "train_state.pt", mmap=True, weights_only=True)["step"] == step:
                 (dest / "ckpt").mkdir(parents=True)
                 for f in ckpt.iterdir():
                     os.link(f, dest / "ckpt" / f.name)

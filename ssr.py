@@ -28,6 +28,7 @@ following each step; where we differ, we say why:
 A replayed sample keeps the log-probs of the policy that generated it, so the ratio in Eq. 1 measures
 the drift since then and the clipping bounds its update (as in the published code).
 """
+import dataclasses
 from collections import deque
 
 import torch
@@ -115,9 +116,20 @@ class ReplayBuffer:
         return items, torch.tensor(advs, dtype=torch.float32), n_replayed
 
     def state_dict(self) -> dict:
-        # Plain lists of the items (dicts of CPU tensors, numbers, strings) and floats: torch.save
-        # writes them and torch.load, even with weights_only=True, reads them back.
-        return {"items": [item for item, _ in self.entries], "advantages": [a for _, a in self.entries]}
+        """The entries as tensors and plain values, so that torch.load reads a checkpoint with
+        weights_only=True, unpickling nothing: a dataclass item (the trainer's rollout.Row) becomes
+        the dict of its fields (the same tensors, not copies); other items are stored as they are."""
+        return {"items": [fields_of(item) for item, _ in self.entries], "advantages": [a for _, a in self.entries]}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.entries = deque(zip(state["items"], state["advantages"]), maxlen=self.capacity)
+    def load_state_dict(self, state: dict, item_type=None) -> None:
+        """The entries of `state_dict`; `item_type` (rollout.Row for the trainer) builds each item
+        again from the dict of its fields."""
+        items = state["items"] if item_type is None else [item_type(**item) for item in state["items"]]
+        self.entries = deque(zip(items, state["advantages"]), maxlen=self.capacity)
+
+
+def fields_of(item):
+    """A dataclass instance as the dict of its fields, without copying them; anything else as it is."""
+    if dataclasses.is_dataclass(item):
+        return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+    return item

@@ -23,6 +23,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import eval as evaluation
+import faults
 import grpo
 import lora
 import models
@@ -107,6 +108,9 @@ class Config:
                               "--steps too (the learning rate decays over --steps: a finished run cannot be extended)")
     overwrite: bool = arg(False, "start afresh in an --out that holds a run: its metrics, checkpoint and final "
                                  "model are deleted")
+    auto_resume: bool = arg(False, "the one command for every launch (a cluster's restarts and requeues): a fresh "
+                                   "start when --out holds no run, --resume when it holds this run unfinished, exit 0 "
+                                   "when it is finished (docs/cluster.md)")
     seed: int = arg(0, "seed of sampling, replay draws and the prompt order")
     bf16: bool = arg(False, "compute in bfloat16 under autocast (fp32 master weights and optimizer)")
     grad_checkpointing: bool = arg(False, "recompute activations in the backward (memory for time)")
@@ -234,6 +238,7 @@ def setup(cfg: Config) -> Run:
     buffer; on --resume all of it as the checkpoint left it, so the run continues exactly."""
     out = check_flags(cfg)
     rank, world, device = setup_distributed()
+    faults.prepare(out, rank, world)  # --out shared by every process; an interrupted save's leftovers gone
     train_set, test_set = load_data(cfg, rank)
     state, ckpt = None, None
     if cfg.resume:
@@ -265,7 +270,7 @@ def setup(cfg: Config) -> Run:
             opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generators"][rank])
-        buffer.load_state_dict(state["buffers"][rank])
+        buffer.load_state_dict(state["buffers"][rank], rollout.Row)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
     start = state["step"] if state else 0
@@ -299,6 +304,9 @@ def check_flags(cfg: Config) -> Path:
         raise UserError(f"--minibatches {cfg.minibatches} must divide the {rows_per_process(cfg, world)} rows "
                         "of a process's batch")
     out = Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
+    faults.check_restarts(cfg.auto_resume)  # torchrun --max-restarts: a restart must find the run, and its peers
+    if cfg.auto_resume:  # this launch's choice, kept in config.json as if given
+        cfg.resume, cfg.overwrite = faults.auto_resume(out, asdict(cfg))
     checkpoint.check_run_folder(out, asdict(cfg), cfg.resume, cfg.overwrite)
     # a resumed policy loads from the checkpoint; the KL reference and LoRA's base from --model
     if not cfg.resume or cfg.kl_coef or cfg.lora_rank:
@@ -311,22 +319,32 @@ def rows_per_process(cfg: Config, world: int) -> int:
 
 
 def train(cfg: Config):
+    faults.catch_signals()  # SIGUSR1 from here on: a checkpoint after the step, then a stop
     run = setup(cfg)
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
     low_format_steps, last_eval = 0, float("nan")
-    for step in bar:
-        t0 = time.time()
-        m = train_step(run, step)
-        dt = time.time() - t0
-        if run.test_set is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            m.update(run_eval(run))
-        m.update(step_s=time.time() - t0, tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * cfg.group_size / dt)
-        last_eval = log_step(run, bar, m, last_eval)
-        low_format_steps = check_collapse(cfg, step, m, low_format_steps)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save(run, step + 1)
-    finish(run)
+    with faults.Watch(run.out, run.rank, run.world, run.start) as watch:  # status.json; a failure recorded
+        for step in bar:
+            watch.step = step
+            t0 = time.time()
+            m = train_step(run, step)
+            dt = time.time() - t0
+            if run.test_set is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0
+                                             or step + 1 == cfg.steps):
+                m.update(run_eval(run))
+            m.update(step_s=time.time() - t0,
+                     tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * cfg.group_size / dt)
+            last_eval = log_step(run, bar, m, last_eval)
+            low_format_steps = check_collapse(cfg, step, m, low_format_steps)
+            stop = watch.stop_agreed() and step + 1 < cfg.steps
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
+                save(run, step + 1)
+                watch.saved(step + 1)
+            if stop:
+                return watch.preempted(step + 1)
+        finish(run)
+        watch.finished(cfg.steps)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -468,16 +486,20 @@ def save(run: Run, next_step: int):
 
 def finish(run: Run):
     weights = shard.full_weights(run.model) if run.cfg.shard else None  # every process takes part in the gather
-    if run.rank == 0 and run.cfg.lora_rank:
-        checkpoint.write_atomically(run.out / "final", lambda tmp: save_adapted(run, tmp))
-    elif run.rank == 0:
-        run.model.save_pretrained(run.out / "final", state_dict=weights)  # None: the model's own
-        run.processor.save_pretrained(run.out / "final")
-    if run.rank == 0:
+    if run.rank == 0:  # final/ written atomically, as the checkpoints are
+        checkpoint.write_atomically(run.out / "final", lambda tmp: save_adapted(run, tmp) if run.cfg.lora_rank
+                                    else save_whole(run, tmp, weights))
         run.log.close()
         print(f"done: {run.out}/final, metrics in {run.out / 'metrics.jsonl'}")
     if run.world > 1:
         dist.destroy_process_group()
+
+
+def save_whole(run: Run, folder: Path, weights: dict | None):
+    """The final folder of full fine-tuning: the model (`weights`: --shard's gathered state dict;
+    None: the model's own) and its processor."""
+    run.model.save_pretrained(folder, state_dict=weights)
+    run.processor.save_pretrained(folder)
 
 
 def save_adapted(run: Run, folder: Path):

@@ -46,7 +46,7 @@ def runs(tmp_path_factory) -> Path:
 
 
 def test_ddp_keeps_identical_weights_on_every_process(runs):
-    state = torch.load(runs / "ddp" / "ckpt" / "train_state.pt", weights_only=False)
+    state = torch.load(runs / "ddp" / "ckpt" / "train_state.pt", weights_only=True)
     assert len(state["checksums"]) == 2 and state["checksums"][0] == state["checksums"][1]
     assert len(state["generators"]) == 2 and not torch.equal(state["generators"][0], state["generators"][1])
     assert len(test_vlr.metrics(runs / "ddp")) == 3
@@ -63,7 +63,7 @@ def test_sharded_training_equals_ddp(runs):
     assert max((ddp[k] - sharded[k]).abs().max().item() for k in ddp) <= 1e-6
     for a, b in zip(test_vlr.metrics(runs / "ddp"), test_vlr.metrics(runs / "shard"), strict=True):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
-    state = torch.load(runs / "shard" / "ckpt" / "train_state.pt", weights_only=False)
+    state = torch.load(runs / "shard" / "ckpt" / "train_state.pt", weights_only=True)
     assert state["optimizer"] is None and state["checksums"] == []  # AdamW's state is in ckpt/optimizer/
     shards = sorted(p.name for p in (runs / "shard" / "ckpt" / "optimizer").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per process

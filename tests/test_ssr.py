@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import rollout
 import ssr
 
 
@@ -81,6 +82,26 @@ def test_state_dict_round_trip_gives_the_same_draws(tmp_path):
     buf.add(more, [0.5, 0.0, -3.0])
     restored.add(more, [0.5, 0.0, -3.0])
     assert buf.sample(50, torch.Generator().manual_seed(8)) == restored.sample(50, torch.Generator().manual_seed(8))
+
+
+def test_the_trainers_rows_are_stored_as_plain_values_and_come_back_as_rows(tmp_path):
+    """rollout.Row is a dataclass: its fields go into the checkpoint as a dict, which torch.load
+    reads with weights_only=True (no class is unpickled), and load_state_dict builds the Rows again."""
+    made = [rollout.Row(prompt_ids=torch.arange(5 + i), mm_token_type_ids=torch.zeros(5 + i, dtype=torch.long),
+                        pixel_values=torch.randn(4, 6), image_grid_thw=torch.tensor([[1, 2, 2]]),
+                        response_ids=torch.arange(3), logp=torch.randn(3), loss_mask=torch.ones(3),
+                        step=i, reflects=i == 1) for i in range(3)]
+    buf = ssr.ReplayBuffer(capacity=4, alpha=1.0)
+    buf.add(made, [0.5, -1.0, 2.0])
+    torch.save({"buffer": buf.state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["buffer"]
+    assert all(type(item) is dict for item in state["items"])
+    restored = ssr.ReplayBuffer(capacity=4, alpha=1.0)
+    restored.load_state_dict(state, rollout.Row)
+    for (a, adv_a), (b, adv_b) in zip(buf.entries, restored.entries, strict=True):
+        assert type(b) is rollout.Row and adv_a == adv_b and (a.step, a.reflects) == (b.step, b.reflects)
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("prompt_ids", "mm_token_type_ids",
+                   "pixel_values", "image_grid_thw", "response_ids", "logp", "loss_mask"))
 
 
 def test_select_batch_all_zero_step_and_empty_buffer_gives_an_empty_batch():

@@ -85,7 +85,7 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
     assert snapshot(tmp_path) == before
     again = run(["--steps", "1", "--overwrite"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    state = torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=True)
     assert len(metrics(tmp_path)) == 1 and state["step"] == 1
 
 

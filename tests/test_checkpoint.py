@@ -1,0 +1,123 @@
+"""checkpoint.py's saves that cannot lose a checkpoint (write_atomically: a failing writer, a
+failing rename, a kill between the renames; the leftovers cleaned), metrics.jsonl cut back with a
+torn last line, and train_state.pt read without unpickling. End to end under torchrun (a full
+disk, kills): test_faults.py."""
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import rollout
+from distributed import UserError
+
+
+def folder(path: Path, text: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "weights").write_text(text)
+    return path
+
+
+def writes(text: str):
+    return lambda tmp: (tmp / "weights").write_text(text)
+
+
+def contents(path: Path) -> str:
+    return (path / "weights").read_text()
+
+
+def test_a_save_replaces_the_folder_whole_and_leaves_nothing_beside_it(tmp_path):
+    out = folder(tmp_path / "ckpt", "old")
+    checkpoint.write_atomically(out, writes("new"))
+    assert contents(out) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_writer_that_fails_leaves_the_previous_folder_whole_and_says_so_in_one_sentence(tmp_path):
+    """A full disk as each writer reports it: an OSError, torch.save's RuntimeError."""
+    out = folder(tmp_path / "ckpt", "old")
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")):
+        def full(tmp: Path):
+            (tmp / "weights").write_text("half of the new")
+            raise error
+
+        with pytest.raises(UserError) as failed:
+            checkpoint.write_atomically(out, full)
+        said = str(failed.value)
+        assert said.startswith(f"could not write {out} (") and said.endswith("the previous ckpt is left as it was")
+        assert "\n" not in said and contents(out) == "old"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
+
+
+def test_a_rename_that_fails_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    """The bug this replaces: the second rename failed, its `except` deleted the new folder and
+    the code after it the old one. Now the old one goes back where it was."""
+    out = folder(tmp_path / "ckpt", "old")
+    replace = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.startswith(".ckpt-tmp-"):
+            raise OSError(errno.EIO, "Input/output error")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(UserError, match=r"could not rename .* \(Input/output error\); the previous ckpt is left as it was"):
+        checkpoint.write_atomically(out, writes("new"))
+    assert contents(out) == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_after_a_kill_between_the_renames_the_old_folder_is_the_checkpoint_until_a_new_one_is_in_place(tmp_path,
+                                                                                                      monkeypatch):
+    """A kill between the renames leaves only .ckpt-old: the next save must not delete it before
+    its own folder is in place (a failing rename leaves it), and deletes it once it is."""
+    old = folder(tmp_path / ".ckpt-old", "step 2")
+    (old / "train_state.pt").write_text("")
+    assert checkpoint.checkpoint_dir(tmp_path) == old
+    replace = os.replace
+
+    def failing(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(UserError, match="the previous ckpt is left as it was"):
+        checkpoint.write_atomically(tmp_path / "ckpt", writes("step 4"))
+    assert contents(old) == "step 2" and checkpoint.checkpoint_dir(tmp_path) == old
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.write_atomically(tmp_path / "ckpt", writes("step 4"))
+    assert contents(tmp_path / "ckpt") == "step 4" and not old.exists()
+
+
+def test_clean_stale_removes_what_an_interrupted_save_left_and_keeps_the_newest_checkpoint(tmp_path):
+    folder(tmp_path / ".ckpt-tmp-a1b2", "half")
+    folder(tmp_path / ".final-tmp-c3d4", "half")
+    folder(tmp_path / ".ckpt-old", "step 2")
+    checkpoint.clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt-old"]  # no ckpt: .ckpt-old is the checkpoint
+    folder(tmp_path / "ckpt", "step 4")
+    checkpoint.clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_a_torn_line_elsewhere_is_refused(tmp_path):
+    lines = ['{"step": 0, "loss": 0.5}', '{"step": 1, "loss": 0.25}', '{"step": 2, "loss": 0.125}']
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("\n".join(lines) + '\n{"step": 3, "lo')
+    checkpoint.open_log(tmp_path, {"seed": 0}, 2, False).close()
+    assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    log.write_text(lines[0] + '\n{"step": 1, "lo\n' + lines[2] + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a line of metrics"):
+        checkpoint.open_log(tmp_path, {"seed": 0}, 2, False)
+
+
+def test_a_train_state_that_needs_unpickling_is_refused_in_one_sentence(tmp_path):
+    """A checkpoint written before the replay buffer stored plain values held rollout.Row objects:
+    weights_only=True refuses to build them, and so does the trainer, in one sentence."""
+    row = rollout.Row(*(torch.zeros(2) for _ in range(7)), step=3)
+    torch.save({"step": 4, "buffers": [{"items": [row], "advantages": [0.5]}]}, tmp_path / "train_state.pt")
+    with pytest.raises(UserError) as refused:
+        checkpoint.load_state(tmp_path)
+    said = str(refused.value)
+    assert said.startswith(f"{tmp_path / 'train_state.pt'} holds objects that only unpickling would rebuild")
+    assert "\n" not in said and said.endswith("start afresh with --overwrite")
