@@ -53,7 +53,7 @@ def test_torchrun_two_processes(virl, tmp_path):
     out = tmp_path / "shard"
     run(["vlr.py", "--model", "smoke-3b-1l", "--data", str(virl), "--out", str(out), *REAL_FLAGS, *SMALL,
          "--steps", "1", "--shard"], nproc=2)
-    state = torch.load(out / "ckpt" / "train_state.pt", weights_only=False)
+    state = torch.load(out / "ckpt" / "train_state.pt", weights_only=True)
     assert len(state["generators"]) == 2 and len(list((out / "ckpt" / "optimizer").glob("*.distcp"))) == 2
     assert [m["step"] for m in metrics(out)] == [0]
     cfg = json.loads((out / "config.json").read_text())
@@ -72,7 +72,7 @@ def test_torchrun_lora(virl, tmp_path):
          *SMALL, "--steps", "1"], nproc=2)
     ckpt = out / "ckpt"
     assert not list(ckpt.glob("model*.safetensors")) and (ckpt / "adapter_model.safetensors").stat().st_size < 2**22
-    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
     assert len(set(state["checksums"])) == 1 and len(state["checksums"]) == 2
     assert state["base"]["model"] == models.location("smoke-3b-1l")
     assert (out / "final" / "model.safetensors").exists() and (out / "final" / "adapter" / "base.json").exists()
