@@ -184,6 +184,9 @@ class Rethought:
     grade: object  # the `grade` callback's result
     continuation: str = ""  # the text after the trigger
     new_tokens: int = 0  # the continuation's length in tokens
+    first: str = ""  # the text of the first response's kept tokens (before the cut)
+    trigger: str = ""  # the trigger's text
+    first_correct: bool = False  # the first response (whole) was right
 
 
 def keep_rethought(cands: list[Rethought], g: int, cfg: RethinkConfig, max_len: int) -> list[bool]:
@@ -267,7 +270,9 @@ def rethink(model, tokenizer, ro: Rollout, grades: list, grade, cfg: RethinkConf
             row=f.row, ids=ids, logp=torch.cat([ro.logp[f.row, :f.keep], trig_lp[j, -m:].cpu(), d.logp[j][real].cpu()]),
             loss_mask=torch.cat([torch.ones(f.keep), torch.full((m,), float(cfg.train_trigger)), torch.ones(int(real.sum()))]),
             text=text, stopped=bool(d.stopped[j]), grade=grade(text, f.row, bool(d.stopped[j])),
-            continuation=tokenizer.decode(d.tokens[j][real], skip_special_tokens=True), new_tokens=int(real.sum())))
+            continuation=tokenizer.decode(d.tokens[j][real], skip_special_tokens=True), new_tokens=int(real.sum()),
+            first=tokenizer.decode(ro.response_ids[f.row, :f.keep], skip_special_tokens=True),
+            trigger=tokenizer.decode(f.trigger), first_correct=bool(correct[f.row])))
     not_kept = why_not_kept(cands, ro.group_size, cfg, ro.caches.cap)
     return dataclasses.replace(replaced(ro, grades, cands, [not w for w in not_kept], forced), rethought=cands,
                                why_not_kept=not_kept, why_not_triggered=why)
@@ -296,8 +301,13 @@ def replaced(ro: Rollout, grades: list, cands: list[Rethought], keep: list[bool]
 
 
 def concat(parts: list[Rethinking], pad_id: int) -> Rethinking:
-    """One Rethinking from those of chunks of prompts (--rollout-chunk), laid out as one."""
+    """One Rethinking from those of chunks of prompts (--rollout-chunk), laid out as one: a chunk's
+    rows come after those of the chunks before it."""
+    offsets = [sum(len(q.grades) for q in parts[:i]) for i in range(len(parts))]
     return Rethinking(rollout.concat([p.rollout for p in parts], pad_id), [x for p in parts for x in p.grades],
                       *(torch.cat([getattr(p, k) for p in parts]) for k in ("triggered", "kept", "fixed")),
                       [t for p in parts for t in p.first_texts],
+                      forced=[dataclasses.replace(f, row=f.row + o) for p, o in zip(parts, offsets) for f in p.forced],
+                      rethought=[dataclasses.replace(c, row=c.row + o) for p, o in zip(parts, offsets) for c in p.rethought],
+                      why_not_kept=[w for p in parts for w in p.why_not_kept],
                       why_not_triggered=[w for p in parts for w in p.why_not_triggered])
