@@ -169,9 +169,12 @@ def load_state(ckpt: Path) -> dict:
 
 
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
-RESUMABLE = {"resume", "overwrite", "auto_resume", "save_every", "eval_every", "out", "share_vision"}
-# what a run leaves behind, besides config.json
-RUN_FILES = ("metrics.jsonl", "ckpt", ".ckpt-old", "final", "status.json")
+RESUMABLE = {"resume", "overwrite", "auto_resume", "save_every", "eval_every", "out", "share_vision", "log",
+             "log_samples"}
+# a line per step (samples.jsonl: per response shown), cut back together on resume
+LOGS = ("metrics.jsonl", "samples.jsonl")
+# what a run leaves behind, besides config.json (tb/, tracking.json, wandb/: tracking.py's)
+RUN_FILES = (*LOGS, "ckpt", ".ckpt-old", "final", "status.json", "tb", "tracking.json", "wandb")
 # flags added after runs were saved, with the value that reproduces those runs (they trained every weight)
 ADDED = {"lora_rank": 0, "lora_alpha": 32.0}
 
@@ -200,20 +203,26 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
 
 
 def open_log(out: Path, config: dict, start: int, overwrite: bool):
-    """The run's config.json written and its metrics.jsonl opened to append to, cut back to step
-    `start` on resume (those steps run again, identically); with `overwrite` the old run goes first."""
-    path = out / "metrics.jsonl"
+    """The run's config.json written and its metrics.jsonl opened to append to, it and samples.jsonl
+    cut back to step `start` on resume (those steps run again, identically); with `overwrite` the old
+    run goes first."""
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         clear_run(out)
     replace_text(out / "config.json", json.dumps(config, indent=1))
-    lines = logged_lines(path) if start and path.exists() else []
-    replace_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
-    return open(path, "a")
+    for path in (out / name for name in LOGS):
+        lines = logged_lines(path) if start and path.exists() else []
+        replace_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+    return open(out / LOGS[0], "a")
+
+
+def records(path: Path) -> list[dict]:
+    """A run's .jsonl log as records ([] when there is none)."""
+    return [json.loads(line) for line in logged_lines(path)] if path.exists() else []
 
 
 def logged_lines(path: Path) -> list[str]:
-    """metrics.jsonl's lines. A last line cut short (a kill while it was written) is dropped: its
+    """A .jsonl log's lines (metrics.jsonl, samples.jsonl). A last line cut short (a kill while it was written) is dropped: its
     step is after the last checkpoint, and runs again."""
     lines = path.read_text().splitlines()
     for i, line in enumerate(lines):

@@ -46,6 +46,7 @@ import distributed
 import models
 import reward
 import rollout
+import tracking
 from data import DataError
 
 # Self-reflection phrases: the paper reports how often responses contain them. Matched as whole words,
@@ -378,6 +379,10 @@ def parser() -> argparse.ArgumentParser:
                    help="largest image in pixels (0: the model's own; for a hub model the published 1280*28*28)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the paper evaluates")
+    p.add_argument("--log", default="none", help="also send the summary and the first --log-samples responses to "
+                                                 "tensorboard (into OUT without .jsonl, /tb), wandb or trackio "
+                                                 "(comma-separated), as step 0 of a run named after --out's file")
+    p.add_argument("--log-samples", type=int, default=4, help="responses sent to --log's loggers")
     return p
 
 
@@ -390,6 +395,7 @@ def main(argv=None):
         p.error("--min-pixels and --max-pixels must be positive (0: default), min at most max")
     if args.max_new_tokens is None:
         args.max_new_tokens = TOY_MAX_NEW_TOKENS if args.bench == "toy" else PUBLISHED_MAX_NEW_TOKENS
+    loggers = tracking.kinds(args.log)  # one not installed: said before the model loads
     models.check(args.model)
     records = load_bench(args.bench, args.data)[:args.limit]  # bad data stops every process before loading a model
     rows = run(args, records)
@@ -402,6 +408,16 @@ def main(argv=None):
     print(f"{args.bench}: {args.model}, {len(rows)} records, per-sample results in {out}")
     print(table(summary))
     print(json.dumps(summary))
+    if loggers:
+        tracking.log_once(loggers, out.with_suffix(""), vars(args), logged_values(summary),
+                          tracking.eval_samples(rows, args.log_samples, 0))
+
+
+def logged_values(summary: dict) -> dict:
+    """`summarize`'s numbers as logger tags: <bench>/accuracy, <bench>/<category>/accuracy, ..."""
+    b, keys = summary["bench"], ("accuracy", "reflection_rate", "mean_len")
+    return {**{f"{b}/{k}": summary[k] for k in keys},
+            **{f"{b}/{c}/{k}": s[k] for c, s in summary["categories"].items() for k in keys}}
 
 
 def run(args, records) -> list[dict] | None:

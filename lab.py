@@ -4,6 +4,7 @@
     python lab.py --seeds 0 1 --steps 200
     python lab.py --out runs/lab-mb1 -- --minibatches 1    # flags after -- go to every vlr.py run
     python lab.py --compare runs/ex/base runs/ex/alpha0 --out runs/ex/alpha0.png   # any runs: table, plot
+    python lab.py --compare runs/ex/base runs/ex/alpha0 --samples   # and their last eval's answers side by side
     python lab.py --preset lora --out runs/lab-lora   # low-rank adapters against full fine-tuning
 
 GRPO, GRPO + Selective Sample Replay, GRPO + SSR + Forced Rethinking, and the published recipe:
@@ -68,10 +69,14 @@ def main(argv=None):
                    help="which lab: the paper's ablation, or low-rank adapters against full fine-tuning")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                    help="no lab: the table and the plot of these runs (NAME-s<seed> folders pool as NAME)")
+    p.add_argument("--samples", action="store_true",
+                   help="with --compare: also each run's responses to the questions of its last eval, side by side")
     p.add_argument("vlr_args", nargs="*", help="after --: more vlr.py flags, the same for every run")
     args = p.parse_args(argv)
     if args.compare:
         print(compare_table(args.compare))
+        if args.samples:
+            print(side_by_side(args.compare))
         print(f"wrote {plot(args.compare, args.out or 'compare.png')}")
         return
     out = Path(args.out or "runs/lab")
@@ -180,6 +185,24 @@ def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
         lines.append(f"| {name} | {len(runs)} | {_mean_std(final)} | {_mean_std(zero)} | {_mean_std(replaying)} | "
                      f"{steps} | {_mean_std(reflect)} | {_mean_std(revise)} | {_mean_std(fixed)} |")
     return "\n".join(lines)
+
+
+def side_by_side(run_dirs: list[str]) -> str:
+    """The greedy responses of each run's last eval (its samples.jsonl), question by question: the
+    question and its gold once, then a line a run, its response on one line."""
+    by_question = {}
+    for d in run_dirs:
+        path = Path(d) / "samples.jsonl"
+        shown = [s for _, s in read_rows(path) if s.get("kind") == "eval"] if path.is_file() else []
+        last = [s for s in shown if s["step"] == shown[-1]["step"]] if shown else []
+        for s in last:
+            entry = by_question.setdefault(s["id"], {"question": s["question"], "gold": s["gold"], "runs": []})
+            mark = ("right" if s["correct"] else "wrong") + (", reflects" if s["reflects"] else "")
+            entry["runs"].append(f"  {d} (step {s['step'] + 1}, {mark}): " + " ⏎ ".join(s["response"].splitlines()))
+    if not by_question:
+        return "no samples.jsonl with eval samples in these runs"
+    return "\n\n".join(f"{qid}: {q['question']!r}, gold {q['gold']!r}\n" + "\n".join(q["runs"])
+                       for qid, q in by_question.items())
 
 
 def plot(run_dirs: list[str], out: str) -> str:

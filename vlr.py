@@ -13,6 +13,7 @@ import argparse
 import json
 import random
 import time
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import reward
 import rollout
 import shard
 import ssr
+import tracking
 from distributed import UserError, exit_once, gather, once_per_run, rank_world, reduce, setup_distributed
 
 
@@ -104,6 +106,10 @@ class Config:
     # Bookkeeping
     eval_every: int = arg(20, "in-loop greedy eval on the toy test split every this many steps (0: never)")
     save_every: int = arg(50, "checkpoint every this many steps")
+    log: str = arg("tensorboard", "where the numbers and samples go as the run trains, besides metrics.jsonl and "
+                                  "samples.jsonl: tensorboard (<out>/tb), wandb, trackio (comma-separated), or none")
+    log_samples: int = arg(4, "greedy responses shown at each in-loop eval, and rethought ones each step "
+                              "(samples.jsonl and the loggers)")
     resume: bool = arg(False, "continue from <out>/ckpt, exactly: every other flag must be as in <out>/config.json, "
                               "--steps too (the learning rate decays over --steps: a finished run cannot be extended)")
     overwrite: bool = arg(False, "start afresh in an --out that holds a run: its metrics, checkpoint and final "
@@ -219,6 +225,7 @@ class Run:
     train_set: object
     test_set: object
     start: int  # the first step to run
+    logged: int  # the last step an earlier launch of this run logged (-1: none; tracking.open_loggers)
     log: object  # metrics.jsonl, open on rank 0
 
 
@@ -274,10 +281,11 @@ def setup(cfg: Config) -> Run:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
     start = state["step"] if state else 0
+    logged = checkpoint.records(out / "metrics.jsonl")[-1:] if state and rank == 0 else []
     return Run(cfg=cfg, rank=rank, world=world, device=device, out=out, model=model, ddp=ddp, processor=processor,
                ref=ref, base=base, opt=opt, sched=sched, gen=gen, buffer=buffer, rethink=rethink_config(cfg),
                decoding=rollout.Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k),
-               train_set=train_set, test_set=test_set, start=start,
+               train_set=train_set, test_set=test_set, start=start, logged=logged[0]["step"] if logged else -1,
                log=checkpoint.open_log(out, asdict(cfg), start, cfg.overwrite) if rank == 0 else None)
 
 
@@ -296,6 +304,7 @@ def check_flags(cfg: Config) -> Path:
     world = rank_world()[1]
     if cfg.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
+    tracking.kinds(cfg.log)  # a logger asked for and not installed: said before anything loads
     if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank {cfg.lora_rank}: give a positive rank for adapters, or 0 for full fine-tuning")
     if cfg.shard:
@@ -324,18 +333,22 @@ def train(cfg: Config):
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
     low_format_steps, last_eval = 0, float("nan")
-    with faults.Watch(run.out, run.rank, run.world, run.start) as watch:  # status.json; a failure recorded
+    loggers = tracking.open_loggers(tracking.kinds(cfg.log), run.out, asdict(cfg), run.logged) if run.rank == 0 else None
+    with (faults.Watch(run.out, run.rank, run.world, run.start) as watch,  # status.json; a failure recorded
+          closing(loggers) if loggers else nullcontext()):
         for step in bar:
             watch.step = step
             t0 = time.time()
-            m = train_step(run, step)
+            m, samples = train_step(run, step)
             dt = time.time() - t0
             if run.test_set is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0
                                              or step + 1 == cfg.steps):
-                m.update(run_eval(run))
+                scores, rows = run_eval(run)
+                m.update(scores)
+                samples += tracking.eval_samples(rows, cfg.log_samples, step)
             m.update(step_s=time.time() - t0,
                      tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * cfg.group_size / dt)
-            last_eval = log_step(run, bar, m, last_eval)
+            last_eval = log_step(run, bar, m, samples, loggers, last_eval)
             low_format_steps = check_collapse(cfg, step, m, low_format_steps)
             stop = watch.stop_agreed() and step + 1 < cfg.steps
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
@@ -347,8 +360,9 @@ def train(cfg: Config):
         watch.finished(cfg.steps)
 
 
-def train_step(run: Run, step: int) -> dict:
-    """One step of Algorithm 1; returns its metrics."""
+def train_step(run: Run, step: int) -> tuple[dict, list[dict]]:
+    """One step of Algorithm 1; returns its metrics and its first --log-samples rethought responses
+    (tracking.rethink_samples)."""
     cfg = run.cfg
     recs = [run.train_set[i] for i in data.prompts_for_step(len(run.train_set), step, cfg.prompts_per_step, run.rank,
                                                             run.world, cfg.seed)]
@@ -364,7 +378,8 @@ def train_step(run: Run, step: int) -> dict:
     if up["skipped"]:
         tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
     run.sched.step()
-    return step_metrics(run, step, done, rewards, adv, n_replayed, up)
+    shown = tracking.rethink_samples(done.rethought, done.why_not_kept, cfg.log_samples, step)
+    return step_metrics(run, step, done, rewards, adv, n_replayed, up), shown
 
 
 def rollout_step(run: Run, recs: list) -> rethink.Rethinking:
@@ -436,23 +451,26 @@ def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_
             "logp_drift_max": drift, "lr": run.sched.get_last_lr()[0], "skipped": up["skipped"]}
 
 
-def run_eval(run: Run) -> dict:
-    """Greedy decoding on this rank's shard of the toy test split (all tiers), into the eval metrics
-    of all ranks' rows (eval.toy_metrics)."""
+def run_eval(run: Run) -> tuple[dict, list[dict]]:
+    """Greedy decoding on this rank's shard of the toy test split (all tiers): the eval metrics of
+    all ranks' rows (eval.toy_metrics), and this rank's rows (eval.row's)."""
     recs = [run.test_set[i] for i in range(run.rank, len(run.test_set), run.world)]
     with shard.gathered(run.model), models.autocast(run.cfg.bf16, run.device):
         rows = evaluation.evaluate(run.model, run.processor, recs, max_new_tokens=run.cfg.max_new_tokens)
-    return evaluation.toy_metrics(rows, run.cfg.toy_tiers.split(","), run.world)
+    return evaluation.toy_metrics(rows, run.cfg.toy_tiers.split(","), run.world), rows
 
 
-def log_step(run: Run, bar, m: dict, last_eval: float) -> float:
-    """One line of metrics.jsonl; the bar shows the latest eval between evals."""
+def log_step(run: Run, bar, m: dict, samples: list[dict], loggers, last_eval: float) -> float:
+    """rank 0: the step to the loggers and samples.jsonl, then its line of metrics.jsonl (a kill in
+    between sends the step again on resume, with the same numbers); the bar shows the step's reward,
+    the latest eval and the seconds a step."""
     if run.rank == 0:
+        loggers.log(m["step"], tracking.scalars(m), samples)
         run.log.write(json.dumps(m) + "\n")
         run.log.flush()
         last_eval = m.get("eval_acc", last_eval)
-        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", zero_adv=f"{m['zero_adv_frac']:.2f}",
-                        fmt=f"{m['format_rate']:.2f}", eval=f"{last_eval:.2f}")
+        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", eval=f"{last_eval:.2f}", fmt=f"{m['format_rate']:.2f}",
+                        s_step=f"{m['step_s']:.1f}")
     return last_eval
 
 

@@ -11,6 +11,7 @@ import torch
 import reward
 import rethink
 import rollout
+import tracking
 from helpers import RECORDS, TOL, always_right, check_logprobs, is_stop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,6 +180,17 @@ def check_rethought(tok, done, cuts, train_trigger):
         trig_text = rethink.TRIGGERS[triggers.index(trig)]
         assert ro.texts[i] == (tok.decode(body[:k], skip_special_tokens=True) + trig_text
                                + tok.decode(ids[k + m:], skip_special_tokens=True))
+    # the samples a run shows (tracking.py): the cut and the trigger marked where they are in the tokens
+    shown = tracking.rethink_samples(done.rethought, done.why_not_kept, len(cuts), step=7)
+    assert [s["row"] for s in shown] == triggered
+    for s, i, (body, k) in zip(shown, triggered, cuts):
+        ids = ro.response_ids[i, :int(ro.response_mask[i].sum())].tolist()
+        trig = max((t for t in triggers if ids[k:k + len(t)] == t), key=len)
+        first, rest = s["text"].split(tracking.CUT)
+        trigger, continuation = rest.split(tracking.MODEL)
+        assert first == tok.decode(body[:k], skip_special_tokens=True) and trigger == tok.decode(trig)
+        assert continuation == tok.decode(ids[k + len(trig):], skip_special_tokens=True)
+        assert s["kept"] and s["why_not_kept"] == "" and s["correct"] and s["step"] == 7
 
 
 def test_rethought_responses_cut_before_the_answer(tiny_model, tok, banned):
@@ -226,6 +238,10 @@ def test_rethought_responses_longer_than_the_cap_are_not_kept(tiny_model):
         expect = ("the continuation did not stop by itself" if not c.stopped
                   else f"{len(c.ids)} tokens > the cap of 20" if len(c.ids) > 20 else "")
         assert why == expect and (why == "") == bool(done.kept[c.row]) == (ro.texts[c.row] == c.text)
+    # the samples a run shows: the rejected ones too, with why
+    shown = tracking.rethink_samples(done.rethought, done.why_not_kept, 100, step=0)
+    assert [(s["row"], s["kept"], s["why_not_kept"]) for s in shown] == [
+        (c.row, not why, why) for c, why in zip(done.rethought, done.why_not_kept)]
     cut = "cut by the cap: no answer to check"
     assert done.why_not_triggered == ["" if t else cut for t in done.triggered.tolist()]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoint
 import procs
@@ -57,6 +58,26 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert metrics(b) == metrics(tmp_path / "a")
     assert (b / "final" / "model.safetensors").exists()
+    # the samples shown (tracking.py) cut back and written again alike; TensorBoard's events hold each step once
+    assert (b / "samples.jsonl").read_text() == (tmp_path / "a" / "samples.jsonl").read_text()
+    check_events(b)
+
+
+def check_events(out):
+    """Every number of metrics.jsonl is in the run's TensorBoard events, read by TensorBoard's own
+    reader, at its step and once (float32), eval_* under eval/, the rest under train/; the samples
+    shown at each eval as text at its step."""
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for m in lines for k in m} - {"step"}
+    assert set(acc.Tags()["scalars"]) == {("eval/" if k.startswith("eval_") else "train/") + k for k in keys}
+    for k in keys:
+        events = acc.Scalars(("eval/" if k.startswith("eval_") else "train/") + k)
+        assert [e.step for e in events] == [m["step"] for m in lines if k in m], k
+        assert [e.value for e in events] == pytest.approx([float(m[k]) for m in lines if k in m], rel=1e-6), k
+    evals = acc.Tensors("samples/eval/text_summary")
+    assert [e.step for e in evals] == [m["step"] for m in lines if "eval_acc" in m]
 
 
 def snapshot(folder: Path) -> dict:
@@ -87,6 +108,14 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     state = torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=True)
     assert len(metrics(tmp_path)) == 1 and state["step"] == 1
+    check_events(tmp_path)  # the old run's events and samples went with it
+    assert {json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()} == {0}
+    for name in ("samples.jsonl", "tb"):  # what tracking.py writes also says that a folder holds a run
+        (tmp_path / "x").mkdir(exist_ok=True)
+        (tmp_path / "x" / name).touch()
+        with pytest.raises(checkpoint.UserError, match=f"holds a run \\({name}\\)"):
+            checkpoint.check_run_folder(tmp_path / "x", {}, resume=False, overwrite=False)
+        (tmp_path / "x" / name).unlink()
 
 
 def test_a_resume_names_a_flag_the_saved_run_did_not_have(tmp_path):
