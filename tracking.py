@@ -116,15 +116,20 @@ class TensorBoard:
 
 class Hosted:
     """W&B or trackio: the same calls (trackio copies W&B's init/log/Table/finish). W&B continues a
-    run by its id, trackio by its name in the project."""
+    run by its id, trackio by its name in the project. `held`: the last step the run holds. W&B
+    says it (`Run.step`: the step of the next log), also when a kill lost what it had not yet sent;
+    trackio does not, so it is `logged`, what earlier launches sent it (its sender batches: a kill
+    can lose its last seconds, steps that are then missing from its charts)."""
 
-    def __init__(self, kind: str, run_id: str, name: str, config: dict, folder: Path, again: bool):
+    def __init__(self, kind: str, run_id: str, name: str, config: dict, folder: Path, again: bool, logged: int):
         self.lib = importlib.import_module(kind)
         project = os.environ.get(f"{kind.upper()}_PROJECT", PROJECT)
         if kind == "wandb":  # a run of its own id, continued when `again`
-            self.lib.init(project=project, id=run_id, name=name, config=config, dir=str(folder), resume="allow")
+            run = self.lib.init(project=project, id=run_id, name=name, config=config, dir=str(folder), resume="allow")
+            self.held = run.step - 1
         else:  # the id is the name: a folder run again after --overwrite is a new run
             self.lib.init(project=project, name=run_id, config=config, resume="allow" if again else "never")
+            self.held = logged if again else -1
 
     def log(self, step: int, values: dict, texts: dict):
         tabled = {tag: self.lib.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
@@ -165,8 +170,8 @@ def open_loggers(names: list[str], out: Path, config: dict, logged: int) -> Logg
     metrics.jsonl and samples.jsonl, already cut back to the step this launch starts at) unless it
     holds it already, and samples.jsonl to append to. `logged`: the last step an earlier launch of
     this run logged (-1: none). TensorBoard starts afresh from the history; W&B and trackio continue
-    the run they logged to before (its id in tracking.json), which holds the steps up to `logged` (a
-    resumed run repeats them identically)."""
+    the run they logged to before (its id in tracking.json), sent the steps it lacks (`Hosted`: a
+    resumed run repeats the steps after its checkpoint identically)."""
     ids_path = out / "tracking.json"
     before = json.loads(ids_path.read_text()) if ids_path.exists() else {}
     ids = dict(before)
@@ -184,8 +189,8 @@ def open_loggers(names: list[str], out: Path, config: dict, logged: int) -> Logg
 
 def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, logged: int) -> tuple[list, list[int]]:
     """The loggers of `names` writing for `folder` (TensorBoard into folder/tb, afresh), and the last
-    step each already holds. `ids`: the W&B/trackio runs to continue by kind, which holds `logged`;
-    a kind not in it starts a new run, whose id is added."""
+    step each already holds (`Hosted`). `ids`: the W&B/trackio runs to continue by kind, which were
+    sent the steps up to `logged`; a kind not in it starts a new run, whose id is added."""
     loggers, sent = [], []
     for kind in names:
         if kind == "tensorboard":
@@ -195,8 +200,8 @@ def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, logged
         else:
             again = kind in ids
             ids.setdefault(kind, f"{folder.name}-{uuid.uuid4().hex[:8]}")
-            loggers.append(Hosted(kind, ids[kind], folder.name, config, folder, again))
-            sent.append(logged if again else -1)
+            loggers.append(Hosted(kind, ids[kind], folder.name, config, folder, again, logged))
+            sent.append(loggers[-1].held)
     return loggers, sent
 
 

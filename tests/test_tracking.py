@@ -24,7 +24,11 @@ def stand_in(kind: str, calls: list) -> types.ModuleType:
     """A module with W&B's (and trackio's) calls, recording them."""
     mod = types.ModuleType(kind)
     mod.__spec__ = importlib.machinery.ModuleSpec(kind, None)  # found by importlib.util.find_spec
-    mod.init = lambda **kw: calls.append(("init", kw))
+    def init(**kw):
+        calls.append(("init", kw))  # a W&B run knows the step of its next log
+        return types.SimpleNamespace(step=1 + max((c[1] for c in calls if c[0] == "log"), default=-1))
+
+    mod.init = init
     mod.log = lambda data, step=None: calls.append(("log", step, data))
     mod.Table = lambda columns, data: {"columns": columns, "data": data}
     mod.finish = lambda: calls.append(("finish",))
