@@ -103,16 +103,18 @@ def fetch(release: Release, flag: str) -> Path:
     """The snapshot folder of `release` in the hub's cache, holding its files and, unpacked, its
     archives. A release with no files listed (a dataset vlr does not know) brings the .parquet,
     .jsonl and .zip files at the top of its repository. Refused in one sentence: a repository or
-    revision the hub does not have, and, offline or unreachable, one that is not in the cache."""
+    revision the hub does not have, and, offline or unreachable, one that is not in the cache. The
+    lock is in the hub's own lock folder (.locks/, which its cache scan skips)."""
     repo, wanted = release.repo, release.files + release.archives
     patterns = dict(allow_patterns=list(wanted)) if wanted else dict(
         allow_patterns=[f"*{s}" for s in DATA_SUFFIXES + (".zip",)], ignore_patterns=["*/*"])  # the top only
-    # the hub keeps its own locks under .locks/, which its cache scan skips
-    locks = Path(constants.HF_HUB_CACHE) / ".locks" / repo_folder_name(repo_id=repo, repo_type="dataset")
-    with checkpoint.build_lock(locks / "vlr"):
-        try:
-            folder = Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=release.revision,
-                                                            **patterns))
+    cached = repo_folder_name(repo_id=repo, repo_type="dataset")
+    folder = Path(constants.HF_HUB_CACHE) / cached / "snapshots" / release.revision
+    with checkpoint.build_lock(Path(constants.HF_HUB_CACHE) / ".locks" / cached / "vlr"):
+        try:  # a pinned commit's files never change: once all are cached, the hub is not asked again
+            if not (wanted and all((folder / f).is_file() for f in wanted)):
+                folder = Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=release.revision,
+                                                                **patterns))
         except LocalEntryNotFoundError:
             raise UserError(_not_cached(release, flag)) from None
         except RevisionNotFoundError:

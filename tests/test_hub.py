@@ -160,7 +160,7 @@ def test_benchmarks_without_data_read_their_published_split(cache, tmp_path):
         ("test_Art_0", "A", ["left", "right"]), ("test_Art_1", "B", ["left", "right"])]
 
 
-def test_offline_and_not_cached_is_one_sentence_naming_the_download(cache):
+def test_offline_and_not_cached_is_one_sentence_naming_the_download(cache, virl):
     with pytest.raises(UserError) as err:
         hub.data_file("TIGER-Lab/ViRL39K")
     message = str(err.value)
@@ -172,6 +172,10 @@ def test_offline_and_not_cached_is_one_sentence_naming_the_download(cache):
                                         r"\.parquet' 'standard \(10 options\)/test-00001-of-00002\.parquet' "
                                         r"--repo-type dataset --revision b037bbe"):
         ev.load_bench("mmmu-pro")
+    cached(cache, VIRL.repo, VIRL.revision, {"39Krelease.parquet": virl[0]})  # a download cut short
+    with pytest.raises(UserError, match=rf"^--data: images.zip of TIGER-Lab/ViRL39K at {VIRL.revision} not in \S+; "
+                                        r"`hf download TIGER-Lab/ViRL39K 39Krelease.parquet images.zip"):
+        hub.data_file("TIGER-Lab/ViRL39K")
     # offline, the hub cannot say that a name does not exist: the sentence says so
     with pytest.raises(UserError, match=r"--data: dataset nobody/no-such-data is not in the hub's cache .* a name it "
                                         r"does not have cannot be told from one not yet downloaded; download it with "
@@ -181,8 +185,10 @@ def test_offline_and_not_cached_is_one_sentence_naming_the_download(cache):
 
 class NoRepository(http.server.BaseHTTPRequestHandler):
     """A stand-in hub that has no repository at all, answering as the hub does (404, RepoNotFound)."""
+    asked = []
 
     def do_GET(self):
+        self.asked.append(self.path)
         self.send_response(404)
         self.send_header("X-Error-Code", "RepoNotFound")
         self.send_header("Content-Length", "0")
@@ -194,7 +200,7 @@ class NoRepository(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_bad_id_is_one_sentence_and_nothing_is_trained(cache, monkeypatch, tmp_path):
+def test_a_bad_id_is_one_sentence_and_nothing_is_trained(cache, virl, monkeypatch, tmp_path):
     from huggingface_hub import constants
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoRepository)
@@ -205,6 +211,11 @@ def test_a_bad_id_is_one_sentence_and_nothing_is_trained(cache, monkeypatch, tmp
         with pytest.raises(UserError, match=r"^--data: the hub has no dataset nobody/no-such-data \(or it is private "
                                             r"or gated, .*`hf auth login`\)$"):
             hub.data_file("nobody/no-such-data")
+        assert NoRepository.asked
+        # a pinned release whose files are all cached is not asked about again (the hub would deny it here)
+        NoRepository.asked.clear()
+        snapshot = cache_virl(cache, virl)
+        assert hub.data_file("TIGER-Lab/ViRL39K") == str(snapshot / "39Krelease.parquet") and not NoRepository.asked
     finally:
         server.shutdown()
         server.server_close()
