@@ -27,7 +27,7 @@ from huggingface_hub.file_download import repo_folder_name
 import checkpoint
 from distributed import UserError
 
-HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name, as models.HUB_ID
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name; a path of more parts, or from . or /, is a folder
 
 
 @dataclass(frozen=True)
