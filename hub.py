@@ -60,8 +60,8 @@ DATA_SUFFIXES = (".parquet", ".jsonl")  # what data.load_records reads
 def data_file(name: str) -> str:
     """--data as a file for data.load_records: an existing file as it is; a folder (a release as
     `hf download --local-dir` leaves it) as its one data file, its archives unpacked; a hub id as the
-    data file of its dataset, downloaded and unpacked; anything else as it is (the loader says it
-    is not found)."""
+    data file of its dataset, downloaded and unpacked; anything else, a missing .parquet or .jsonl
+    among it, as it is (the loader says it is not found)."""
     path = Path(name)
     if path.is_file():
         return name
@@ -71,7 +71,7 @@ def data_file(name: str) -> str:
             for archive in sorted(path.glob("*.zip")):
                 unpack(archive, path)
         return str(found)
-    if not HUB_ID.fullmatch(name):
+    if not HUB_ID.fullmatch(name) or path.suffix in DATA_SUFFIXES:  # data/train.jsonl is a file not found
         return name
     release = DATASETS.get(name, Release(name, "main", ()))
     folder = fetch(release, "--data")

@@ -257,4 +257,5 @@ def test_an_existing_path_wins_over_a_hub_id(cache, virl, tmp_path, monkeypatch)
     assert path == str(Path("TIGER-Lab/ViRL39K/39Krelease.parquet"))
     assert len(data.load_records(path)[0]) == 4 and (local / "images" / "c.jpg").exists()
     assert hub.data_file("TIGER-Lab/ViRL39K/39Krelease.parquet") == "TIGER-Lab/ViRL39K/39Krelease.parquet"
+    assert hub.data_file("TIGER-Lab/train.jsonl") == "TIGER-Lab/train.jsonl"  # a missing file, not a hub id
     assert list(cache.iterdir()) == []
