@@ -145,7 +145,7 @@ def _download(release: Release) -> str:
 
 def _not_cached(release: Release, flag: str) -> str:
     why = ("the hub is not asked (HF_HUB_OFFLINE is set), so a name it does not have cannot be told from "
-           "one not yet downloaded" if constants.is_offline_mode() else "the hub could not be reached")
+           "one not yet downloaded" if constants.HF_HUB_OFFLINE else "the hub could not be reached")
     return (f"{flag}: dataset {release.repo} is not in the hub's cache ({constants.HF_HUB_CACHE}) and {why}; "
             f"download it with {_download(release)} where the hub is reachable (into this cache, or copy the "
             "cache here), or give a local path")
