@@ -67,9 +67,9 @@ def virl(tmp_path):
     return parquet, released.pack_images(parquet.parent)
 
 
-def cache_virl(cache, virl, **extra) -> Path:
+def cache_virl(cache, virl) -> Path:
     parquet, archive = virl
-    return cached(cache, VIRL.repo, VIRL.revision, {"39Krelease.parquet": parquet, "images.zip": archive, **extra})
+    return cached(cache, VIRL.repo, VIRL.revision, {"39Krelease.parquet": parquet, "images.zip": archive})
 
 
 def test_virl39k_by_its_hub_name_is_the_release_unpacked_once(cache, virl, capsys):
