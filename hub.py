@@ -144,8 +144,9 @@ def _download(release: Release) -> str:
 
 
 def _not_cached(release: Release, flag: str) -> str:
-    why = ("the hub is not asked (HF_HUB_OFFLINE is set), so a name it does not have cannot be told from "
-           "one not yet downloaded" if constants.HF_HUB_OFFLINE else "the hub could not be reached")
+    why = "the hub is not asked (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+    if constants.HF_HUB_OFFLINE and release.revision == "main":  # not a release of ours, which all exist
+        why += ", so a name it does not have cannot be told from one not yet downloaded"
     return (f"{flag}: dataset {release.repo} is not in the hub's cache ({constants.HF_HUB_CACHE}) and {why}; "
             f"download it with {_download(release)} where the hub is reachable (into this cache, or copy the "
             "cache here), or give a local path")

@@ -165,7 +165,7 @@ def test_offline_and_not_cached_is_one_sentence_naming_the_download(cache, virl)
         hub.data_file("TIGER-Lab/ViRL39K")
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"--data: dataset TIGER-Lab/ViRL39K is not in the hub's cache "
-                                                      f"({cache}) and the hub is not asked (HF_HUB_OFFLINE is set)")
+                                                      f"({cache}) and the hub is not asked (HF_HUB_OFFLINE is set); ")
     assert ("`hf download TIGER-Lab/ViRL39K 39Krelease.parquet images.zip --repo-type dataset "
             f"--revision {VIRL.revision}`") in message
     with pytest.raises(UserError, match=r"`hf download MMMU/MMMU_Pro 'standard \(10 options\)/test-00000-of-00002"
