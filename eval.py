@@ -2,7 +2,7 @@
 
     python eval.py --bench toy                                     # the tiny base on the toy test split
     python eval.py --model runs/toy-s0/final --bench toy --limit 40
-    python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --bench mathvista --data testmini.parquet
+    python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --bench mathvista   # testmini, from the hub on first use
     torchrun --nproc_per_node 8 eval.py --model ... --bench mathverse --data testmini.parquet
 
 As the published evaluation (TIGER-AI-Lab/VL-Rethinker: scripts/eval_vlm_new.sh and the vLLM
@@ -14,12 +14,14 @@ and are graded as letters: the letter or the option's text counts. MathVista's d
 are graded at their `precision`, as its own scorer does (`grade`).
 
 The splits of the paper's table, read from the files they are published as (.parquet, .jsonl,
-.json; images as paths relative to the file, parquet {"bytes", "path"} structs, or base64):
+.json; images as paths relative to the file, parquet {"bytes", "path"} structs, or base64); without
+--data, from the hub dataset in brackets, at the revision docs/data.md names (hub.BENCHMARKS):
   mathvista   MathVista testmini (1,000; AI4Math/MathVista)
   mathverse   MathVerse testmini (3,940 in 5 problem versions; AI4Math/MathVerse), reported per
               version
   mathvision  MathVision test, the full 3,040 (not its 304 testmini; MathLLMs/MathVision)
-  mmmu-pro    MMMU-Pro test, "standard (10 options)" or "vision" (1,730 each; MMMU/MMMU_Pro)
+  mmmu-pro    MMMU-Pro test, "standard (10 options)" (1,730; MMMU/MMMU_Pro)
+  mmmu-pro-vision  MMMU-Pro test, "vision" (1,730; MMMU/MMMU_Pro)
 The published evaluation names its files MathVista_testmini, MathVerse_testmini,
 MathVision_test3040 and MMMUPro_full; which MathVerse versions and which MMMU-Pro setting the
 paper's numbers average is not in its published code. EMMA and MEGA-Bench, also in the paper's
@@ -43,6 +45,7 @@ from PIL import Image
 
 import data
 import distributed
+import hub
 import models
 import reward
 import rollout
@@ -317,33 +320,37 @@ def mmmu_pro(r, base):
                        category=r.get("subject") or "")
 
 
-ADAPTERS = {"mathvista": mathvista, "mathverse": mathverse, "mathvision": mathvision, "mmmu-pro": mmmu_pro}
+# mmmu-pro-vision: MMMU-Pro's vision setting, named apart so that its hub files and its report are its own
+ADAPTERS = {"mathvista": mathvista, "mathverse": mathverse, "mathvision": mathvision, "mmmu-pro": mmmu_pro,
+            "mmmu-pro-vision": mmmu_pro}
 
 
 def load_bench(bench: str, path: str | None = None) -> list[data.Record]:
-    """The benchmark's records; every bad record is reported at once, with what was expected."""
+    """The benchmark's records from `path`, or without it from the published split on the hub
+    (hub.BENCHMARKS: MMMU-Pro's comes in several files, read in order); every bad record is reported
+    at once, with what was expected."""
     if bench == "toy":
         task = data.ToyTask("test")
         return [task[i] for i in range(len(task))]
     if bench not in ADAPTERS:
         raise DataError(f"unknown benchmark '{bench}'; choose from toy, {', '.join(ADAPTERS)}")
-    if not path:
-        raise DataError(f"--bench {bench} needs --data FILE (.jsonl, .json or .parquet)")
-    path = Path(path)
+    paths = [Path(path)] if path else hub.benchmark_files(bench)
     records, errors = [], []
-    for where, r in read_rows(path):
-        try:
-            if not isinstance(r, dict):
-                raise DataError("expected an object")
-            records.append(ADAPTERS[bench](r, path.parent))
-        except DataError as e:
-            errors.append(f"{where}: {e}")
+    for path in paths:
+        for where, r in read_rows(path):
+            try:
+                if not isinstance(r, dict):
+                    raise DataError("expected an object")
+                records.append(ADAPTERS[bench](r, path.parent))
+            except DataError as e:
+                errors.append(f"{where}: {e}")
+    files = ", ".join(map(str, paths))
     if errors:
         expected = " ".join(ADAPTERS[bench].__doc__.split())
-        raise DataError(f"{len(errors)} bad record(s) in {path} for {bench}; expected per record: {expected}\n"
+        raise DataError(f"{len(errors)} bad record(s) in {files} for {bench}; expected per record: {expected}\n"
                         + "\n".join(errors[:20]) + (f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""))
     if not records:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{files}: no records")
     return records
 
 
@@ -364,10 +371,11 @@ def parser() -> argparse.ArgumentParser:
                    help="'tiny' (the warm-started tiny base), 'smoke-3b-<n>l', a folder or a hub id")
     p.add_argument("--bench", required=True, choices=["toy", *ADAPTERS],
                    help="toy (its 300 test questions), or a benchmark on the split of the paper's table: mathvista "
-                        "(testmini), mathverse (testmini), mathvision (test, all 3,040), mmmu-pro (standard "
-                        "10 options, or vision)")
+                        "(testmini), mathverse (testmini), mathvision (test, all 3,040), mmmu-pro (standard, "
+                        "10 options), mmmu-pro-vision (vision)")
     p.add_argument("--data", help="the benchmark's file as published (.parquet, .jsonl or .json), e.g. "
-                                  "AI4Math/MathVista's testmini parquet; not for toy")
+                                  "AI4Math/MathVista's testmini parquet; not for toy. Without it, the published "
+                                  "split from the hub, downloaded into its cache on first use (docs/data.md)")
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--out", help="per-sample .jsonl (default runs/eval-BENCH.jsonl)")
     p.add_argument("--max-new-tokens", type=int,

@@ -4,7 +4,6 @@ A model is named 'tiny' (the offline tiny Qwen2.5-VL, tiny.py), 'smoke-3b-<n>l' 
 smoke model, smoke.py), a folder or a hub id; the two built ones are built into .cache on first use.
 This module stands above both builders, which import neither it nor each other's loader.
 """
-import re
 from pathlib import Path
 
 import torch
@@ -15,9 +14,9 @@ import lora
 import smoke
 import tiny
 from distributed import UserError
+from hub import HUB_ID  # model ids are shaped like dataset ids
 
 KNOWN = ("tiny", *smoke.NAMES)
-HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name; a path of more parts, or from . or /, is a folder
 
 
 def check(model: str):

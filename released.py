@@ -1,6 +1,8 @@
-"""Data in the released schemas, made on the spot: ViRL39K's parquet beside its images/ folder,
-and a MathVista testmini parquet with the pictures' bytes inside. The GPU check trains and
-evaluates on them (gpu_check.py), and so do the tests of the real path."""
+"""Data in the released schemas, made on the spot: ViRL39K's parquet beside its images/ folder (or,
+as its hub repository holds it, beside images.zip), and a MathVista testmini parquet with the
+pictures' bytes inside. The GPU check trains and evaluates on them (gpu_check.py), and so do the
+tests of the real path and of hub names (tests/test_hub.py)."""
+import zipfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,6 +38,15 @@ def make_virl(root: Path, largest=(1280, 960)) -> Path:
         r.update(category="test", source="synthetic", PassRate_32BTrained=0.5, PassRate_7BBase=0.25)
     pq.write_table(pa.Table.from_pylist(rows), root / "39Krelease.parquet")
     return root / "39Krelease.parquet"
+
+
+def pack_images(root: Path) -> Path:
+    """images.zip beside the parquet, as the hub repository TIGER-Lab/ViRL39K holds the pictures: its
+    members are the parquet's paths, images/<name>."""
+    with zipfile.ZipFile(root / "images.zip", "w") as z:
+        for path in sorted((root / "images").iterdir()):
+            z.write(path, f"images/{path.name}")
+    return root / "images.zip"
 
 
 def make_mathvista(root: Path, n: int) -> Path:

@@ -26,6 +26,7 @@ import data
 import eval as evaluation
 import faults
 import grpo
+import hub
 import lora
 import models
 import phases
@@ -50,7 +51,8 @@ RULES = rethink.RethinkConfig  # the --rethink-x defaults are its own (an alias:
 class Config:
     # What is trained, on what
     model: str = arg("tiny", "'tiny' (the offline tiny Qwen2.5-VL), 'smoke-3b-<n>l' (3B-shaped test model), a folder or a hub id")
-    data: str = arg("toy", "'toy', ViRL39K as released (39Krelease.parquet) or a .jsonl of records (README)")
+    data: str = arg("toy", "'toy', ViRL39K as released (39Krelease.parquet, its folder, or its hub name "
+                           "TIGER-Lab/ViRL39K, downloaded on first use) or a .jsonl of records (docs/data.md)")
     toy_tiers: str = arg("colour", "toy tiers trained on, in turn (comma-separated; a tier named twice comes twice as "
                                    "often; 'unseen': no sample is ever right); the in-loop eval covers the test tiers")
     skip_bad: bool = arg(False, "drop bad data rows (they are listed) instead of stopping")
@@ -193,7 +195,7 @@ def load_data(cfg: Config, rank: int):
     """(train records, eval records or None). Bad lines stop the run before any training."""
     if cfg.data == "toy":
         return data.ToyTask("train", cfg.toy_tiers.split(",")), data.ToyTask("test")
-    records, skipped = data.load_records(cfg.data, skip_bad=cfg.skip_bad)
+    records, skipped = data.load_records(hub.data_file(cfg.data), skip_bad=cfg.skip_bad)
     if skipped and rank == 0:
         print(f"skipped {skipped} bad line(s) of {cfg.data}")
     return records, None

@@ -218,8 +218,6 @@ def test_bad_benchmark_files_name_the_file_and_what_was_expected(tmp_path):
     (tmp_path / "x.csv").write_text("pid,question\n")
     with pytest.raises(data.DataError, match=r"x.csv: unsupported file type '.csv'; expected .jsonl, .json or"):
         ev.load_bench("mathvista", tmp_path / "x.csv")
-    with pytest.raises(data.DataError, match="needs --data"):
-        ev.load_bench("mathverse", None)
     bad = write_jsonl(tmp_path / "bad.jsonl", [MATHVISTA[0], '{"pid": "3", '])
     with pytest.raises(data.DataError, match=rf"{bad}:2: invalid JSON"):
         ev.load_bench("mathvista", bad)

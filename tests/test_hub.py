@@ -1,0 +1,261 @@
+"""hub.py: data and benchmarks by their hub names, resolved offline (HF_HUB_OFFLINE=1) against a
+folder laid out as the hub's cache (HF_HUB_CACHE: datasets--<org>--<name>/{refs, snapshots, blobs},
+the snapshot's files links into blobs) holding the released file names, with small files in the
+released schemas (released.py). Nothing here reaches the hub: a bad id online is answered by a
+stand-in hub on this machine that knows no repository."""
+import hashlib
+import http.server
+import os
+import re
+import sys
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import data
+import eval as ev
+import hub
+import procs
+import released
+from distributed import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+VIRL = hub.DATASETS["TIGER-Lab/ViRL39K"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty hub cache, offline: in the environment for child processes, and in huggingface_hub's
+    constants, which it read from the environment when this process first imported it."""
+    from huggingface_hub import constants
+
+    path = tmp_path / "hub"
+    path.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(path))
+    return path
+
+
+def cached(cache: Path, repo: str, revision: str, files: dict) -> Path:
+    """`files` (name in the repository -> local file) as a download leaves them in the cache: each a
+    link from the revision's snapshot into blobs/, and refs/main naming the revision."""
+    folder = cache / f"datasets--{repo.replace('/', '--')}"
+    for name, src in files.items():
+        content = Path(src).read_bytes()
+        blob = folder / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        link = folder / "snapshots" / revision / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    return folder / "snapshots" / revision
+
+
+@pytest.fixture
+def virl(tmp_path):
+    """ViRL39K as released, in both forms: its parquet beside images/ and beside images.zip."""
+    parquet = released.make_virl(tmp_path / "virl", largest=(640, 480))
+    return parquet, released.pack_images(parquet.parent)
+
+
+def cache_virl(cache, virl) -> Path:
+    parquet, archive = virl
+    return cached(cache, VIRL.repo, VIRL.revision, {"39Krelease.parquet": parquet, "images.zip": archive})
+
+
+def test_virl39k_by_its_hub_name_is_the_release_unpacked_once(cache, virl, capsys):
+    snapshot = cache_virl(cache, virl)
+    path = hub.data_file("TIGER-Lab/ViRL39K")
+    assert path == str(snapshot / "39Krelease.parquet")
+    records, _ = data.load_records(path)
+    originals, _ = data.load_records(str(virl[0]))  # the same release read from its plain folder
+    assert [(r.id, r.question, r.answer, r.meta) for r in records] == [(r.id, r.question, r.answer, r.meta)
+                                                                       for r in originals]
+    for rec, orig in zip(records, originals):
+        assert [Path(p).parent for p in rec.images] == [snapshot / "images"] * len(rec.images)
+        assert [Path(p).read_bytes() for p in rec.images] == [Path(p).read_bytes() for p in orig.images]
+    assert capsys.readouterr().out.count("unpacking images.zip") == 1
+    (snapshot / "images" / "a.png").unlink()
+    assert hub.data_file("TIGER-Lab/ViRL39K") == path  # unpacked once: the marker says so, nothing is redone
+    assert not (snapshot / "images" / "a.png").exists() and "unpacking" not in capsys.readouterr().out
+
+
+CHILD = "import data, hub; path = hub.data_file('TIGER-Lab/ViRL39K'); print(path, len(data.load_records(path)[0]))"
+
+
+def test_processes_at_once_unpack_once_from_the_environments_cache(cache, virl):
+    """Two processes at once (as torchrun's on one node), told of the cache and of offline mode by
+    the environment alone: one unpacks, the other waits on the lock and uses the result."""
+    snapshot = cache_virl(cache, virl)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: procs.run([sys.executable, "-c", CHILD], 120, cwd=ROOT, env=env), range(2)))
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    lines = [line for r in runs for line in r.stdout.splitlines()]
+    assert sum(line.startswith("unpacking images.zip") for line in lines) == 1, lines
+    loaded = [line for line in lines if not line.startswith("unpacking")]
+    assert loaded == [f"{snapshot / '39Krelease.parquet'} 4"] * 2  # both read all four records
+
+
+def zip_with(path: Path, *members) -> Path:
+    """A zip of (name, content) members; content None makes the name a symbolic link to ../outside."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in members:
+            if content is None:
+                info = zipfile.ZipInfo(name)
+                info.external_attr = 0o120777 << 16  # S_IFLNK: a link, its target the member's data
+                z.writestr(info, "../outside")
+            else:
+                z.writestr(name, content)
+    return path
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/tmp/vlr-evil.txt", "images/../../evil.txt", "link"])
+def test_an_archive_member_that_would_land_outside_is_refused(tmp_path, name):
+    folder = tmp_path / "release"
+    folder.mkdir()
+    archive = zip_with(tmp_path / "images.zip", ("images/ok.txt", "fine"), (name, None if name == "link" else "evil"))
+    with pytest.raises(UserError, match=re.escape(f"member {name!r} would land outside {folder}")):
+        hub.unpack(archive, folder)
+    assert list(folder.iterdir()) == [] and not (tmp_path / "evil.txt").exists()  # nothing unpacked, no marker
+    assert not Path("/tmp/vlr-evil.txt").exists()
+
+
+def test_an_archive_member_onto_a_file_of_the_hub_is_refused(cache, virl):
+    """The snapshot's files are links into blobs/: a member named like one would write through the link."""
+    parquet, _ = virl
+    archive = zip_with(parquet.parent / "evil.zip", ("images/a.png", "x"), ("39Krelease.parquet", "overwritten"))
+    snapshot = cache_virl(cache, (parquet, archive))
+    with pytest.raises(UserError, match="member '39Krelease.parquet' would land outside"):
+        hub.data_file("TIGER-Lab/ViRL39K")
+    assert (snapshot / "39Krelease.parquet").read_bytes() == parquet.read_bytes()
+    assert not (snapshot / "images").exists()
+
+
+def test_benchmarks_without_data_read_their_published_split(cache, tmp_path):
+    mathvista = hub.BENCHMARKS["mathvista"]
+    cached(cache, mathvista.repo, mathvista.revision, {mathvista.files[0]: released.make_mathvista(tmp_path / "mv", 3)})
+    records = ev.load_bench("mathvista")
+    assert [(r.id, r.answer, r.meta) for r in records] == [(str(i), "28.27", {"precision": 2}) for i in range(3)]
+    # MMMU-Pro's standard setting comes in two files: both are read, in order
+    mmmu = hub.BENCHMARKS["mmmu-pro"]
+    shards = {}
+    for i, name in enumerate(mmmu.files):
+        rows = [{"id": f"test_Art_{i}", "question": "<image 1> Which painting is older?", "options": "['left', 'right']",
+                 "answer": "AB"[i], "image_1": {"bytes": (tmp_path / "mv" / "p.png").read_bytes(), "path": None},
+                 "subject": "Art"}]
+        shards[name] = tmp_path / f"mmmu-{i}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), shards[name])
+    cached(cache, mmmu.repo, mmmu.revision, shards)
+    assert [(r.id, r.answer, r.choices) for r in ev.load_bench("mmmu-pro")] == [
+        ("test_Art_0", "A", ["left", "right"]), ("test_Art_1", "B", ["left", "right"])]
+
+
+def test_offline_and_not_cached_is_one_sentence_naming_the_download(cache, virl):
+    with pytest.raises(UserError) as err:
+        hub.data_file("TIGER-Lab/ViRL39K")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--data: dataset TIGER-Lab/ViRL39K is not in the hub's cache "
+                                                      f"({cache}) and the hub is not asked (HF_HUB_OFFLINE is set); ")
+    assert ("`hf download TIGER-Lab/ViRL39K 39Krelease.parquet images.zip --repo-type dataset "
+            f"--revision {VIRL.revision}`") in message
+    with pytest.raises(UserError, match=r"`hf download MMMU/MMMU_Pro 'standard \(10 options\)/test-00000-of-00002"
+                                        r"\.parquet' 'standard \(10 options\)/test-00001-of-00002\.parquet' "
+                                        r"--repo-type dataset --revision b037bbe"):
+        ev.load_bench("mmmu-pro")
+    cached(cache, VIRL.repo, VIRL.revision, {"39Krelease.parquet": virl[0]})  # a download cut short
+    with pytest.raises(UserError, match=rf"^--data: images.zip of TIGER-Lab/ViRL39K at {VIRL.revision} not in \S+; "
+                                        r"`hf download TIGER-Lab/ViRL39K 39Krelease.parquet images.zip"):
+        hub.data_file("TIGER-Lab/ViRL39K")
+    # offline, the hub cannot say that a name does not exist: the sentence says so
+    with pytest.raises(UserError, match=r"--data: dataset nobody/no-such-data is not in the hub's cache .* a name it "
+                                        r"does not have cannot be told from one not yet downloaded; download it with "
+                                        r"`hf download nobody/no-such-data --repo-type dataset`"):
+        hub.data_file("nobody/no-such-data")
+
+
+class NoRepository(http.server.BaseHTTPRequestHandler):
+    """A stand-in hub that has no repository at all, answering as the hub does (404, RepoNotFound)."""
+    asked = []
+
+    def do_GET(self):
+        self.asked.append(self.path)
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_bad_id_is_one_sentence_and_nothing_is_trained(cache, virl, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoRepository)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(UserError, match=r"^--data: the hub has no dataset nobody/no-such-data \(or it is private "
+                                            r"or gated, .*`hf auth login`\)$"):
+            hub.data_file("nobody/no-such-data")
+        assert NoRepository.asked
+        # a pinned release whose files are all cached is not asked about again (the hub would deny it here)
+        NoRepository.asked.clear()
+        snapshot = cache_virl(cache, virl)
+        assert hub.data_file("TIGER-Lab/ViRL39K") == str(snapshot / "39Krelease.parquet") and not NoRepository.asked
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the trainer, offline: the sentence alone, before any model loads or anything is trained
+    out = tmp_path / "run"
+    run = procs.run([sys.executable, "vlr.py", "--data", "nobody/no-such-data", "--out", str(out)], 120, cwd=ROOT)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [f"--data: dataset nobody/no-such-data is not in the hub's cache ({cache}) "
+                                               "and the hub is not asked (HF_HUB_OFFLINE is set), so a name it does not "
+                                               "have cannot be told from one not yet downloaded; download it with `hf "
+                                               "download nobody/no-such-data --repo-type dataset` where the hub is "
+                                               "reachable (into this cache, or copy the cache here), or give a local "
+                                               "path"]
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_dataset_with_other_columns_is_one_sentence(cache, tmp_path):
+    other = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"problem": "What is x?", "images": ["a.png"], "solution": "2"}]), other)
+    snapshot = cached(cache, "someone/other-data", "0" * 40, {"train.parquet": other, "data/more.parquet": other})
+    path = hub.data_file("someone/other-data")
+    assert path == str(snapshot / "train.parquet")  # the top-level file of a dataset vlr does not know
+    with pytest.raises(data.DataError, match=r"^\S+train.parquet: missing column\(s\) qid, question, answer, image; "
+                                             r"a ViRL39K parquet has qid, question, answer, image$"):
+        data.load_records(path)
+
+
+def test_an_existing_path_wins_over_a_hub_id(cache, virl, tmp_path, monkeypatch):
+    """A folder named like the hub id (a release fetched with `hf download --local-dir`) is used as
+    it is, its archive unpacked in it; the hub's cache is not looked at (it is empty: offline, asking
+    it would fail)."""
+    parquet, archive = virl
+    local = tmp_path / "TIGER-Lab" / "ViRL39K"
+    local.mkdir(parents=True)
+    for src in (parquet, archive):
+        (local / src.name).write_bytes(src.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    path = hub.data_file("TIGER-Lab/ViRL39K")
+    assert path == str(Path("TIGER-Lab/ViRL39K/39Krelease.parquet"))
+    assert len(data.load_records(path)[0]) == 4 and (local / "images" / "c.jpg").exists()
+    assert hub.data_file("TIGER-Lab/ViRL39K/39Krelease.parquet") == "TIGER-Lab/ViRL39K/39Krelease.parquet"
+    assert hub.data_file("TIGER-Lab/train.jsonl") == "TIGER-Lab/train.jsonl"  # a missing file, not a hub id
+    assert list(cache.iterdir()) == []
