@@ -397,6 +397,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    if args.log_samples < 0:
+        p.error("--log-samples must be 0 or more")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if min(args.min_pixels, args.max_pixels) < 0 or 0 < args.max_pixels < args.min_pixels:

@@ -307,6 +307,8 @@ def check_flags(cfg: Config) -> Path:
     if cfg.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
     tracking.kinds(cfg.log)  # a logger asked for and not installed: said before anything loads
+    if cfg.log_samples < 0:
+        raise UserError(f"--log-samples {cfg.log_samples}: give how many responses to show (0: none)")
     if cfg.lora_rank < 0:
         raise UserError(f"--lora-rank {cfg.lora_rank}: give a positive rank for adapters, or 0 for full fine-tuning")
     if cfg.shard:

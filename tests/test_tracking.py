@@ -97,6 +97,8 @@ def test_a_logger_that_is_not_installed_is_said_before_anything_loads(tmp_path, 
     with pytest.raises(UserError, match=r"^--log wandb: the wandb package is not installed .*: pip install wandb$"):
         vlr.check_flags(vlr.parse_args(["--log", "tensorboard,wandb", "--out", str(tmp_path / "x")]))
     assert not (tmp_path / "x").exists()
+    with pytest.raises(UserError, match=r"^--log-samples -1: give how many responses to show \(0: none\)$"):
+        vlr.check_flags(vlr.parse_args(["--log-samples", "-1", "--out", str(tmp_path / "x")]))
     for bad in ("tensorbord", "none,wandb", ""):
         with pytest.raises(UserError, match="give 'none' or loggers from tensorboard, wandb, trackio"):
             tracking.kinds(bad)
