@@ -174,10 +174,10 @@ def open_loggers(names: list[str], out: Path, config: dict, logged: int) -> Logg
     resumed run repeats the steps after its checkpoint identically)."""
     ids_path = out / "tracking.json"
     before = json.loads(ids_path.read_text()) if ids_path.exists() else {}
-    ids = dict(before)
-    loggers, sent = make_loggers(names, out, config, ids, logged)
-    if ids != before:
+    ids = {**new_ids(names, out.name), **before}
+    if ids != before:  # before any run starts: a kill after it cannot leave a run that no launch continues
         checkpoint.replace_text(ids_path, json.dumps(ids))
+    loggers, sent = make_loggers(names, out, config, ids, set(before), logged)
     by_step = {}
     for s in checkpoint.records(out / "samples.jsonl"):
         by_step.setdefault(s["step"], []).append(s)
@@ -187,10 +187,15 @@ def open_loggers(names: list[str], out: Path, config: dict, logged: int) -> Logg
     return run
 
 
-def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, logged: int) -> tuple[list, list[int]]:
+def new_ids(names: list[str], name: str) -> dict:
+    """A new run id for each W&B/trackio logger of `names`: the run's name and a random part."""
+    return {kind: f"{name}-{uuid.uuid4().hex[:8]}" for kind in names if kind != "tensorboard"}
+
+
+def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, known: set, logged: int):
     """The loggers of `names` writing for `folder` (TensorBoard into folder/tb, afresh), and the last
-    step each already holds (`Hosted`). `ids`: the W&B/trackio runs to continue by kind, which were
-    sent the steps up to `logged`; a kind not in it starts a new run, whose id is added."""
+    step each already holds (`Hosted`). `ids`: the W&B/trackio run of each kind; those of the kinds
+    in `known` were run by an earlier launch, which sent them the steps up to `logged`."""
     loggers, sent = [], []
     for kind in names:
         if kind == "tensorboard":
@@ -198,9 +203,7 @@ def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, logged
             loggers.append(TensorBoard(folder / "tb", config))
             sent.append(-1)
         else:
-            again = kind in ids
-            ids.setdefault(kind, f"{folder.name}-{uuid.uuid4().hex[:8]}")
-            loggers.append(Hosted(kind, ids[kind], folder.name, config, folder, again, logged))
+            loggers.append(Hosted(kind, ids[kind], folder.name, config, folder, kind in known, logged))
             sent.append(loggers[-1].held)
     return loggers, sent
 
@@ -208,7 +211,7 @@ def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, logged
 def log_once(names: list[str], folder: Path, config: dict, values: dict, samples: list[dict]):
     """eval.py --log: one result (`values` as tags, `samples`) as step 0 of a new logger run named after `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    loggers, sent = make_loggers(names, folder, config, {}, -1)
+    loggers, sent = make_loggers(names, folder, config, new_ids(names, folder.name), set(), -1)
     run = Loggers(loggers, sent, None)
     run.log(0, values, samples)
     run.close()
