@@ -169,7 +169,7 @@ def load_state(ckpt: Path) -> dict:
 
 
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
-RESUMABLE = {"resume", "overwrite", "auto_resume", "save_every", "eval_every", "out", "share_vision", "log",
+RESUMABLE = {"resume", "overwrite", "auto_resume", "save_every", "eval_every", "out", "share_vision", "report_to",
              "log_samples"}
 # a line per step (samples.jsonl: per response shown), cut back together on resume
 LOGS = ("metrics.jsonl", "samples.jsonl")

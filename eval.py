@@ -387,10 +387,10 @@ def parser() -> argparse.ArgumentParser:
                    help="largest image in pixels (0: the model's own; for a hub model the published 1280*28*28)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the paper evaluates")
-    p.add_argument("--log", default="none", help="also send the summary and the first --log-samples responses to "
-                                                 "tensorboard (into OUT without .jsonl, /tb), wandb or trackio "
-                                                 "(comma-separated), as step 0 of a run named after --out's file")
-    p.add_argument("--log-samples", type=int, default=4, help="responses sent to --log's loggers")
+    p.add_argument("--report-to", default="none",
+                   help="also send the summary and the first --log-samples responses to tensorboard (into OUT without "
+                        ".jsonl, /tb), wandb or trackio (comma-separated), as step 0 of a run named after --out's file")
+    p.add_argument("--log-samples", type=int, default=4, help="responses sent to --report-to's loggers")
     return p
 
 
@@ -405,7 +405,7 @@ def main(argv=None):
         p.error("--min-pixels and --max-pixels must be positive (0: default), min at most max")
     if args.max_new_tokens is None:
         args.max_new_tokens = TOY_MAX_NEW_TOKENS if args.bench == "toy" else PUBLISHED_MAX_NEW_TOKENS
-    loggers = tracking.kinds(args.log)  # one not installed: said before the model loads
+    loggers = tracking.kinds(args.report_to)  # one not installed: said before the model loads
     models.check(args.model)
     records = load_bench(args.bench, args.data)[:args.limit]  # bad data stops every process before loading a model
     rows = run(args, records)

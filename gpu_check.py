@@ -230,8 +230,8 @@ TIMINGS = ("step_s", "tokens_per_s")
 def the_command(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: bool) -> dict:
     """Two steps with a checkpoint after each; the first checkpoint resumed in a folder of its own;
     eval.py on the result. Whether the resumed second step equals the uninterrupted one."""
-    # --log none: the device's image has no tensorboard (tests/test_gpu_check.py's DEVICE_HAS), and it measures nothing here
-    flags = ["--model", model, "--data", released.make_virl(work / "virl", sizes.picture), *README_3B, "--log", "none",
+    # --report-to none: the device's image has no tensorboard (tests/test_gpu_check.py's DEVICE_HAS), and it measures nothing here
+    flags = ["--model", model, "--data", released.make_virl(work / "virl", sizes.picture), *README_3B, "--report-to", "none",
              *(["--bf16"] if on_gpu else []), *sizes.run, "--steps", "2", "--save-every", "1"]
     straight, resumed = work / "run", work / "resumed"
     t0 = time.time()

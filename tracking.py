@@ -4,7 +4,7 @@ A 3B run lasts hours; metrics.jsonl is its record (resume and the lab read it), 
 after the fact does not catch a format collapse, a runaway "wait" or a grader that is wrong while
 there is still time to stop. So, on rank 0:
 
-- every number of metrics.jsonl goes, at its step, to the loggers of `--log`: TensorBoard (the
+- every number of metrics.jsonl goes, at its step, to the loggers of `--report-to`: TensorBoard (the
   default: event files in <run>/tb/, `tensorboard --logdir runs`), W&B and trackio (optional
   packages, asked for by name; the run's config goes in as hyperparameters, its folder's name as
   the run's name);
@@ -28,21 +28,21 @@ from pathlib import Path
 import checkpoint
 from distributed import UserError
 
-KINDS = ("tensorboard", "wandb", "trackio")  # --log's names; "none" for no logger
+KINDS = ("tensorboard", "wandb", "trackio")  # --report-to's names; "none" for no logger
 PROJECT = "vlr"  # the W&B / trackio project (WANDB_PROJECT / TRACKIO_PROJECT override it)
 CUT, MODEL = "⟨cut⟩", "⟨model⟩"  # in a rethought sample: where the first response was cut; where the model goes on
 TEXTS = ("question", "response", "text")  # a sample's fields that are the model's or the task's words
 
 
 def kinds(flag: str) -> list[str]:
-    """--log's loggers. Refused in one sentence, before any model loads: an unknown name, or an
+    """--report-to's loggers. Refused in one sentence, before any model loads: an unknown name, or an
     optional package that is not installed (with the command that installs it)."""
     names = [k.strip() for k in flag.split(",") if k.strip()]
     if not names or any(k not in (*KINDS, "none") for k in names) or ("none" in names and len(names) > 1):
-        raise UserError(f"--log {flag!r}: give 'none' or loggers from {', '.join(KINDS)}, comma-separated")
+        raise UserError(f"--report-to {flag!r}: give 'none' or loggers from {', '.join(KINDS)}, comma-separated")
     for k in names:
         if k != "none" and importlib.util.find_spec(k) is None:
-            raise UserError(f"--log {k}: the {k} package is not installed (vlr does not need it otherwise): "
+            raise UserError(f"--report-to {k}: the {k} package is not installed (vlr does not need it otherwise): "
                             f"pip install {k}")
     return [k for k in names if k != "none"]
 
@@ -209,7 +209,7 @@ def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, known:
 
 
 def log_once(names: list[str], folder: Path, config: dict, values: dict, samples: list[dict]):
-    """eval.py --log: one result (`values` as tags, `samples`) as step 0 of a new logger run named after `folder`."""
+    """eval.py --report-to: one result (`values` as tags, `samples`) as step 0 of a new logger run named after `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     loggers, sent = make_loggers(names, folder, config, new_ids(names, folder.name), set(), -1)
     run = Loggers(loggers, sent, None)

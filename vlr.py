@@ -108,8 +108,11 @@ class Config:
     # Bookkeeping
     eval_every: int = arg(20, "in-loop greedy eval on the toy test split every this many steps (0: never)")
     save_every: int = arg(50, "checkpoint every this many steps")
-    log: str = arg("tensorboard", "where the numbers and samples go as the run trains, besides metrics.jsonl and "
-                                  "samples.jsonl: tensorboard (<out>/tb), wandb, trackio (comma-separated), or none")
+    # named as transformers' Trainer names it: torchrun's parser refuses a --log anywhere on its command line
+    # (an abbreviation of its own --log-dir and --logs-specs)
+    report_to: str = arg("tensorboard", "where the numbers and samples go as the run trains, besides metrics.jsonl "
+                                        "and samples.jsonl: tensorboard (<out>/tb), wandb, trackio (comma-separated), "
+                                        "or none")
     log_samples: int = arg(4, "greedy responses shown at each in-loop eval, and rethought ones each step "
                               "(samples.jsonl and the loggers)")
     resume: bool = arg(False, "continue from <out>/ckpt, exactly: every other flag must be as in <out>/config.json, "
@@ -306,7 +309,7 @@ def check_flags(cfg: Config) -> Path:
     world = rank_world()[1]
     if cfg.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by {world} processes")
-    tracking.kinds(cfg.log)  # a logger asked for and not installed: said before anything loads
+    tracking.kinds(cfg.report_to)  # a logger asked for and not installed: said before anything loads
     if cfg.log_samples < 0:
         raise UserError(f"--log-samples {cfg.log_samples}: give how many responses to show (0: none)")
     if cfg.lora_rank < 0:
@@ -337,7 +340,7 @@ def train(cfg: Config):
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
     low_format_steps, last_eval = 0, float("nan")
-    loggers = tracking.open_loggers(tracking.kinds(cfg.log), run.out, asdict(cfg), run.logged) if run.rank == 0 else None
+    loggers = tracking.open_loggers(tracking.kinds(cfg.report_to), run.out, asdict(cfg), run.logged) if run.rank == 0 else None
     with (faults.Watch(run.out, run.rank, run.world, run.start) as watch,  # status.json; a failure recorded
           closing(loggers) if loggers else nullcontext()):
         for step in bar:

@@ -1,5 +1,5 @@
 """tracking.py: what W&B and trackio are sent (stand-in modules that record their calls), across a
-crash and a resume; the sentences for a logger that is not there; eval.py --log; lab.py's samples
+crash and a resume; the sentences for a logger that is not there; eval.py --report-to; lab.py's samples
 side by side. TensorBoard's events of a killed and resumed run: test_vlr.py."""
 import importlib.machinery
 import json
@@ -52,9 +52,9 @@ def test_wandb_and_trackio_get_the_config_and_every_step_once_across_a_crash_and
 
     monkeypatch.setattr(vlr, "train_step", crash_at_3)
     with pytest.raises(RuntimeError, match="killed"):
-        vlr.train(vlr.parse_args(args + ["--log", "wandb"]))
+        vlr.train(vlr.parse_args(args + ["--report-to", "wandb"]))
     monkeypatch.setattr(vlr, "train_step", real)
-    cfg = vlr.parse_args(args + ["--log", "wandb,trackio", "--resume"])
+    cfg = vlr.parse_args(args + ["--report-to", "wandb,trackio", "--resume"])
     vlr.train(cfg)
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -94,8 +94,8 @@ def test_wandb_and_trackio_get_the_config_and_every_step_once_across_a_crash_and
 def test_a_logger_that_is_not_installed_is_said_before_anything_loads(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(UserError, match=r"^--log wandb: the wandb package is not installed .*: pip install wandb$"):
-        vlr.check_flags(vlr.parse_args(["--log", "tensorboard,wandb", "--out", str(tmp_path / "x")]))
+    with pytest.raises(UserError, match=r"^--report-to wandb: the wandb package is not installed .*: pip install wandb$"):
+        vlr.check_flags(vlr.parse_args(["--report-to", "tensorboard,wandb", "--out", str(tmp_path / "x")]))
     assert not (tmp_path / "x").exists()
     with pytest.raises(UserError, match=r"^--log-samples -1: give how many responses to show \(0: none\)$"):
         vlr.check_flags(vlr.parse_args(["--log-samples", "-1", "--out", str(tmp_path / "x")]))
@@ -107,7 +107,7 @@ def test_a_logger_that_is_not_installed_is_said_before_anything_loads(tmp_path, 
 
 def test_eval_sends_its_summary_and_samples_to_tensorboard(tmp_path, tiny_model):
     out = tmp_path / "eval-toy.jsonl"
-    evaluation.main(["--bench", "toy", "--limit", "5", "--max-new-tokens", "16", "--log", "tensorboard",
+    evaluation.main(["--bench", "toy", "--limit", "5", "--max-new-tokens", "16", "--report-to", "tensorboard",
                      "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     acc = EventAccumulator(str(tmp_path / "eval-toy" / "tb"))

@@ -162,6 +162,18 @@ def test_help_names_every_flag_with_its_text_and_config_json_records_every_field
     assert json.loads((tmp_path / "config.json").read_text()) == {f.name: getattr(cfg, f.name) for f in fields(cfg)}
 
 
+def test_every_flag_of_vlr_and_eval_reaches_the_script_under_torchrun():
+    """torchrun's own parser reads every option on its command line, the script's too: a flag that
+    abbreviates one of its options is refused there ("--log": --log-dir or --logs-specs?) or taken."""
+    import eval as evaluation
+    from torch.distributed import run as torchrun
+    flags = [("--no-" if f.default is True else "--") + f.name.replace("_", "-") for f in fields(vlr.Config)]
+    flags += [o for o in evaluation.parser()._option_string_actions if o.startswith("--") and o != "--help"]
+    for flag in flags:
+        args = torchrun.parse_args(["--nproc_per_node", "2", "vlr.py", flag, "1"])
+        assert args.training_script_args == [flag, "1"], flag
+
+
 def test_recipe_published_sets_its_values_and_flags_given_still_win():
     cfg = vlr.parse_args(["--recipe", "published", "--top-k", "20"])
     for name, value in vlr.RECIPES["published"].items():
