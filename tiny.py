@@ -14,8 +14,10 @@ comes from RL. A quarter of the warm-start responses are rethinking-shaped (answ
 second answer, both random) with the trigger tokens left out of the loss: the base can continue
 after a forced trigger, as an instruct model can, but never says "wait" by itself.
 
-    python tiny.py            # build (or rebuild) it into .cache/tiny-qwen2.5-vl and report
+    python tiny.py                  # build (or rebuild) it into .cache/tiny-qwen2.5-vl and report
+    python tiny.py --second-look    # the second-look lab's variant, into .cache/tiny-second-look
 """
+import argparse
 import hashlib
 import json
 import random
@@ -269,5 +271,7 @@ def second_look_response(rec: data.Record, rng: random.Random):
 
 
 if __name__ == "__main__":
-    second = sys.argv[1:] == ["--second-look"]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--second-look", action="store_true", help="build the second-look variant instead")
+    second = p.parse_args().second_look
     print(json.dumps(build(SECOND_LOOK_CACHE, second_look=True) if second else build(CACHE)))
