@@ -61,6 +61,8 @@ LORA_CONFIGS = {
 # variant of the tiny model whose warm start primes the form "Wait, ... <first answer> > ...".
 # Forced Rethinking keeps the first answer (no cut before it: --rethink-cut-prob 0), so that a
 # continuation can start from it, and a rethought response gets the room it needs (64 tokens).
+# Measured: on the tiny model no arm leaves chance (it cannot read the code table); the preset is
+# there for a base that can, e.g. `-- --model <folder>`.
 SECOND_LOOK_LAB = ["--model", "tiny-second-look", "--toy-tiers", "code,code2", "--minibatches", "8",
                    "--eval-every", "10", "--max-new-tokens", "64", "--rethink-cut-prob", "0"]
 PRESETS = {"ablation": (LAB, CONFIGS), "lora": (LORA_LAB, LORA_CONFIGS), "second-look": (SECOND_LOOK_LAB, CONFIGS)}
