@@ -315,11 +315,21 @@ TIERS = {  # tier -> (question, answer space); easiest first
 # of TIERS: the warm start, the tokenizer's corpus and the test split stay as they were.
 UNSEEN_COLOURS = {"orange": (245, 140, 20), "pink": (245, 150, 200), "brown": (125, 75, 35)}
 BEYOND = {"unseen": ("What colour is the shape?", list(UNSEEN_COLOURS))}
+# A second look (docs/lab.md, "A second look"): the colour tier's picture, and in the question a
+# random code over the six colours, a 6-cycle listed in shuffled order ("blue > red, red > black,
+# ..."). 'code' asks for the code of the shape's colour: picture -> colour -> code, what one pass of
+# a 2-layer decoder can reach. 'code2' asks for the code of that code: one lookup more, which a
+# continuation that sees its own first answer can make ("... \boxed{red}. Wait, ... red > blue").
+# Each question's code is drawn from its spec's seed, so no other tier's stream changes; they have
+# their own test stream (SECOND_LOOK_TEST_SEED) and are kept out of TIERS, like 'unseen'.
+SECOND_LOOK = {"code": ("What is the code of the shape's colour?", list(COLOURS)),
+               "code2": ("What is the code of the code of the shape's colour?", list(COLOURS))}
 PALETTE = {**COLOURS, **UNSEEN_COLOURS}
-ALL_TIERS = {**TIERS, **BEYOND}  # every tier a ToyTask can hold
+ALL_TIERS = {**TIERS, **BEYOND, **SECOND_LOOK}  # every tier a ToyTask can hold
 
 TEST_SEED, TRAIN_SEED = 1_000_003, 7  # two disjoint random streams
 TOY_TEST_SIZE = 300  # the fixed test split: 60 questions of each tier
+SECOND_LOOK_TEST_SEED = 2_000_003  # the second-look tiers' own test stream, 60 questions of each
 
 
 def _draw(shapes) -> Image.Image:
@@ -338,7 +348,7 @@ def _draw(shapes) -> Image.Image:
 
 def _scene(tier: str, rng: random.Random):
     """Random shapes (kind, colour, centre x, centre y, half-size) for one question of `tier`."""
-    if tier in ("colour", "shape", "choice", "unseen"):  # one big shape anywhere
+    if tier in ("colour", "shape", "choice", "unseen", *SECOND_LOOK):  # one big shape anywhere
         r = rng.randint(22, 40)
         colours = list(UNSEEN_COLOURS if tier == "unseen" else COLOURS)
         return ((rng.choice(SHAPES), rng.choice(colours), rng.randint(r, SIZE - r), rng.randint(r, SIZE - r), r),)
@@ -354,7 +364,7 @@ def _scene(tier: str, rng: random.Random):
 
 
 def _answer(tier: str, shapes) -> str:
-    if tier in ("colour", "choice", "unseen"):
+    if tier in ("colour", "choice", "unseen", *SECOND_LOOK):  # the second-look tiers: what the code is applied to
         return shapes[0][1]
     if tier == "shape":
         return shapes[0][0]
@@ -377,10 +387,12 @@ class ToyTask:
             if t not in ALL_TIERS:
                 raise ValueError(f"unknown toy tier '{t}'; choose from {list(ALL_TIERS)}")
         test = list(_stream(TEST_SEED, list(TIERS), TOY_TEST_SIZE))
+        looks = [t for t in SECOND_LOOK if t in tiers]  # their test questions only when asked for: the default split stays
+        test_looks = list(_stream(SECOND_LOOK_TEST_SEED, looks, 60 * len(looks))) if looks else []
         if split == "test":
-            self.specs = [s for s in test if s[1] in tiers]
+            self.specs = [s for s in test if s[1] in tiers] + test_looks
         else:
-            seen = {_key(s) for s in test}
+            seen = {_key(s) for s in test + test_looks}
             self.specs = [s for s in _stream(TRAIN_SEED, list(tiers), n + len(test)) if _key(s) not in seen][:n]
         self.split = split
 
@@ -390,14 +402,44 @@ class ToyTask:
     def __getitem__(self, i: int) -> Record:
         idx, tier, shapes, mc, dseed = self.specs[i]
         question, space = ALL_TIERS[tier]
-        answer, choices = _answer(tier, shapes), None
+        answer, choices, meta = _answer(tier, shapes), None, {}
+        if tier in SECOND_LOOK:
+            question, answer, meta = _coded(tier, question, answer, dseed)
         if mc:  # up to three distractors from the same answer space, in a seeded order
             rng = random.Random(dseed)
             choices = rng.sample([a for a in space if a != answer], min(3, len(space) - 1)) + [answer]
             rng.shuffle(choices)
             answer = LETTERS[choices.index(answer)]
         return Record(id=f"toy-{self.split}-{idx}", images=[_draw(shapes)], question=question,
-                      answer=answer, choices=choices, category=tier)
+                      answer=answer, choices=choices, category=tier, meta=meta)
+
+
+def code_of(dseed: int) -> dict:
+    """A second-look question's code: a random 6-cycle over the colours (colour -> its code), in the
+    order the question lists it (shuffled). A cycle has no fixed point, and its square none either,
+    so a colour, its code and the code of its code are three different colours."""
+    rng = random.Random(dseed)
+    ring = rng.sample(list(COLOURS), len(COLOURS))
+    pairs = [(a, ring[(i + 1) % len(ring)]) for i, a in enumerate(ring)]
+    rng.shuffle(pairs)
+    return dict(pairs)
+
+
+def _coded(tier: str, question: str, colour: str, dseed: int):
+    """(question, answer, meta) of a second-look question about a shape of `colour`. meta["short"]
+    is the answer one lookup short of the gold (code2: the code; code: the colour): what a first
+    answer is when the second look is left to a continuation (eval.py's per-tier reflection
+    metrics); meta["code"] the question's code."""
+    code = code_of(dseed)
+    listed = ", ".join(f"{a} > {b}" for a, b in code.items())
+    answer, short = (code[colour], colour) if tier == "code" else (code[code[colour]], code[colour])
+    return f"Code: {listed}. {question}", answer, {"short": short, "code": code}
+
+
+def test_tiers(trained: list) -> list:
+    """The tiers of the in-loop eval: TIERS, and every second-look tier when one is trained on (what
+    a run on 'code' does with 'code2' is worth seeing)."""
+    return list(TIERS) + (list(SECOND_LOOK) if set(SECOND_LOOK) & set(trained) else [])
 
 
 def _stream(seed: int, tiers: list, n: int):

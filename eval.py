@@ -68,11 +68,17 @@ def revises(text: str) -> bool:
     """A reflection that changes the answer: the last boxed answer before the first reflection
     phrase differs from the final one. A policy can learn to say "wait" and repeat itself (a
     reward that pays for reflections invites it); this tells that apart from a second look."""
-    m = _REFLECTION.search(text)
-    if m is None:
+    if _REFLECTION.search(text) is None:
         return False
-    before, final = reward.extract_answer(text[:m.start()]), reward.extract_answer(text)
+    before, final = first_answer(text), reward.extract_answer(text)
     return before is not None and final is not None and before != final
+
+
+def first_answer(text: str) -> str | None:
+    """The answer a response gave before it first reflected: the last boxed answer before the first
+    reflection phrase (the final answer when it has none); None when there is no box before it."""
+    m = _REFLECTION.search(text)
+    return reward.extract_answer(text if m is None else text[:m.start()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +91,7 @@ def row(rec: data.Record, response: str, n_tokens: int) -> dict:
     return {"id": rec.id, "category": rec.category, "question": rec.question, "choices": rec.choices,
             "answer": rec.answer, "response": response, "extracted": reward.extract_answer(response),
             "correct": grade(rec, response), "reflects": reflects(response), "revises": revises(response),
-            "len": n_tokens}
+            "first": first_answer(response), "short": rec.meta.get("short"), "len": n_tokens}
 
 
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
@@ -139,8 +145,9 @@ def toy_metrics(rows: list[dict], trained_tiers: list[str], world: int) -> dict:
     """The trainer's in-loop eval (vlr.run_eval) from this process's rows and those of the others:
     eval_acc is the accuracy on the tiers trained on, eval_acc_<tier> on each tier, eval_reflect the
     share of responses with a self-reflection phrase (`reflects`, as the paper reports), eval_revise
-    the share whose reflection changes the answer (`revises`)."""
-    mine = [{k: r[k] for k in ("category", "correct", "reflects", "revises")} for r in rows]
+    the share whose reflection changes the answer (`revises`); with a second-look tier among the
+    test tiers, those of each tier too (`reflection_by_tier`)."""
+    mine = [{k: r[k] for k in ("category", "correct", "reflects", "revises")} | second_look(r) for r in rows]
     rows = [r for part in distributed.gather(mine, world) for r in part]
     trained = [r["correct"] for r in rows if r["category"] in trained_tiers]
     res = {"eval_acc": sum(trained) / len(trained), "eval_reflect": sum(r["reflects"] for r in rows) / len(rows),
@@ -148,6 +155,36 @@ def toy_metrics(rows: list[dict], trained_tiers: list[str], world: int) -> dict:
     for cat in sorted({r["category"] for r in rows}):
         hits = [r["correct"] for r in rows if r["category"] == cat]
         res[f"eval_acc_{cat}"] = sum(hits) / len(hits)
+    if any(r["short"] is not None for r in rows):  # the default run's metrics stay as they were
+        res.update(reflection_by_tier(rows))
+    return res
+
+
+def second_look(row: dict) -> dict:
+    """What a response's reflection did (docs/lab.md, "A second look"): `fixed` a revision from a
+    wrong first answer to a right final one, `broke` one from right to wrong (`first_answer`), and
+    `short_first` whether the first answer was the one a lookup short of the gold (the record's
+    meta "short"; None for a record without one)."""
+    first = row["first"]
+    first_right = first is not None and reward.accuracy(f"\\boxed{{{first}}}", row["answer"], row["choices"]) > 0
+    short = row["short"]
+    return {"fixed": row["revises"] and not first_right and bool(row["correct"]),
+            "broke": row["revises"] and first_right and not row["correct"], "short": short,
+            "short_first": short is not None and first is not None and first == short}
+
+
+def reflection_by_tier(rows: list[dict]) -> dict:
+    """Per test tier, shares of its responses: eval_reflect_<tier> that reflect, eval_revise_<tier>
+    whose reflection changes the answer, eval_fixed_<tier> / eval_broke_<tier> changed from wrong to
+    right / right to wrong; on a tier with a one-lookup-short answer, eval_short_first_<tier> whose
+    first answer (before the first reflection, or the only one) is that answer."""
+    res = {}
+    for cat in sorted({r["category"] for r in rows}):
+        mine = [r for r in rows if r["category"] == cat]
+        for key, name in (("reflects", "reflect"), ("revises", "revise"), ("fixed", "fixed"), ("broke", "broke")):
+            res[f"eval_{name}_{cat}"] = sum(r[key] for r in mine) / len(mine)
+        if mine[0]["short"] is not None:
+            res[f"eval_short_first_{cat}"] = sum(r["short_first"] for r in mine) / len(mine)
     return res
 
 

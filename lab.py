@@ -6,6 +6,7 @@
     python lab.py --compare runs/ex/base runs/ex/alpha0 --out runs/ex/alpha0.png   # any runs: table, plot
     python lab.py --compare runs/ex/base runs/ex/alpha0 --samples   # and their last eval's answers side by side
     python lab.py --preset lora --out runs/lab-lora   # low-rank adapters against full fine-tuning
+    python lab.py --preset second-look --arms grpo+ssr grpo+ssr+rethink --out runs/lab-look   # a second look
 
 GRPO, GRPO + Selective Sample Replay, GRPO + SSR + Forced Rethinking, and the published recipe:
 each is a `vlr.py` run with the lab's settings (LAB) and its own switches, in
@@ -56,7 +57,16 @@ LORA_CONFIGS = {
     "lora-r1": ["--lora-rank", "1", "--lr", "2e-3"],
     "lora-r8": ["--lora-rank", "8", "--lr", "2e-3"],
 }
-PRESETS = {"ablation": (LAB, CONFIGS), "lora": (LORA_LAB, LORA_CONFIGS)}
+# The paper's second claim (docs/lab.md, "A second look"): the same arms on the second-look tiers
+# (data.SECOND_LOOK), where the code of the code takes one lookup more than a pass has, with the
+# variant of the tiny model whose warm start primes the form "Wait, ... <first answer> > ...".
+# Forced Rethinking keeps the first answer (no cut before it: --rethink-cut-prob 0), so that a
+# continuation can start from it, and a rethought response gets the room it needs (64 tokens).
+# Measured: on the tiny model no arm leaves chance (it cannot read the code table); the preset is
+# there for a base that can, e.g. `-- --model <folder>`.
+SECOND_LOOK_LAB = ["--model", "tiny-second-look", "--toy-tiers", "code,code2", "--minibatches", "8",
+                   "--eval-every", "10", "--max-new-tokens", "64", "--rethink-cut-prob", "0"]
+PRESETS = {"ablation": (LAB, CONFIGS), "lora": (LORA_LAB, LORA_CONFIGS), "second-look": (SECOND_LOOK_LAB, CONFIGS)}
 
 
 def main(argv=None):
@@ -66,7 +76,9 @@ def main(argv=None):
     p.add_argument("--out", help="the lab's folder (default runs/lab); with --compare, the plot (default compare.png)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--preset", choices=PRESETS, default="ablation",
-                   help="which lab: the paper's ablation, or low-rank adapters against full fine-tuning")
+                   help="which lab: the paper's ablation, low-rank adapters against full fine-tuning, or the "
+                        "ablation on questions where a second look pays")
+    p.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms of the preset (default: all)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                    help="no lab: the table and the plot of these runs (NAME-s<seed> folders pool as NAME)")
     p.add_argument("--samples", action="store_true",
@@ -80,11 +92,19 @@ def main(argv=None):
         print(f"wrote {plot(args.compare, args.out or 'compare.png')}")
         return
     out = Path(args.out or "runs/lab")
-    dirs = run_lab(out, *PRESETS[args.preset], args.seeds, args.steps, args.parallel, args.vlr_args)
+    settings, configs = PRESETS[args.preset]
+    unknown = sorted(set(args.arms or []) - set(configs))
+    if unknown:
+        p.error(f"--arms: no arm {', '.join(unknown)} in the preset {args.preset} (it has {', '.join(configs)})")
+    configs = {name: configs[name] for name in args.arms or configs}
+    dirs = run_lab(out, settings, configs, args.seeds, args.steps, args.parallel, args.vlr_args)
     table = compare_table(dirs)
+    if args.preset == "second-look":
+        table += "\n\n" + second_look_table(dirs)
     (out / "table.md").write_text(table + "\n")
     print(table)
-    print(f"wrote {out / 'table.md'} and {plot(dirs, str(out / 'lab.png'))}")
+    panels = SECOND_LOOK_PLOTTED if args.preset == "second-look" else PLOTTED
+    print(f"wrote {out / 'table.md'} and {plot(dirs, str(out / 'lab.png'), panels)}")
 
 
 def run_lab(out: Path, settings: list, configs: dict, seeds: list, steps: int, parallel: int,
@@ -128,6 +148,13 @@ def wait(job):
 PLOTTED = (("reward_mean", "mean reward", False), ("zero_adv_frac", "zero-advantage share of groups", True),
            ("eval_acc", "eval accuracy (greedy)", True), ("eval_reflect", "eval reflection rate (no trigger)", True),
            ("resp_len_mean", "mean response length (tokens)", False))
+
+
+# The second-look lab's panels: the tier where a second look pays, and what the reflections on it do.
+SECOND_LOOK_PLOTTED = (("reward_mean", "mean reward", False), ("eval_acc_code2", "eval accuracy, code2 (greedy)", True),
+                       ("eval_acc_code", "eval accuracy, code (greedy)", True),
+                       ("eval_revise_code2", "code2: revision rate (no trigger)", True),
+                       ("eval_fixed_code2", "code2: revised wrong -> right", True))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -205,12 +232,32 @@ def side_by_side(run_dirs: list[str]) -> str:
                        for qid, q in by_question.items())
 
 
-def plot(run_dirs: list[str], out: str) -> str:
-    """One panel per metric, one colour per run: the raw curve faint, its running average solid
-    (rewards of a few prompts per step are noisy); the eval metrics are sparse, so as points."""
+def second_look_table(run_dirs: list[str]) -> str:
+    """A markdown table of the second-look lab, seeds pooled as in `compare_table`: per arm, the
+    last eval's greedy accuracy on each second-look tier and on the colour tier, and on code2 the
+    shares of responses that reflect, revise, revise wrong -> right and right -> wrong, and whose
+    first answer was the code (one lookup short); then the per-seed code2 accuracies."""
+    groups = {}
+    for d in run_dirs:
+        groups.setdefault(_run_name(d), []).append([m for m in read_metrics(d) if "eval_acc" in m])
+    keys = ("eval_acc_code2", "eval_acc_code", "eval_acc_colour", "eval_reflect_code2", "eval_revise_code2",
+            "eval_fixed_code2", "eval_broke_code2", "eval_short_first_code2")
+    lines = ["| run | seeds | code2 acc | code acc | colour acc | code2 reflect | code2 revise | wrong -> right "
+             "| right -> wrong | first answer the code | code2 acc per seed |", "| --- " * 11 + "|"]
+    for name, evals in groups.items():
+        last = [e[-1] for e in evals if e]
+        cells = [_mean_std([m[k] for m in last if k in m]) for k in keys]
+        seeds = ", ".join(f"{m['eval_acc_code2']:.2f}" for m in last if "eval_acc_code2" in m) or "-"
+        lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + f" | {seeds} |")
+    return "\n".join(lines)
+
+
+def plot(run_dirs: list[str], out: str, panels=PLOTTED) -> str:
+    """One panel per metric of `panels`, one colour per run: the raw curve faint, its running average
+    solid (rewards of a few prompts per step are noisy); the eval metrics are sparse, so as points."""
     runs = {d: read_metrics(d) for d in run_dirs}
     matplotlib.use("Agg")  # files only, no display
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     names = list(dict.fromkeys(_run_name(d) for d in runs))  # seeds of one run share a colour
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
     labelled = set()
@@ -218,7 +265,7 @@ def plot(run_dirs: list[str], out: str) -> str:
         colour, name = palette[names.index(_run_name(d))], _run_name(d)
         label = None if name in labelled else name
         labelled.add(name)
-        for ax, (key, _, _) in zip(axes, PLOTTED):
+        for ax, (key, _, _) in zip(axes, panels):
             pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
             if not pts:
                 continue
@@ -229,7 +276,7 @@ def plot(run_dirs: list[str], out: str) -> str:
             ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=0.8)
             ax.plot(steps, list(itertools.accumulate(vals, lambda avg, v: 0.9 * avg + 0.1 * v)), color=colour,
                     label=label)
-    for ax, (_, title, share) in zip(axes, PLOTTED):
+    for ax, (_, title, share) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("step")
         if share:

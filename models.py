@@ -1,7 +1,8 @@
 """Where a model comes from: the one loader of every command (training, reference policy, eval, bench).
 
-A model is named 'tiny' (the offline tiny Qwen2.5-VL, tiny.py), 'smoke-3b-<n>l' (the 3B-shaped
-smoke model, smoke.py), a folder or a hub id; the two built ones are built into .cache on first use.
+A model is named 'tiny' (the offline tiny Qwen2.5-VL, tiny.py; 'tiny-second-look' is its variant for the
+second-look lab), 'smoke-3b-<n>l' (the 3B-shaped smoke model, smoke.py), a folder or a hub id; the built
+ones are built into .cache on first use.
 This module stands above both builders, which import neither it nor each other's loader.
 """
 from pathlib import Path
@@ -16,7 +17,7 @@ import tiny
 from distributed import UserError
 from hub import HUB_ID  # model ids are shaped like dataset ids
 
-KNOWN = ("tiny", *smoke.NAMES)
+KNOWN = ("tiny", "tiny-second-look", *smoke.NAMES)
 
 
 def check(model: str):
@@ -29,11 +30,13 @@ def check(model: str):
 
 
 def resolve(model: str) -> str:
-    """'tiny' -> the cached tiny model folder (built on first use); 'smoke-3b-<n>l' -> the cached
-    3B-shaped smoke model; a folder or a hub id unchanged (`check`)."""
+    """'tiny' -> the cached tiny model folder (built on first use), 'tiny-second-look' its variant's;
+    'smoke-3b-<n>l' -> the cached 3B-shaped smoke model; a folder or a hub id unchanged (`check`)."""
     check(model)
     if model.startswith("smoke-3b-"):
         return smoke.resolve(model)
+    if model == "tiny-second-look":
+        return tiny.resolve_second_look()
     return tiny.resolve() if model == "tiny" else model
 
 

@@ -14,8 +14,10 @@ comes from RL. A quarter of the warm-start responses are rethinking-shaped (answ
 second answer, both random) with the trigger tokens left out of the loss: the base can continue
 after a forced trigger, as an instruct model can, but never says "wait" by itself.
 
-    python tiny.py            # build (or rebuild) it into .cache/tiny-qwen2.5-vl and report
+    python tiny.py                  # build (or rebuild) it into .cache/tiny-qwen2.5-vl and report
+    python tiny.py --second-look    # the second-look lab's variant, into .cache/tiny-second-look
 """
+import argparse
 import hashlib
 import json
 import random
@@ -91,6 +93,14 @@ def resolve() -> str:
     return str(CACHE)
 
 
+def resolve_second_look() -> str:
+    """The cached second-look variant (below), built on first use and rebuilt as `resolve` rebuilds."""
+    stamp = SECOND_LOOK_CACHE / "vlr_tiny.json"
+    if not (stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == second_look_fingerprint()):
+        build(SECOND_LOOK_CACHE, second_look=True)
+    return str(SECOND_LOOK_CACHE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and processor
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +158,7 @@ def build_model(tokenizer):
 
 def random_response(rec: data.Record, rng: random.Random):
     """(segments, trained?) of a response with a random answer from the record's answer space."""
-    space = data.LETTERS[:len(rec.choices)] if rec.choices else data.TIERS[rec.category][1]
+    space = data.LETTERS[:len(rec.choices)] if rec.choices else data.ALL_TIERS[rec.category][1]
 
     def answer():
         return f" The answer is \\boxed{{{rng.choice(space)}}}."
@@ -159,11 +169,13 @@ def random_response(rec: data.Record, rng: random.Random):
     return [(first, True), (rng.choice(rethink.TRIGGERS), False), (" " + rng.choice(REASONS) + answer(), True)]
 
 
-def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WARM_LR, seed=0):
-    """Supervised steps on random-answer responses; returns the final loss."""
+def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WARM_LR, seed=0,
+               tiers=tuple(data.TIERS), respond=random_response):
+    """Supervised steps on random-answer responses (`respond`) to questions of `tiers`; returns
+    the final loss."""
     tok = processor.tokenizer
     banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
-    task = data.ToyTask("train", n=steps * batch_size)
+    task = data.ToyTask("train", tiers, n=steps * batch_size)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
@@ -173,7 +185,7 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
         prompts = data.encode_prompts(processor, recs)
         ids, loss_mask = [], []
         for rec in recs:
-            parts = random_response(rec, rng) + [("<|im_end|>", True)]
+            parts = respond(rec, rng) + [("<|im_end|>", True)]
             enc = [tok.encode(text, add_special_tokens=False) for text, _ in parts]
             ids.append(torch.tensor(sum(enc, [])))
             loss_mask.append(torch.tensor(sum(([float(t)] * len(e) for e, (_, t) in zip(enc, parts)), [])))
@@ -191,8 +203,9 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
     return loss.item()
 
 
-def build(out: Path) -> dict:
-    """Build tokenizer, processor and model, warm-start it, and save atomically into `out`."""
+def build(out: Path, second_look: bool = False) -> dict:
+    """Build tokenizer, processor and model, warm-start it, and save atomically into `out`; with
+    `second_look`, the second-look variant (below)."""
     t0 = time.time()
     progress(f"building the tiny model into {out}, once: the tokenizer", t0)
     torch.manual_seed(0)
@@ -200,8 +213,12 @@ def build(out: Path) -> dict:
     model = build_model(processor.tokenizer)
     t_build = time.time() - t0
     progress(f"the format warm start, {WARM_STEPS} steps", t0)
-    loss = warm_start(model, processor)
-    info = {"fingerprint": fingerprint(), "params": sum(p.numel() for p in model.parameters()),
+    if second_look:
+        loss = warm_start(model, processor, tiers=SECOND_LOOK_TIERS, respond=second_look_response)
+    else:
+        loss = warm_start(model, processor)
+    info = {"fingerprint": second_look_fingerprint() if second_look else fingerprint(),
+            "params": sum(p.numel() for p in model.parameters()),
             "vocab": len(processor.tokenizer), "build_s": round(t_build, 2),
             "warm_start_s": round(time.time() - t0 - t_build, 2), "warm_start_loss": round(loss, 4)}
     def write(tmp: Path):
@@ -215,5 +232,46 @@ def build(out: Path) -> dict:
     return info
 
 
+# ---------------------------------------------------------------------------------------------
+# The second-look variant (docs/lab.md, "A second look"): `--model tiny-second-look`
+# ---------------------------------------------------------------------------------------------
+# The second-look lab asks questions the default model never read (data.SECOND_LOOK) and needs a
+# base that, after a forced trigger, continues from its first answer: "... \\boxed{red}. Wait,
+# let's double check. red > ..." So this variant is built as the default one (the same tokenizer,
+# the same initial weights) but warm-started on every tier, the second-look tiers included, and
+# their rethinking-shaped responses restate the first answer and follow it with " > " and a
+# colour, then a box. The form is taught, not the answer: the first answer is a random colour
+# and so is the final one (READS_CODE says which). The default model stays as it is.
+SECOND_LOOK_CACHE = HERE / ".cache" / "tiny-second-look"
+SECOND_LOOK_TIERS = (*data.TIERS, *data.SECOND_LOOK)
+# What follows "<first answer> >": the first answer's code as the question lists it (True: the
+# warm start teaches reading the code table, and the final answer, the code of a random colour,
+# is itself a random colour), or another random colour (False: the form alone).
+READS_CODE = False
+
+
+def second_look_fingerprint() -> str:
+    return hashlib.sha256(f"{fingerprint()} second look, reads code: {READS_CODE}".encode()).hexdigest()[:16]
+
+
+def second_look_response(rec: data.Record, rng: random.Random):
+    """(segments, trained?) of a warm-start response: as `random_response`, but a rethinking-shaped
+    response to a second-look question restates its first answer after the trigger and continues
+    from it: "<reason> The answer is \\boxed{X}." + trigger (not trained) + " X > Y. The answer is
+    \\boxed{Y}." X is a random colour; Y the code of X (READS_CODE) or another random colour."""
+    if rec.category not in data.SECOND_LOOK:
+        return random_response(rec, rng)
+    space = data.ALL_TIERS[rec.category][1]
+    first = rng.choice(space)
+    if rng.random() >= RETHINK_SHAPED:
+        return [(f"{rng.choice(REASONS)} The answer is \\boxed{{{first}}}.", True)]
+    final = rec.meta["code"][first] if READS_CODE else rng.choice(space)
+    return [(f"{rng.choice(REASONS)} The answer is \\boxed{{{first}}}.", True), (rng.choice(rethink.TRIGGERS), False),
+            (f" {first} > {final}. The answer is \\boxed{{{final}}}.", True)]
+
+
 if __name__ == "__main__":
-    print(json.dumps(build(CACHE)))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--second-look", action="store_true", help="build the second-look variant instead")
+    second = p.parse_args().second_look
+    print(json.dumps(build(SECOND_LOOK_CACHE, second_look=True) if second else build(CACHE)))

@@ -50,7 +50,8 @@ RULES = rethink.RethinkConfig  # the --rethink-x defaults are its own (an alias:
 @dataclass
 class Config:
     # What is trained, on what
-    model: str = arg("tiny", "'tiny' (the offline tiny Qwen2.5-VL), 'smoke-3b-<n>l' (3B-shaped test model), a folder or a hub id")
+    model: str = arg("tiny", "'tiny' (the offline tiny Qwen2.5-VL; 'tiny-second-look': its variant for the second-look lab), "
+                             "'smoke-3b-<n>l' (3B-shaped test model), a folder or a hub id")
     data: str = arg("toy", "'toy', ViRL39K as released (39Krelease.parquet, its folder, or its hub name "
                            "TIGER-Lab/ViRL39K, downloaded on first use) or a .jsonl of records (docs/data.md)")
     toy_tiers: str = arg("colour", "toy tiers trained on, in turn (comma-separated; a tier named twice comes twice as "
@@ -197,7 +198,8 @@ def load_policy(cfg: Config, device, ckpt: Path | None = None):
 def load_data(cfg: Config, rank: int):
     """(train records, eval records or None). Bad lines stop the run before any training."""
     if cfg.data == "toy":
-        return data.ToyTask("train", cfg.toy_tiers.split(",")), data.ToyTask("test")
+        tiers = cfg.toy_tiers.split(",")
+        return data.ToyTask("train", tiers), data.ToyTask("test", data.test_tiers(tiers))
     records, skipped = data.load_records(hub.data_file(cfg.data), skip_bad=cfg.skip_bad)
     if skipped and rank == 0:
         print(f"skipped {skipped} bad line(s) of {cfg.data}")
