@@ -86,19 +86,15 @@ def progress(what: str, t0: float):
 
 
 def resolve() -> str:
-    """The cached tiny model folder, built on first use and rebuilt when its fingerprint changes."""
-    stamp = CACHE / "vlr_tiny.json"
-    if not (stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint()):
-        build(CACHE)
-    return str(CACHE)
+    """The cached tiny model folder, built on first use and rebuilt when its fingerprint changes,
+    once however many processes ask (`checkpoint.built_once`)."""
+    return str(checkpoint.built_once(CACHE, "vlr_tiny.json", fingerprint(), build))
 
 
 def resolve_second_look() -> str:
     """The cached second-look variant (below), built on first use and rebuilt as `resolve` rebuilds."""
-    stamp = SECOND_LOOK_CACHE / "vlr_tiny.json"
-    if not (stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == second_look_fingerprint()):
-        build(SECOND_LOOK_CACHE, second_look=True)
-    return str(SECOND_LOOK_CACHE)
+    return str(checkpoint.built_once(SECOND_LOOK_CACHE, "vlr_tiny.json", second_look_fingerprint(),
+                                     lambda out: build(out, second_look=True)))
 
 
 # ---------------------------------------------------------------------------------------------
