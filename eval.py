@@ -166,7 +166,8 @@ def second_look(row: dict) -> dict:
     `short_first` whether the first answer was the one a lookup short of the gold (the record's
     meta "short"; None for a record without one)."""
     first = row["first"]
-    first_right = first is not None and reward.accuracy(f"\\boxed{{{first}}}", row["answer"], row["choices"]) > 0
+    # graded only where it counts (a revision): the default run's evals grade each answer once
+    first_right = row["revises"] and reward.accuracy(f"\\boxed{{{first}}}", row["answer"], row["choices"]) > 0
     short = row["short"]
     return {"fixed": row["revises"] and not first_right and bool(row["correct"]),
             "broke": row["revises"] and first_right and not row["correct"], "short": short,
