@@ -2,10 +2,15 @@
 
 No test leaves a process behind: pytest is made a child subreaper, so whatever a test's children
 start and orphan (torchrun's workers when the launcher dies) becomes pytest's child, and a fixture
-fails the test that left one running, after killing it."""
+fails the test that left one running, after killing it.
+
+Nor a file in /tmp: the children's TMPDIR is a folder of the session's own, removed when it ends
+(torchrun alone made a /tmp/torchelastic_* folder per launch, 18 a suite, and CI shares the disk)."""
 import ctypes
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +29,14 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 def pytest_configure(config):
     os.environ.setdefault("GLIBC_TUNABLES", HUGE_PAGES)  # every child inherits it
+    config.children_tmp = tempfile.mkdtemp(prefix="vlr-tests-")
+    os.environ["TMPDIR"] = config.children_tmp
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.children_tmp, ignore_errors=True)
 
 
 # multiprocessing's resource tracker: one per interpreter, started on first use, meant to outlive the test
