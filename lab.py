@@ -26,8 +26,8 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
+from benchmarks import read_rows
 from data import DataError
-from eval import read_rows
 
 # Every run trains on ViRL39K's shape (docs/lab.md, "The regime"): one question in three is the colour
 # tier, which the model learns, and two in three the 'unseen' tier, which no sample ever gets right,

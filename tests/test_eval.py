@@ -1,115 +1,39 @@
-"""eval.py: benchmark adapters on files in each benchmark's published schema, letter grading,
-MathVista's precision, the summary, the command line and sharded evaluation."""
-import base64
+"""eval.py: letter grading, MathVista's precision, the summary, the command line and sharded
+evaluation (the adapters that read the benchmarks' files: test_benchmarks.py)."""
 import dataclasses
-import io
 import json
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
+import benchmarks
 import data
 import eval as ev
 import models
 import procs
 import reward
 import vlr
+from test_benchmarks import MATHVISTA, image, mmmu_rows, write_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def png(colour, size=(64, 48)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def image(colour, size=(64, 48), path=None) -> dict:
-    """An image as parquet files embed it (the Hugging Face `Image` feature)."""
-    return {"bytes": png(colour, size), "path": path}
-
-
-def write_parquet(path, rows, images=()):
-    """`images` name the columns typed as the Hugging Face Image feature stores them, struct<bytes,
-    path>: so also a column with no image at all (MMMU-Pro's image_7) has that type, not `null`."""
-    table = pa.Table.from_pylist(rows)
-    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    for name in images:
-        i = table.schema.get_field_index(name)
-        table = table.set_column(i, name, pa.array(table.column(name).to_pylist(), type=struct))
-    pq.write_table(table, path)
-    return path
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+def test_cli_reports_a_bad_file_without_loading_a_model(tmp_path):
+    run = procs.run([sys.executable, "eval.py", "--bench", "mmmu-pro", "--data", str(tmp_path / "missing.json")], 60,
+                    cwd=ROOT)
+    assert run.returncode != 0 and f"{tmp_path / 'missing.json'}: file not found" in run.stderr
 
 
 # ---------------------------------------------------------------------------------------------
-# Adapters: a few records in each benchmark's published schema
+# Grading and the summary
 # ---------------------------------------------------------------------------------------------
-
-def mathvista_row(pid, question, answer, question_type, answer_type, choices=None, unit=None, precision=None,
-                  task="figure question answering"):
-    """A record of AI4Math/MathVista's testmini parquet: every published column, `precision` a float."""
-    return {"pid": pid, "question": question, "image": f"images/{pid}.jpg", "decoded_image": None,
-            "choices": choices, "unit": unit, "precision": precision, "answer": answer,
-            "question_type": question_type, "answer_type": answer_type,
-            "metadata": {"category": "math-targeted-vqa", "context": "geometry diagram", "grade": "high school",
-                         "img_height": 48, "img_width": 64, "language": "english", "skills": ["algebraic reasoning"],
-                         "source": "Geometry3K", "split": "testmini", "task": task},
-            "query": f"Hint: Please answer the question and provide the final answer at the end.\nQuestion: {question}"}
-
-
-MATHVISTA = [
-    mathvista_row("1", "What is the length of the side?", "5", "free_form", "integer", unit="cm",
-                  task="geometry problem solving"),
-    mathvista_row("2", "Which bar is the tallest?", "green", "multi_choice", "text", choices=["red", "green", "blue"]),
-    mathvista_row("3", "What is the slope of the line?", "1.2", "free_form", "float", precision=1.0),
-    mathvista_row("4", "What is the ratio of the two areas?", "0.57", "free_form", "float", precision=2.0),
-]
-
-
-def check_mathvista(recs):
-    assert [r.id for r in recs] == ["1", "2", "3", "4"]
-    assert recs[0].question == "What is the length of the side? (Unit: cm)"
-    assert (recs[0].answer, recs[0].choices) == ("5", None)
-    assert (recs[1].answer, recs[1].choices) == ("B", ["red", "green", "blue"])  # the option text became a letter
-    assert "Choices:\nA. red\nB. green\nC. blue" in data.question_text(recs[1])
-    assert [r.category for r in recs] == ["geometry problem solving"] + ["figure question answering"] * 3
-    assert [r.meta for r in recs] == [{}, {}, {"precision": 1}, {"precision": 2}]  # only decimal answers get one
-
-
-def test_mathvista_json_with_image_paths(tmp_path):
-    (tmp_path / "images").mkdir()
-    for i, colour in enumerate(("red", "blue", "green", "white"), 1):
-        (tmp_path / "images" / f"{i}.jpg").write_bytes(png(colour))
-    rows = {r["pid"]: dict(r, precision=r["precision"] and int(r["precision"])) for r in MATHVISTA}  # JSON: ints
-    (tmp_path / "testmini.json").write_text(json.dumps(rows))  # keyed by pid, as published
-    recs = ev.load_bench("mathvista", tmp_path / "testmini.json")
-    check_mathvista(recs)
-    assert recs[1].images == [str(tmp_path / "images" / "2.jpg")]  # relative to the file
-
-
-def test_mathvista_parquet_as_published(tmp_path):
-    colours = ("red", "blue", "green", "red")
-    rows = [dict(r, decoded_image=image(c, path=r["image"])) for r, c in zip(MATHVISTA, colours)]
-    recs = ev.load_bench("mathvista", write_parquet(tmp_path / "testmini-00000-of-00001.parquet", rows,
-                                                    images=["decoded_image"]))
-    check_mathvista(recs)
-    assert recs[1].images[0].getpixel((0, 0)) == (0, 0, 255)  # decoded from the bytes, not the (absent) path
-
 
 def test_mathvista_decimal_answers_are_graded_at_their_precision(tmp_path):
     rows = [dict(r, decoded_image=image("red")) for r in MATHVISTA]
-    integer, _, tenths, hundredths = ev.load_bench("mathvista", write_parquet(tmp_path / "t.parquet", rows,
-                                                                              images=["decoded_image"]))
+    integer, _, tenths, hundredths = benchmarks.load_bench("mathvista", write_parquet(tmp_path / "t.parquet", rows,
+                                                                             images=["decoded_image"]))
 
     def graded(rec, *answers):
         return [ev.row(rec, f"So the answer is \\boxed{{{a}}}.", 9)["correct"] for a in answers]
@@ -122,134 +46,6 @@ def test_mathvista_decimal_answers_are_graded_at_their_precision(tmp_path):
     # integer answers are compared by value: 5.0 is 5, but 5.4 is not truncated to 5 as MathVista's scorer would
     assert graded(integer, "5", "5.0", "5.4", "4.6") == [1.0, 1.0, 0.0, 0.0]
 
-
-def mathverse_row(sid, pid, version, question, answer, qtype, colour):
-    """A record of AI4Math/MathVerse's testmini parquet: every published column."""
-    return {"sample_index": sid, "problem_index": pid, "problem_version": version, "question": question,
-            "image": image(colour, path=f"images_version_1-4/image_{pid}.png"), "answer": answer,
-            "question_type": qtype,
-            "metadata": {"split": "testmini", "source": "GeoQA", "subject": "plane geometry", "subfield": "angle"},
-            "query_wo": f"Please directly answer the question.\nQuestion: {question}",
-            "query_cot": f"Please first conduct reasoning, and then answer the question.\nQuestion: {question}",
-            "question_for_eval": question}
-
-
-def test_mathverse_versions_and_options_in_the_question(tmp_path):
-    rows = [
-        mathverse_row("1", "1", "Text Dominant", "As shown in the figure, find angle A.\nChoices:\nA:20°\nB:25°"
-                      "\nC:40°\nD:50°", "C", "multi-choice", "red"),
-        mathverse_row("5", "1", "Vision Only", "", "C", "multi-choice", "red"),
-        mathverse_row("6", "2", "Text Lite", "What is the length of AB?", "6", "free-form", "green"),
-        mathverse_row("9", "3", "Vision Intensive", "Find x. Choices: A:1 B:2", "B", "multi-choice", "blue"),
-    ]
-    recs = ev.load_bench("mathverse", write_parquet(tmp_path / "testmini.parquet", rows, images=["image"]))
-    assert [r.category for r in recs] == ["Text Dominant", "Vision Only", "Text Lite", "Vision Intensive"]
-    assert recs[0].question == "As shown in the figure, find angle A."
-    assert (recs[0].choices, recs[0].answer) == (["20°", "25°", "40°", "50°"], "C")
-    assert recs[1].question == "Answer the question shown in the image."  # options only in the image:
-    assert (recs[1].choices, recs[1].answer) == (None, "C")  # graded by letter alone
-    assert (recs[2].choices, recs[2].answer) == (None, "6")
-    assert (recs[3].question, recs[3].choices, recs[3].answer) == ("Find x. Choices: A:1 B:2", None, "B")  # left inline
-    assert [r.images[0].getpixel((0, 0)) for r in recs] == [(255, 0, 0), (255, 0, 0), (0, 128, 0), (0, 0, 255)]
-
-
-def mathvision_rows():
-    """Records of MathLLMs/MathVision's test parquet: `image` is a path inside its images.zip, the picture
-    itself is in `decoded_image`; `options` is empty for a free-form question."""
-    return [
-        {"id": "1", "question": "<image1> Which shape comes next?", "options": ["A", "B", "C", "D", "E"],
-         "image": "images/1.jpg", "decoded_image": image("red", path="1.jpg"), "answer": "D", "solution": None,
-         "level": 2, "subject": "logic"},
-        {"id": "2", "question": "How many dots are there?", "options": [], "image": "images/2.jpg",
-         "decoded_image": image("green", path="2.jpg"), "answer": "7", "solution": "Count them.", "level": 1,
-         "subject": "counting"},
-    ]
-
-
-def check_mathvision(recs):
-    assert (recs[0].answer, recs[0].choices, recs[0].category) == ("D", ["A", "B", "C", "D", "E"], "logic")
-    assert (recs[1].answer, recs[1].choices, recs[1].category) == ("7", None, "counting")
-
-
-def test_mathvision_parquet_as_published(tmp_path):
-    recs = ev.load_bench("mathvision", write_parquet(tmp_path / "test-00000-of-00001.parquet", mathvision_rows(),
-                                                     images=["decoded_image"]))
-    check_mathvision(recs)
-    assert [r.images[0].getpixel((0, 0)) for r in recs] == [(255, 0, 0), (0, 128, 0)]
-
-
-def test_mathvision_jsonl_with_paths_and_base64(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "1.jpg").write_bytes(png("red"))
-    one, two = mathvision_rows()
-    rows = [{k: v for k, v in one.items() if k != "decoded_image"},  # the image as a file beside the data
-            dict(two, decoded_image=base64.b64encode(png("green")).decode())]
-    recs = ev.load_bench("mathvision", write_jsonl(tmp_path / "test.jsonl", rows))
-    check_mathvision(recs)
-    assert recs[0].images == [str(tmp_path / "images" / "1.jpg")]
-    assert recs[1].images[0].getpixel((0, 0)) == (0, 128, 0)
-
-
-def mmmu_rows():
-    standard = [{"id": "validation_Art_1", "question": "<image 1> <image 2> Which painting is older?",
-                 "options": "['the left one', 'the right one', 'both', 'neither']", "explanation": "", "answer": "B",
-                 "image_1": image("red"), "image_2": image("blue"),
-                 **{f"image_{i}": None for i in range(3, 8)}, "img_type": "['Paintings']", "topic_difficulty": "Easy",
-                 "subject": "Art"}]
-    vision = [{"id": "validation_Math_3", "image": image("green", (96, 96)),
-               "options": "['1', '2', '3', '4']", "answer": "D", "subject": "Math"}]
-    return standard, vision
-
-
-def test_mmmu_pro_standard_and_vision(tmp_path):
-    standard, vision = mmmu_rows()
-    images = [f"image_{i}" for i in range(1, 8)]  # image_3..image_7 are all null, typed as images
-    std = ev.load_bench("mmmu-pro", write_parquet(tmp_path / "standard.parquet", standard, images))[0]
-    assert (std.answer, std.choices, std.category) == ("B", ["the left one", "the right one", "both", "neither"], "Art")
-    assert [im.getpixel((0, 0)) for im in std.images] == [(255, 0, 0), (0, 0, 255)]  # image_1, image_2 in order
-    vis = ev.load_bench("mmmu-pro", write_parquet(tmp_path / "vision.parquet", vision, ["image"]))[0]
-    # the options are in the screenshot, so not in the prompt; the letter is graded
-    assert (vis.answer, vis.choices, vis.category, len(vis.images)) == ("D", None, "Math", 1)
-
-
-def test_bad_benchmark_files_name_the_file_and_what_was_expected(tmp_path):
-    with pytest.raises(data.DataError, match="nowhere.parquet: file not found"):
-        ev.load_bench("mathvista", tmp_path / "nowhere.parquet")
-    (tmp_path / "x.csv").write_text("pid,question\n")
-    with pytest.raises(data.DataError, match=r"x.csv: unsupported file type '.csv'; expected .jsonl, .json or"):
-        ev.load_bench("mathvista", tmp_path / "x.csv")
-    bad = write_jsonl(tmp_path / "bad.jsonl", [MATHVISTA[0], '{"pid": "3", '])
-    with pytest.raises(data.DataError, match=rf"{bad}:2: invalid JSON"):
-        ev.load_bench("mathvista", bad)
-    (tmp_path / "notparquet.parquet").write_text("hello")
-    with pytest.raises(data.DataError, match="notparquet.parquet: not a readable parquet file"):
-        ev.load_bench("mathvista", tmp_path / "notparquet.parquet")
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "1.jpg").write_bytes(png("red"))
-    rows = [MATHVISTA[0], {k: v for k, v in MATHVISTA[0].items() if k != "answer"},  # every bad record, at once
-            dict(MATHVISTA[1], answer="purple"), dict(MATHVISTA[0], image="images/9.png"),
-            dict(MATHVISTA[2], precision=None), dict(MATHVISTA[3], precision=1.5)]
-    path = write_jsonl(tmp_path / "mv.jsonl", rows)
-    with pytest.raises(data.DataError) as err:
-        ev.load_bench("mathvista", path)
-    lines = str(err.value).splitlines()
-    assert lines[0].startswith(f"5 bad record(s) in {path} for mathvista; expected per record: pid, question")
-    assert lines[1:] == [f"{path}:2: missing field 'answer'",
-                         f"{path}:3: answer 'purple' is not one of the options ['red', 'green', 'blue']",
-                         f"{path}:4: image file not found: images/9.png",
-                         f"{path}:5: missing field 'precision'",
-                         f"{path}:6: field 'precision' must be a whole number of decimals, got 1.5"]
-
-
-def test_cli_reports_a_bad_file_without_loading_a_model(tmp_path):
-    run = procs.run([sys.executable, "eval.py", "--bench", "mmmu-pro", "--data", str(tmp_path / "missing.json")], 60,
-                    cwd=ROOT)
-    assert run.returncode != 0 and f"{tmp_path / 'missing.json'}: file not found" in run.stderr
-
-
-# ---------------------------------------------------------------------------------------------
-# Grading and the summary
-# ---------------------------------------------------------------------------------------------
 
 def test_multiple_choice_is_graded_as_a_letter_or_the_option_text():
     rec = data.Record(id="q", images=[], question="Which bar is the tallest?", answer="B",
@@ -292,8 +88,8 @@ def test_evaluate_grades_every_record_in_order(tiny_model, tmp_path):
     model, processor = tiny_model
     standard, vision = mmmu_rows()
     recs = data.ToyTask("test")
-    recs = ([recs[i] for i in range(6)] + ev.load_bench("mmmu-pro", write_parquet(tmp_path / "s.parquet", standard))
-            + ev.load_bench("mmmu-pro", write_parquet(tmp_path / "v.parquet", vision)))
+    recs = ([recs[i] for i in range(6)] + benchmarks.load_bench("mmmu-pro", write_parquet(tmp_path / "s.parquet", standard))
+            + benchmarks.load_bench("mmmu-pro", write_parquet(tmp_path / "v.parquet", vision)))
     rows = ev.evaluate(model, processor, recs, max_new_tokens=24, batch_size=4)
     assert [r["id"] for r in rows] == [r.id for r in recs]
     for rec, r in zip(recs, rows):

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data
-import eval as ev
+import benchmarks
 import hub
 import procs
 import released
@@ -144,7 +144,7 @@ def test_an_archive_member_onto_a_file_of_the_hub_is_refused(cache, virl):
 def test_benchmarks_without_data_read_their_published_split(cache, tmp_path):
     mathvista = hub.BENCHMARKS["mathvista"]
     cached(cache, mathvista.repo, mathvista.revision, {mathvista.files[0]: released.make_mathvista(tmp_path / "mv", 3)})
-    records = ev.load_bench("mathvista")
+    records = benchmarks.load_bench("mathvista")
     assert [(r.id, r.answer, r.meta) for r in records] == [(str(i), "28.27", {"precision": 2}) for i in range(3)]
     # MMMU-Pro's standard setting comes in two files: both are read, in order
     mmmu = hub.BENCHMARKS["mmmu-pro"]
@@ -156,7 +156,7 @@ def test_benchmarks_without_data_read_their_published_split(cache, tmp_path):
         shards[name] = tmp_path / f"mmmu-{i}.parquet"
         pq.write_table(pa.Table.from_pylist(rows), shards[name])
     cached(cache, mmmu.repo, mmmu.revision, shards)
-    assert [(r.id, r.answer, r.choices) for r in ev.load_bench("mmmu-pro")] == [
+    assert [(r.id, r.answer, r.choices) for r in benchmarks.load_bench("mmmu-pro")] == [
         ("test_Art_0", "A", ["left", "right"]), ("test_Art_1", "B", ["left", "right"])]
 
 
@@ -171,7 +171,7 @@ def test_offline_and_not_cached_is_one_sentence_naming_the_download(cache, virl)
     with pytest.raises(UserError, match=r"`hf download MMMU/MMMU_Pro 'standard \(10 options\)/test-00000-of-00002"
                                         r"\.parquet' 'standard \(10 options\)/test-00001-of-00002\.parquet' "
                                         r"--repo-type dataset --revision b037bbe"):
-        ev.load_bench("mmmu-pro")
+        benchmarks.load_bench("mmmu-pro")
     cached(cache, VIRL.repo, VIRL.revision, {"39Krelease.parquet": virl[0]})  # a download cut short
     with pytest.raises(UserError, match=rf"^--data: images.zip of TIGER-Lab/ViRL39K at {VIRL.revision} not in \S+; "
                                         r"`hf download TIGER-Lab/ViRL39K 39Krelease.parquet images.zip"):

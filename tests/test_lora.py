@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+import benchmarks
 import checkpoint
 import data
 import eval as evaluation
@@ -142,7 +143,7 @@ def test_kill_and_resume_reproduce_the_run_and_the_final_folders_agree(tmp_path)
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(models.resolve("tiny"), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(final / "adapter"))  # peft's own loader reads the folder
     assert sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) > 0
-    recs = evaluation.load_bench("toy")[:4]
+    recs = benchmarks.load_bench("toy")[:4]
     texts = {}
     for folder in (final, final / "adapter"):
         model, processor = models.load_model(str(folder))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmarks
 import data
 import eval as evaluation
 import gpu_check
@@ -59,7 +60,7 @@ def test_torchrun_two_processes(virl, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["shard"] and cfg["grad_checkpointing"] and cfg["freeze_vision"]
     model, processor = models.load_model(str(out / "final"))  # a plain model folder, which evaluates
-    rows = evaluation.evaluate(model.eval(), processor, evaluation.load_bench("toy")[:2], max_new_tokens=8)
+    rows = evaluation.evaluate(model.eval(), processor, benchmarks.load_bench("toy")[:2], max_new_tokens=8)
     assert len(rows) == 2 and all(r["len"] > 0 for r in rows)
 
 
