@@ -2,7 +2,6 @@
 started, torchrun's workers included, and says what timed out; an orphan is found."""
 import os
 import sys
-import time
 
 import pytest
 
