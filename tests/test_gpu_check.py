@@ -3,18 +3,27 @@ so that it cannot rot between lendings. Its part b is the README's 3B command (s
 a bf16 step takes 20+ minutes on a CPU without native bf16), so this is also the suite's run of
 that command with a resume and eval.py (the FLOP and bandwidth counts it uses: tests/test_bench.py)."""
 import ast
+import importlib.util
 import json
 import os
+import re
 import sys
 from importlib.metadata import packages_distributions, requires
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+import bench
 import gpu_check
+import models
 import procs
+import released
+import tracking
+import vlr
 
 ROOT = Path(__file__).resolve().parent.parent
 # The device image's packages that the project or the carried wheels need, at the versions its pip
@@ -92,3 +101,94 @@ def test_the_device_has_or_is_carried_every_package_the_check_imports():
             assert name in DEVICE_HAS, f"{wheel} needs {req}, which the device lacks"
             there = DEVICE_HAS[name]
             assert there is None or req.specifier.contains(there), f"{wheel} needs {req}; the device has {there}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What does not fit: parts c-e's guards, on the tiny model (the check itself never hits them here)
+# ---------------------------------------------------------------------------------------------
+
+def as_on_the_device(name, *args):
+    """importlib.util.find_spec where only the device's packages are installed: a logger it lacks is not found."""
+    lacks = {k for k in tracking.KINDS if k not in DEVICE_HAS}
+    return None if name in lacks else FIND_SPEC(name, *args)
+
+
+FIND_SPEC = importlib.util.find_spec
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, one_thread):
+    """An in-process run as part c's, on the tiny model at the CPU sizes, set up as the device would
+    (a run that asked for tensorboard, vlr.py's default, was refused there): (run, records, ceilings, work)."""
+    work = tmp_path_factory.mktemp("guards")
+    released.make_virl(work / "virl", gpu_check.CPU.picture)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.util, "find_spec", as_on_the_device)
+        run = gpu_check.in_process_run(Path(models.resolve("tiny")), work, gpu_check.CPU, False)
+    records = released.widest_records(work, gpu_check.CPU.prompts, gpu_check.CPU.picture)
+    return run, records, bench.ceilings(run.device), work
+
+
+def test_c_ends_at_the_stage_that_overruns_the_budget_and_e_says_why(tiny_run, tmp_path, monkeypatch):
+    run, records, peak, _ = tiny_run
+    report = gpu_check.Report(tmp_path, budget_s=0)
+    memory, update = gpu_check.memory_and_update(report, run, records, peak)
+    assert set(memory) == {"estimated_first_rollout_s", "skipped"}  # nothing ran but the probes
+    assert re.fullmatch(r"the first rollout: -?\d+ s of the budget left, about \d+ s needed", memory["skipped"])
+    assert update == {"skipped": f"c's update did not run ({memory['skipped']})"}
+
+    monkeypatch.setattr(gpu_check, "UPDATE_MFU_FLOOR", 1e-12)  # an update estimated at ~1e9 s
+    memory, update = gpu_check.memory_and_update(gpu_check.Report(tmp_path, budget_s=3600), run, records, peak)
+    assert memory["rows"] == gpu_check.CPU.prompts * gpu_check.CPU.group and len(memory["rollout_s"]) == 1
+    assert memory["estimated_update_s"] > 1e6 and memory["skipped"].startswith("the update: ")
+    assert "update_gib" not in memory and update["skipped"].startswith("c's update did not run (the update: ")
+    assert all(p.grad is None for p in run.model.parameters())
+
+
+def test_a_stage_out_of_gpu_memory_keeps_what_c_measured_before_it(tiny_run, tmp_path, monkeypatch):
+    run, records, peak, _ = tiny_run
+    calls, rollout_chunk = [], vlr.rollout_chunk
+
+    def fourth_runs_out(*args):  # two probes, the first rollout, then the rollout after the update
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return rollout_chunk(*args)
+
+    monkeypatch.setattr(vlr, "rollout_chunk", fourth_runs_out)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *device: 70.5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *device: SimpleNamespace(total_memory=79.2 * 2**30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    memory, update = gpu_check.memory_and_update(gpu_check.Report(tmp_path, budget_s=3600), run, records, peak)
+    assert memory["skipped"] == ("the rollout with the optimizer state held: out of GPU memory "
+                                 "(peak 70.5 GiB allocated of 79.2 GiB)")
+    assert len(memory["rollout_s"]) == 1 and memory["update_gib"] == [None, None]
+    assert update["tokens"] == memory["rows"] * (memory["prompt_tokens"] + gpu_check.CPU.new_tokens)
+    assert all(p.grad is None for p in run.model.parameters())  # given back for the parts after c
+
+    def lora_memory():  # a part's set-up that runs out: the part is skipped, not failed
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.00 GiB")
+
+    assert gpu_check.attempt(gpu_check.Report(tmp_path, budget_s=3600), lora_memory) == {
+        "skipped": "lora_memory: out of GPU memory (peak 70.5 GiB allocated of 79.2 GiB)"}
+
+
+def test_a_part_that_breaks_or_does_not_fit_costs_no_other_and_the_table_says_why(tiny_run, tmp_path):
+    run, records, peak, _ = tiny_run
+    report = gpu_check.Report(tmp_path, budget_s=3600)
+    failed = gpu_check.attempt(report, lambda: {}["steps"])
+    assert failed == {"failed": "KeyError: 'steps'"}
+    assert "Traceback" in (tmp_path / "gpu_check.log").read_text()
+    d = gpu_check.decode_speed(report, run, records, gpu_check.CPU, peak, None)  # c left no rollout to reuse
+    assert d["sampler"]["lengths"] == list(gpu_check.CPU.lengths)
+    skipped = {"skipped": "the first rollout: 3 s of the budget left, about 90 s needed"}
+    values = {"environment": {"commit": "abc", "torch": "2.11.0"}, "elapsed_s": 9.0, "b_command": failed,
+              "c_memory": {"estimated_first_rollout_s": 90.0, **skipped}, "d_decode": d,
+              "e_update": {"skipped": f"c's update did not run ({skipped['skipped']})"},
+              "c_lora_memory": {"skipped": "LoRA: 2 s of the budget left, about 150 s needed"}}
+    table = gpu_check.summary(values).splitlines()
+    assert table[1] == "b  KeyError: 'steps'"
+    assert table[2] == "c  peak GiB (allocated, reserved): " + skipped["skipped"]
+    assert table[3].startswith("d  sampler: {'lengths': [4]")
+    assert table[-2] == "e  c's update did not run (the first rollout: 3 s of the budget left, about 90 s needed)"
+    assert table[-1] == "c  LoRA: LoRA: 2 s of the budget left, about 150 s needed"
