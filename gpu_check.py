@@ -354,15 +354,16 @@ def oom_guarded(what: str, fn):
     raise out_of_memory(what)
 
 
-def memory_and_update(report: Report, run, records: list, peak: dict) -> tuple[dict, dict]:
+def memory_and_update(report: Report, run, records: list, peak: dict, part: str = "c_memory") -> tuple[dict, dict]:
     """c: peaks of a first rollout chunk, the update on its rows, and a rollout with gradients
     and AdamW state held; e: the update's tokens/s and model-FLOP utilisation, and the first
     rollout's and the update's time split into bench.py's phases. (memory, update). A stage whose
     estimate overruns the budget, or that runs out of GPU memory, ends c there: what it measured
-    stays, `skipped` says why, and e says so when the update did not run."""
+    stays, `skipped` says why, and e says so when the update did not run. The figures go into the
+    JSON as `part` after each stage: a call cut off in the next keeps them."""
     memory, update = {}, {}
     try:
-        update = first_rollout_and_update(report, run, records, peak, memory)
+        update = first_rollout_and_update(report, run, records, peak, memory, part)
         fits(report, memory["rollout_s"][0] * 1.1, "the rollout with the optimizer state held")
         _, t_again, *mem_again = oom_guarded("the rollout with the optimizer state held",
                                              lambda: measured(lambda: vlr.rollout_chunk(run, records), run.device))
@@ -374,9 +375,9 @@ def memory_and_update(report: Report, run, records: list, peak: dict) -> tuple[d
     return memory, update
 
 
-def first_rollout_and_update(report: Report, run, records: list, peak: dict, memory: dict) -> dict:
+def first_rollout_and_update(report: Report, run, records: list, peak: dict, memory: dict, part: str) -> dict:
     """c's first rollout and the update on its rows, each after its budget check, their figures
-    into `memory` as they are measured; e's figures returned."""
+    into `memory` (and the JSON, as `part`) as they are measured; e's figures returned."""
     memory["estimated_first_rollout_s"] = est = round(rollout_estimate_s(run, records), 1)
     fits(report, est, "the first rollout")
     clock = bench.Clock()
@@ -389,6 +390,7 @@ def first_rollout_and_update(report: Report, run, records: list, peak: dict, mem
             memory.update(rows=len(rows), response_tokens=int(first.rollout.response_mask.sum()),
                           prompt_tokens=int(first.rollout.prompts["attention_mask"][0].sum()),
                           first_rollout_gib=mem_first, rollout_s=[round(t_first, 2)])
+            report.put(part, memory)
             flops = bench.update_flops(run.model, rows, run.cfg.micro_batch)
             memory["estimated_update_s"] = est = round(flops / (peak["matmul_flops_per_s"] * UPDATE_MFU_FLOOR), 1)
             fits(report, est, "the update")
@@ -399,6 +401,7 @@ def first_rollout_and_update(report: Report, run, records: list, peak: dict, mem
         for h in hooks:
             h.remove()
     memory["update_gib"] = mem_up
+    report.put(part, memory)
     tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rows)
     return {"seconds": round(t_up, 2), "tokens": tokens, "tokens_per_s": round(tokens / t_up, 1),
             "model_flops": flops, "mfu": round(flops / t_up / peak["matmul_flops_per_s"], 4),
@@ -503,7 +506,7 @@ def lora_memory(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: b
     if on_gpu:
         torch.cuda.empty_cache()
     run = in_process_run(model, work, sizes, on_gpu, LORA, "in-process-lora")
-    memory, update = memory_and_update(report, run, records, peak)
+    memory, update = memory_and_update(report, run, records, peak, "c_lora_memory")
     trained = [p for p in run.model.parameters() if p.requires_grad]
     return {"adapter_params": sum(p.numel() for p in trained), "adapter_dtype": str(trained[0].dtype),
             "base_dtype": str(run.model.lm_head.weight.dtype), **memory, "update_s": update.get("seconds"),

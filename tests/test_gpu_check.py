@@ -165,6 +165,8 @@ def test_a_stage_out_of_gpu_memory_keeps_what_c_measured_before_it(tiny_run, tmp
     assert len(memory["rollout_s"]) == 1 and memory["update_gib"] == [None, None]
     assert update["tokens"] == memory["rows"] * (memory["prompt_tokens"] + gpu_check.CPU.new_tokens)
     assert all(p.grad is None for p in run.model.parameters())  # given back for the parts after c
+    kept = json.loads((tmp_path / "gpu_check.json").read_text())["c_memory"]  # as a call cut off here would leave it
+    assert kept == {k: v for k, v in memory.items() if k != "skipped"}
 
     def lora_memory():  # a part's set-up that runs out: the part is skipped, not failed
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.00 GiB")
