@@ -502,7 +502,8 @@ def lora_memory(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: b
     overrun the budget. Its stages are guarded as c's are."""
     c, e = report.values["c_memory"], report.values["e_update"]
     rollout_s = (c.get("rollout_s") or [c.get("estimated_first_rollout_s", 0)])[0]
-    fits(report, rollout_s + e.get("seconds", c.get("estimated_update_s", 0)) + 60, "LoRA")  # + the base loaded again
+    need = rollout_s + e.get("seconds", c.get("estimated_update_s", 0)) + 60  # + the base loaded again
+    fits(report, need, "the base loaded again, a rollout and an update")
     if on_gpu:
         torch.cuda.empty_cache()
     run = in_process_run(model, work, sizes, on_gpu, LORA, "in-process-lora")

@@ -176,21 +176,26 @@ def test_a_stage_out_of_gpu_memory_keeps_what_c_measured_before_it(tiny_run, tmp
 
 
 def test_a_part_that_breaks_or_does_not_fit_costs_no_other_and_the_table_says_why(tiny_run, tmp_path):
-    run, records, peak, _ = tiny_run
-    report = gpu_check.Report(tmp_path, budget_s=3600)
+    run, records, peak, work = tiny_run
+    report = gpu_check.Report(tmp_path, budget_s=100)
     failed = gpu_check.attempt(report, lambda: {}["steps"])
     assert failed == {"failed": "KeyError: 'steps'"}
     assert "Traceback" in (tmp_path / "gpu_check.log").read_text()
     d = gpu_check.decode_speed(report, run, records, gpu_check.CPU, peak, None)  # c left no rollout to reuse
     assert d["sampler"]["lengths"] == list(gpu_check.CPU.lengths)
-    skipped = {"skipped": "the first rollout: 3 s of the budget left, about 90 s needed"}
-    values = {"environment": {"commit": "abc", "torch": "2.11.0"}, "elapsed_s": 9.0, "b_command": failed,
-              "c_memory": {"estimated_first_rollout_s": 90.0, **skipped}, "d_decode": d,
-              "e_update": {"skipped": f"c's update did not run ({skipped['skipped']})"},
-              "c_lora_memory": {"skipped": "LoRA: 2 s of the budget left, about 150 s needed"}}
-    table = gpu_check.summary(values).splitlines()
+    skipped = "the first rollout: 3 s of the budget left, about 90 s needed"
+    report.values.update(environment={"commit": "abc", "torch": "2.11.0"}, elapsed_s=9.0, b_command=failed,
+                         c_memory={"estimated_first_rollout_s": 90.0, "skipped": skipped}, d_decode=d,
+                         e_update={"skipped": f"c's update did not run ({skipped})"})
+    # LoRA's need: c's estimated rollout (90 s), no update estimate, 60 s to load the base again
+    lora = gpu_check.attempt(report, gpu_check.lora_memory, report, Path("never loaded"), work, gpu_check.CPU, False,
+                             records, peak)
+    assert re.fullmatch(r"the base loaded again, a rollout and an update: (99|100) s of the budget left, about 150 s "
+                        r"needed", lora["skipped"])
+    report.values["c_lora_memory"] = lora
+    table = gpu_check.summary(report.values).splitlines()
     assert table[1] == "b  KeyError: 'steps'"
-    assert table[2] == "c  peak GiB (allocated, reserved): " + skipped["skipped"]
+    assert table[2] == "c  peak GiB (allocated, reserved): " + skipped
     assert table[3].startswith("d  sampler: {'lengths': [4]")
-    assert table[-2] == "e  c's update did not run (the first rollout: 3 s of the budget left, about 90 s needed)"
-    assert table[-1] == "c  LoRA: LoRA: 2 s of the budget left, about 150 s needed"
+    assert table[-2] == f"e  c's update did not run ({skipped})"
+    assert table[-1] == "c  LoRA: " + lora["skipped"]
