@@ -354,6 +354,13 @@ def oom_guarded(what: str, fn):
     raise out_of_memory(what)
 
 
+def stage(report: Report, what: str, need_s: float, fn, device) -> tuple:
+    """One of c's stages: fn `measured`, when its estimate `need_s` fits the budget; Skipped, with
+    the reason, when it does not or when fn runs out of GPU memory."""
+    fits(report, need_s, what)
+    return oom_guarded(what, lambda: measured(fn, device))
+
+
 def memory_and_update(report: Report, run, records: list, peak: dict, part: str = "c_memory") -> tuple[dict, dict]:
     """c: peaks of a first rollout chunk, the update on its rows, and a rollout with gradients
     and AdamW state held; e: the update's tokens/s and model-FLOP utilisation, and the first
@@ -364,9 +371,9 @@ def memory_and_update(report: Report, run, records: list, peak: dict, part: str 
     memory, update = {}, {}
     try:
         update = first_rollout_and_update(report, run, records, peak, memory, part)
-        fits(report, memory["rollout_s"][0] * 1.1, "the rollout with the optimizer state held")
-        _, t_again, *mem_again = oom_guarded("the rollout with the optimizer state held",
-                                             lambda: measured(lambda: vlr.rollout_chunk(run, records), run.device))
+        again = "the rollout with the optimizer state held"
+        _, t_again, *mem_again = stage(report, again, memory["rollout_s"][0] * 1.1,
+                                       lambda: vlr.rollout_chunk(run, records), run.device)
         memory.update(rollout_with_optimizer_state_gib=mem_again, rollout_s=memory["rollout_s"] + [round(t_again, 2)])
     except Skipped as e:
         run.opt.zero_grad(set_to_none=True)  # what a failed update held: room for the parts after c
@@ -378,14 +385,14 @@ def memory_and_update(report: Report, run, records: list, peak: dict, part: str 
 def first_rollout_and_update(report: Report, run, records: list, peak: dict, memory: dict, part: str) -> dict:
     """c's first rollout and the update on its rows, each after its budget check, their figures
     into `memory` (and the JSON, as `part`) as they are measured; e's figures returned."""
-    memory["estimated_first_rollout_s"] = est = round(rollout_estimate_s(run, records), 1)
-    fits(report, est, "the first rollout")
+    est = round(oom_guarded("the probes of the first rollout", lambda: rollout_estimate_s(run, records)), 1)
+    memory["estimated_first_rollout_s"] = est
     clock = bench.Clock()
     hooks = clock.watch(run)
     try:
         with phases.listen(clock.hear):
-            first, t_first, *mem_first = oom_guarded("the first rollout", lambda: measured(
-                lambda: vlr.rollout_chunk(run, records), run.device))
+            first, t_first, *mem_first = stage(report, "the first rollout", est,
+                                               lambda: vlr.rollout_chunk(run, records), run.device)
             rows = rollout.split_rows(first.rollout)
             memory.update(rows=len(rows), response_tokens=int(first.rollout.response_mask.sum()),
                           prompt_tokens=int(first.rollout.prompts["attention_mask"][0].sum()),
@@ -393,10 +400,9 @@ def first_rollout_and_update(report: Report, run, records: list, peak: dict, mem
             report.put(part, memory)
             flops = bench.update_flops(run.model, rows, run.cfg.micro_batch)
             memory["estimated_update_s"] = est = round(flops / (peak["matmul_flops_per_s"] * UPDATE_MFU_FLOOR), 1)
-            fits(report, est, "the update")
             adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(0))
-            up, t_up, *mem_up = oom_guarded("the update", lambda: measured(
-                lambda: grpo.policy_update(vlr.learner(run), rows, adv, 0), run.device))
+            up, t_up, *mem_up = stage(report, "the update", est,
+                                      lambda: grpo.policy_update(vlr.learner(run), rows, adv, 0), run.device)
     finally:
         for h in hooks:
             h.remove()
@@ -548,16 +554,13 @@ def reason(part: dict) -> str | None:
 def attempt(report: Report, fn, *args) -> dict:
     """fn(*args)'s figures, or why there are none: {"skipped": ...} when the part does not fit,
     {"failed": ...} when it broke (its traceback into the log). The parts after it run either way."""
-    try:
-        return fn(*args)
+    try:  # out of GPU memory, e.g. in a set-up (LoRA's model loaded again): the part does not fit
+        return oom_guarded(fn.__name__, lambda: fn(*args))
     except Skipped as e:
         return {"skipped": str(e)}
-    except torch.OutOfMemoryError:  # e.g. in a set-up (LoRA's model loaded again): it does not fit
-        pass  # out of the except clause first: its traceback holds the part's tensors
     except Exception as e:  # a bug shows in the JSON and the exit code, and costs no other part
         report.say(traceback.format_exc())
         return {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
-    return {"skipped": str(out_of_memory(fn.__name__))}
 
 
 def prepare():
