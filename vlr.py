@@ -352,9 +352,9 @@ def train(cfg: Config):
             dt = time.time() - t0
             if run.test_set is not None and (cfg.eval_every and (step + 1) % cfg.eval_every == 0
                                              or step + 1 == cfg.steps):
-                scores, rows = run_eval(run)
+                scores, shown = run_eval(run)
                 m.update(scores)
-                samples += tracking.eval_samples(rows, cfg.log_samples, step)
+                samples += tracking.eval_samples(shown, cfg.log_samples, step)
             m.update(step_s=time.time() - t0,
                      tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * cfg.group_size / dt)
             last_eval = log_step(run, bar, m, samples, loggers, last_eval)
@@ -461,12 +461,17 @@ def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_
 
 
 def run_eval(run: Run) -> tuple[dict, list[dict]]:
-    """Greedy decoding on this rank's shard of the toy test split (all tiers): the eval metrics of
-    all ranks' rows (eval.toy_metrics), and this rank's rows (eval.row's)."""
+    """Greedy decoding on this rank's shard of the toy test split (all tiers, every world-th
+    question): the eval metrics of all ranks' rows (eval.toy_metrics), and the split's first
+    --log-samples rows (eval.row's), from whichever ranks hold them: the same questions are shown
+    whatever the number of processes."""
     recs = [run.test_set[i] for i in range(run.rank, len(run.test_set), run.world)]
     with shard.gathered(run.model), models.autocast(run.cfg.bf16, run.device):
         rows = evaluation.evaluate(run.model, run.processor, recs, max_new_tokens=run.cfg.max_new_tokens)
-    return evaluation.toy_metrics(rows, run.cfg.toy_tiers.split(","), run.world), rows
+    n = min(run.cfg.log_samples, len(run.test_set))
+    held = gather(rows[:-(-n // run.world)], run.world)  # question i is rank i % world's (i // world)-th
+    return evaluation.toy_metrics(rows, run.cfg.toy_tiers.split(","), run.world), [
+        held[i % run.world][i // run.world] for i in range(n)]
 
 
 def log_step(run: Run, bar, m: dict, samples: list[dict], loggers, last_eval: float) -> float:

@@ -1,6 +1,7 @@
 """--shard (FSDP2, shard.py) against DDP on two gloo processes, on the tiny model: the same weights
 and metrics after 3 steps, a kill and --resume that continues exactly, and a step under --bf16.
 The 3B-shaped model under --shard, and eval.py on what it saves: tests/test_real.py."""
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import procs
 import test_refusals
 import test_vlr
@@ -67,6 +69,17 @@ def test_sharded_training_equals_ddp(runs):
     assert state["optimizer"] is None and state["checksums"] == []  # AdamW's state is in ckpt/optimizer/
     shards = sorted(p.name for p in (runs / "shard" / "ckpt" / "optimizer").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per process
+
+
+def test_two_processes_show_the_first_questions_of_the_test_split_as_one_process_would(runs):
+    """The last eval's samples: the split's first --log-samples questions (4, the default), in order,
+    though each process evaluates every other one: rank 0 holds questions 0 and 2, rank 1 holds 1 and 3."""
+    tiers = vlr.parse_args([*test_vlr.SMALL, *STEPS]).toy_tiers.split(",")
+    split = data.ToyTask("test", data.test_tiers(tiers))
+    first = [(split[i].id, split[i].answer) for i in range(4)]
+    for name in ("ddp", "shard"):
+        shown = [json.loads(line) for line in (runs / name / "samples.jsonl").read_text().splitlines()]
+        assert [(s["id"], s["gold"]) for s in shown if s["kind"] == "eval"] == first
 
 
 def test_kill_and_resume_under_shard_reproduce_the_uninterrupted_run(runs, tmp_path):
