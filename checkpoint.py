@@ -230,7 +230,7 @@ def logged_lines(path: Path) -> list[str]:
             json.loads(line)
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise UserError(f"{path}:{i + 1}: not a line of metrics (only the last one can be cut short, "
+                raise UserError(f"{path}:{i + 1}: not a JSON line (only the last one can be cut short, "
                                 "by a kill)") from None
             return lines[:-1]
     return lines

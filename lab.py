@@ -26,8 +26,9 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
-from benchmarks import read_rows
+import checkpoint
 from data import DataError
+from distributed import UserError
 
 # Every run trains on ViRL39K's shape (docs/lab.md, "The regime"): one question in three is the colour
 # tier, which the model learns, and two in three the 'unseen' tier, which no sample ever gets right,
@@ -161,14 +162,14 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected a run folder written by vlr.py)")
-    rows = read_rows(path)
-    for where, m in rows:
+    rows = checkpoint.records(path)  # as vlr reads it: a last line still being written, or cut by a kill, is left out
+    for i, m in enumerate(rows, 1):
         missing = [k for k in ("step", "reward_mean", "zero_adv_frac") if not isinstance(m, dict) or k not in m]
         if missing:
-            raise DataError(f"{where}: missing {', '.join(missing)} (expected step, reward_mean, zero_adv_frac)")
+            raise DataError(f"{path}:{i}: missing {', '.join(missing)} (expected step, reward_mean, zero_adv_frac)")
     if not rows:
         raise DataError(f"{path}: no metrics")
-    return [m for _, m in rows]
+    return rows
 
 
 def _run_name(run_dir: str) -> str:
@@ -220,7 +221,7 @@ def side_by_side(run_dirs: list[str]) -> str:
     by_question = {}
     for d in run_dirs:
         path = Path(d) / "samples.jsonl"
-        shown = [s for _, s in read_rows(path) if s.get("kind") == "eval"] if path.is_file() else []
+        shown = [s for s in checkpoint.records(path) if s.get("kind") == "eval"] if path.is_file() else []
         last = [s for s in shown if s["step"] == shown[-1]["step"]] if shown else []
         for s in last:
             entry = by_question.setdefault(s["id"], {"question": s["question"], "gold": s["gold"], "runs": []})
@@ -293,5 +294,5 @@ def plot(run_dirs: list[str], out: str, panels=PLOTTED) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:  # a run folder without a readable metrics.jsonl
+    except (DataError, UserError) as e:  # a run folder without a readable metrics.jsonl
         raise SystemExit(str(e))

@@ -107,7 +107,7 @@ def test_a_torn_last_metrics_line_is_dropped_a_torn_line_elsewhere_is_refused(tm
     checkpoint.open_log(tmp_path, {"seed": 0}, 2, False).close()
     assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
     log.write_text(lines[0] + '\n{"step": 1, "lo\n' + lines[2] + "\n")
-    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a line of metrics"):
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON line"):
         checkpoint.open_log(tmp_path, {"seed": 0}, 2, False)
 
 

@@ -6,6 +6,7 @@ from PIL import Image
 
 import data
 import lab
+from distributed import UserError
 
 
 def write_jsonl(path, rows):
@@ -76,3 +77,21 @@ def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert lines[4] == f"wrote {out}" and Image.open(out).size == (2750, 418)
     with pytest.raises(data.DataError, match=r"nowhere/metrics.jsonl: file not found"):
         lab.main(["--compare", str(tmp_path / "nowhere")])
+
+
+def test_compare_reads_a_run_still_writing_its_last_line_and_refuses_a_line_torn_before_it(tmp_path):
+    """A run being written, or killed mid-line, is compared on its whole lines, as vlr.py's resume
+    reads them (checkpoint.records); a torn line before the last is damage, said with its line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = [{"step": s, "reward_mean": 0.25 * s, "zero_adv_frac": 0.5, "eval_acc": 0.5 + 0.25 * s} for s in (0, 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics) + '{"step": 2, "rew')
+    sample = {"step": 1, "kind": "eval", "id": "q1", "category": "colour", "question": "What colour?", "gold": "red",
+              "response": "\\boxed{red}", "correct": True, "reflects": False, "revises": False}
+    (run / "samples.jsonl").write_text(json.dumps(sample) + '\n{"step": 2, "kind": "ev')
+    assert lab.read_metrics(str(run)) == metrics
+    assert lab.compare_table([str(run)]).splitlines()[2].startswith("| run | 1 | 0.750 ± 0.000 |")
+    assert lab.side_by_side([str(run)]).splitlines()[1] == f"  {run} (step 2, right): \\boxed{{red}}"
+    (run / "metrics.jsonl").write_text(json.dumps(metrics[0]) + '\n{"step": 1, "rew\n' + json.dumps(metrics[1]) + "\n")
+    with pytest.raises(UserError, match=r"run/metrics.jsonl:2: not a JSON line"):
+        lab.main(["--compare", str(run)])
