@@ -81,8 +81,8 @@ def left_right(gold: str) -> list[str]:
 def unicode(gold: str) -> list[str]:
     """LaTeX signs as unicode ones, or a gold's unicode signs as LaTeX."""
     s = gold
-    for latex, sign in _TO_UNICODE:
-        s = s.replace(sign, latex + " " if latex[0] == "\\" else latex) if sign in gold else s.replace(latex, sign)
+    for tex, sign in _TO_UNICODE:
+        s = s.replace(sign, tex + " " if tex[0] == "\\" else tex) if sign in gold else s.replace(tex, sign)
     return [s] if s != gold else []
 
 
