@@ -173,12 +173,16 @@ def pick(logits, temperature: float, top_p: float, banned: list[int], generator,
         logits[:, banned] = float("-inf")
         return logits.argmax(-1)
     probs = log_softmax(logits, temperature, banned).exp()  # [B, V]
+    mass = 1.0
     if 0 < top_k < probs.shape[-1]:
         kth = probs.topk(top_k, dim=-1).values[:, -1:]  # [B, 1] the k-th largest probability
         probs = probs.masked_fill(probs < kth, 0.0)
-    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        # [B, 1] what top-k kept: top-p is a share of it, as in vLLM (apply_top_k_top_p: a softmax of the
+        # top-k-masked logits before the cumsum), which the published rollouts sample with
+        mass = probs.sum(-1, keepdim=True)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p (of `mass`)
         sorted_p, order = probs.sort(-1, descending=True)  # [B, V]
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # [B, V] the tokens before already reach top_p
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p * mass  # [B, V] the tokens before already reach it
         probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
     return draw(probs, generator, rows, n)  # [B]
 

@@ -122,6 +122,8 @@ def test_top_k_keeps_the_k_most_likely_then_top_p_within_them():
     assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean() - 4 / 7) < 0.02
     draws = rollout.pick(logits, 1.0, 0.5, [], gen, top_k=3)  # of {0, 1, 2}, 0 alone has 4/9 < 0.5: {0, 1}
     assert set(draws.tolist()) == {0, 1}
+    draws = rollout.pick(logits, 1.0, 0.55, [], gen, top_k=2)  # of {0, 1}, 0 alone has 4/7 >= 0.55 (0.4 < 0.55)
+    assert set(draws.tolist()) == {0}
     draws = rollout.pick(logits, 1.0, 1.0, [0], gen, top_k=2)  # banned first: the top 2 of {1, 2, 3}
     assert set(draws.tolist()) == {1, 2} and abs((draws == 1).float().mean() - 0.6) < 0.02
 
