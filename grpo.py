@@ -63,8 +63,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     r = rewards.view(-1, group_size).float()  # [P, G]
     spread = r.std(1, keepdim=True)  # [P, 1]
     adv = (r - r.mean(1, keepdim=True)) / ((spread + eps) if std else 1.0)  # [P, G]
-    # exactly zero for equal rewards: float round-off in r - mean would otherwise make a fake signal
-    return torch.where(spread > 0, adv, torch.zeros_like(adv)).view(-1)
+    # exactly zero for equal rewards: float round-off in r - mean, and in the std itself (eight -0.1s
+    # in one group have a std of 8e-9 on the CPU: A = 0.007 each), would make a fake signal
+    varied = r.amax(1, keepdim=True) > r.amin(1, keepdim=True)  # [P, 1]
+    return torch.where(varied, adv, torch.zeros_like(adv)).view(-1)
 
 
 def grpo_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, denom=None, sft=None):

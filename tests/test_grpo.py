@@ -96,6 +96,8 @@ def test_group_advantages():
     expect = (g - g.mean()) / (g.std() + 1e-6)
     assert torch.allclose(adv[:4], expect)
     assert adv[0].item() == pytest.approx(1.5, rel=1e-5)  # (1 - 0.25) / 0.5
+    for reward, g in ((-0.1, 8), (0.6, 8), (1.1, 10)):  # one group (a process with one prompt): the std is not 0
+        assert torch.equal(grpo.group_advantages(torch.full((g,), reward), g), torch.zeros(g))
 
 
 def run_of(model, processor, cfg, opt, ref=None, gen=None) -> grpo.Learner:
