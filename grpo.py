@@ -138,15 +138,17 @@ def optimizer_step(learner: Learner, batch: list, advantages: torch.Tensor, curr
     The loss is the token-level mean over the whole batch of all processes: each process divides
     its sum by (all tokens / processes), since DDP and FSDP (--shard) average gradients over processes. With
     cfg.sft_coef, an SFT term on the rows with a positive advantage that reflect (Row.reflects),
-    averaged over the step's SFT tokens (the published code: a token mean per micro-batch).
+    averaged over the step's SFT tokens of all processes alike (the published code: a token mean
+    per micro-batch and process, so a process's few SFT tokens weigh as much as another's many).
     A non-finite loss or gradient skips the update instead of corrupting the weights."""
     cfg, device, world = learner.cfg, learner.device, learner.world
-    n_tok = torch.tensor(float(sum(r.loss_mask.sum() for r in batch)), device=device)  # [] tokens trained on
-    if world > 1:
-        dist.all_reduce(n_tok)
-    denom = n_tok / world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
     sft_rows = [bool(a > 0) and r.reflects for r, a in zip(batch, advantages.tolist())]
-    sft_tok = max(1.0, float(sum(r.loss_mask.sum() for r, s in zip(batch, sft_rows) if s)))
+    counts = torch.tensor([float(sum(r.loss_mask.sum() for r in batch)),  # [2] tokens trained on, SFT tokens
+                           float(sum(r.loss_mask.sum() for r, s in zip(batch, sft_rows) if s))], device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    denom = counts[0] / world if cfg.agg == "token" else torch.tensor(float(len(batch)), device=device)
+    sft_tok = max(1.0, counts[1].item()) / world
     learner.model.train()
     learner.opt.zero_grad(set_to_none=True)
     loss_sum, drift, clip = 0.0, 0.0, []

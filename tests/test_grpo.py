@@ -1,12 +1,17 @@
 """grpo.py: the loss and the advantages against hand computations; the update on the tiny model
 (a non-finite step skipped, shared vision, the KL term, minibatches)."""
 import copy
+import dataclasses
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import data
 import grpo
+import models
 import rollout
 import vlr
 
@@ -208,3 +213,47 @@ def test_minibatches_the_first_is_on_policy_the_later_ones_are_clipped(tiny_mode
     assert len(steps) == 2 and len(ratios) == 2
     assert ratios[0] < 1e-5 and ratios[1] > 1e-3
     assert up["logp_drift_max"] < 1e-4 and up["skipped"] == 0
+
+
+def _one_step(rank, world, store, rows, adv, results):
+    """One optimizer step of plain SGD (lr 1, no clip) on this process's share of `rows`: the
+    weights' change, which is minus the gradient DDP averaged over the processes."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, processor = models.load_model("tiny")
+        cfg = grpo.Settings(**{f.name: getattr(vlr.Config(sft_coef=1.0, grad_clip=0.0), f.name)
+                               for f in dataclasses.fields(grpo.Settings)})
+        forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        learner = grpo.Learner(model=model, forward=forward, opt=torch.optim.SGD(model.parameters(), lr=1.0),
+                               reference=None, cfg=cfg, tokenizer=processor.tokenizer, gen=torch.Generator(),
+                               device=torch.device("cpu"), world=world)
+        before = [p.detach().clone() for p in model.parameters()]
+        mine = (slice(0, 3) if rank == 0 else slice(3, 4)) if world > 1 else slice(0, 4)  # rank 0: the SFT rows too
+        grpo.optimizer_step(learner, rows[mine], adv[mine], [True] * len(rows[mine]))
+        results[rank] = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    except Exception as e:  # reported to the test, which shows it
+        results[rank] = repr(e)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_two_processes_take_the_step_one_process_takes_on_their_rows_together(tiny_model):
+    """The loss is a mean over the tokens of all processes, Eq. 1's and the SFT term's alike: two
+    processes with 3 rows and 1 (the two SFT rows both on the first) move the weights as one
+    process with all 4. Each process's own token mean would weigh the second's row 3 times as much,
+    and the SFT term half as much."""
+    model, processor = tiny_model
+    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
+    rows[0].reflects = rows[1].reflects = True
+    adv = torch.tensor([1.0, 0.5, -1.0, 0.5])  # rows 0 and 1: positive advantage and a reflection, the SFT rows
+    with tempfile.TemporaryDirectory() as d, mp.Manager() as manager:  # the manager's process ends with it
+        results = manager.dict()
+        mp.spawn(_one_step, args=(2, f"{d}/store", rows, adv, results), nprocs=2)
+        _one_step(0, 1, None, rows, adv, alone := {})
+        assert not isinstance(results[0], str), results[0]
+        for two, one in zip(results[0], alone[0], strict=True):
+            assert torch.allclose(two, one, rtol=1e-4, atol=1e-7)
