@@ -77,8 +77,9 @@ def cut_at(text: str, rule: str = "answer") -> int:
     its final answer, the last "\\boxed", else the last "answer"; the whole text if it has neither.
     "published" (experience_maker.py, RemoteExperienceMaker._generate_vllm): four cuts, each made
     when its pattern is found in what the one before kept: at the last "Wait", the last "\\boxed",
-    the *first* "answer" (any case), the last blank line; then trailing space goes (the published
-    code strips both ends; a token prefix can only lose its end)."""
+    the *first* "answer" (any case), the last blank line; then trailing space goes. The published
+    code strips only after a blank-line cut; we always do, which moves the token cut only where
+    a space is a token of its own (BPE joins a space to the word after it)."""
     if rule == "answer":
         at = text.rfind("\\boxed")
         at = text.lower().rfind("answer") if at < 0 else at
