@@ -100,7 +100,8 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, denom=None, 
         loss = loss - cfg.sft_coef * (logp * mask * sft[0][:, None]).sum() / sft[1]
     with torch.no_grad():  # tokens whose gradient the clip switched off
         clipped = ((adv > 0) & (ratio > 1 + cfg.clip_eps_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_eps))  # [N, T]
-        stats = {"clip_frac": ((clipped * mask).sum() / mask.sum().clamp(min=1)).item()}
+        n_clipped, n_tokens = (clipped * mask).sum().item(), mask.sum().item()
+        stats = {"clip_frac": n_clipped / max(n_tokens, 1), "clipped": n_clipped, "tokens": n_tokens}
     return loss, stats
 
 
@@ -128,8 +129,10 @@ def policy_update(learner: Learner, batch: list, advantages: torch.Tensor, step:
     def mean(key):
         return sum(p[key] for p in parts) / len(parts)
 
-    return {"loss": mean("loss"), "grad_norm": mean("grad_norm"), "clip_frac": mean("clip_frac"),
-            "logp_drift_max": parts[0]["logp_drift_max"], "skipped": sum(p["skipped"] for p in parts)}
+    clipped, tokens = sum(p["clipped"] for p in parts), sum(p["tokens"] for p in parts)
+    return {"loss": mean("loss"), "grad_norm": mean("grad_norm"), "clip_frac": clipped / max(tokens, 1),
+            "clipped": clipped, "tokens": tokens, "logp_drift_max": parts[0]["logp_drift_max"],
+            "skipped": sum(p["skipped"] for p in parts)}
 
 
 def optimizer_step(learner: Learner, batch: list, advantages: torch.Tensor, current: list) -> dict:
@@ -151,7 +154,7 @@ def optimizer_step(learner: Learner, batch: list, advantages: torch.Tensor, curr
     sft_tok = max(1.0, counts[1].item()) / world
     learner.model.train()
     learner.opt.zero_grad(set_to_none=True)
-    loss_sum, drift, clip = 0.0, 0.0, []
+    loss_sum, drift, clipped, tokens = 0.0, 0.0, 0, 0
     for c0 in range(0, len(batch), cfg.micro_batch):
         part = slice(c0, c0 + cfg.micro_batch)
         mb = rollout.collate(batch[part], learner.tokenizer.pad_token_id)  # prompts [B, L], responses [B, T]
@@ -169,12 +172,12 @@ def optimizer_step(learner: Learner, batch: list, advantages: torch.Tensor, curr
             loss, st = grpo_loss(logp, mb["logp"], advantages[part].to(device), mb["loss_mask"], cfg, ref_logp, denom, sft)
             loss.backward()
         loss_sum += loss.item()
-        clip.append(st["clip_frac"])
+        clipped, tokens = clipped + st["clipped"], tokens + st["tokens"]
         now = torch.tensor(current[part], device=device)[:, None]  # [B, 1] sampled this step
         drift = max(drift, ((logp.detach() - mb["logp"]).abs() * mb["response_mask"] * now).max().item())
     grad_norm, skipped = clip_and_step(learner)
-    return {"loss": loss_sum, "grad_norm": grad_norm, "clip_frac": sum(clip) / len(clip), "logp_drift_max": drift,
-            "skipped": int(skipped)}
+    return {"loss": loss_sum, "grad_norm": grad_norm, "clip_frac": clipped / max(tokens, 1), "clipped": clipped,
+            "tokens": tokens, "logp_drift_max": drift, "skipped": int(skipped)}
 
 
 def micro_batch_logprobs(learner: Learner, model, mb: dict) -> torch.Tensor:

@@ -447,7 +447,8 @@ def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_
                 "groups": len(ro.texts) // g, "zero_groups": ssr.zero_advantage(adv).view(-1, g).all(1).sum(),
                 "boxed": sum(x.boxed for x in done.grades), "truncated": ro.truncated.sum(),
                 "triggered": done.triggered.sum(), "kept": done.kept.sum(), "fixed": done.fixed.sum(),
-                "resp_len": resp_len.sum(), "buffer": len(run.buffer), "replayed": n_replayed, "loss": up["loss"]},
+                "resp_len": resp_len.sum(), "buffer": len(run.buffer), "replayed": n_replayed, "loss": up["loss"],
+                "clipped": up["clipped"], "tokens": up["tokens"]},
                run.device, run.world)
     drift = reduce({"d": up["logp_drift_max"]}, run.device, run.world, dist.ReduceOp.MAX)["d"]
     n, trig = s["n"], s["triggered"]
@@ -456,7 +457,7 @@ def step_metrics(run: Run, step: int, done: rethink.Rethinking, rewards, adv, n_
             "truncated_frac": s["truncated"] / n, "ssr_buffer": int(s["buffer"]), "ssr_replayed": int(s["replayed"]),
             "rethink_triggered": trig / n, "rethink_kept": s["kept"] / trig if trig else 0.0,
             "rethink_fixed": s["fixed"] / trig if trig else 0.0, "resp_len_mean": s["resp_len"] / n,
-            "loss": s["loss"] / run.world, "grad_norm": up["grad_norm"], "clip_frac": up["clip_frac"],
+            "loss": s["loss"] / run.world, "grad_norm": up["grad_norm"], "clip_frac": s["clipped"] / max(s["tokens"], 1),
             "logp_drift_max": drift, "lr": run.sched.get_last_lr()[0], "skipped": up["skipped"]}
 
 

@@ -134,6 +134,20 @@ def test_policy_update_skips_a_non_finite_step_and_takes_a_finite_one(tiny_model
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_clip_frac_is_the_share_of_the_step_s_tokens_that_the_clip_switched_off(tiny_model):
+    """Two micro-batches, of 3 rows and of 1. The lone row's old log-probs are one nat below the
+    policy's (rho = e > 1.2, a positive advantage: each of its tokens clipped), the others are on
+    policy. The share is its tokens over all (a mean of the micro-batches' shares would be 0.5)."""
+    model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
+    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
+    rows[3].logp = rows[3].logp - 1.0
+    run = run_of(model, processor, vlr.Config(micro_batch=3), torch.optim.SGD(model.parameters(), lr=0.0))
+    up = grpo.policy_update(run, rows, torch.tensor([0.5, -0.5, -0.5, 0.5]), 0)
+    tokens = [int(r.loss_mask.sum()) for r in rows]
+    assert up["clip_frac"] == pytest.approx(tokens[3] / sum(tokens)) and up["tokens"] == sum(tokens)
+
+
 @pytest.mark.parametrize("freeze_vision", [False, True])
 def test_shared_vision_gives_the_per_row_gradients_with_replayed_rows(tiny_model, freeze_vision):
     """One picture encoded once per micro-batch (--share-vision) against once per row (the model's
