@@ -92,5 +92,5 @@ def adapters_base(model: str, folder: str) -> str:
 def autocast(bf16: bool, device):
     """bf16 compute with fp32 weights (--bf16); a no-op otherwise. Autocast's weight cache is off:
     it would hold a bf16 copy of every weight for as long as the context lasts (a whole rollout,
-    +6 GB for the 3B); a weight is cast again where it is used instead."""
+    +7.5 GB for the 3B); a weight is cast again where it is used instead."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)

@@ -59,7 +59,7 @@ class Config:
     skip_bad: bool = arg(False, "drop bad data rows (they are listed) instead of stopping")
     out: str = arg("", "run folder (default runs/<data>-s<seed>); one that holds a run is refused unless --resume "
                        "or --overwrite")
-    recipe: str = arg("", "'published': every setting of the published code we reproduce (README table); flags given win")
+    recipe: str = arg("", "'published': every setting of the published code we reproduce (docs/differences.md); flags given win")
     min_pixels: int = arg(0, "image budget, fewest pixels; 0: the model's own, or 256*28^2 for a hub model")
     max_pixels: int = arg(0, "image budget, most pixels; 0: the model's own, or 1280*28^2 for a hub model")
     # GRPO (Section 2, Eq. 1 and 2)
@@ -116,8 +116,9 @@ class Config:
                                         "or none")
     log_samples: int = arg(4, "greedy responses shown at each in-loop eval, and rethought ones each step "
                               "(samples.jsonl and the loggers)")
-    resume: bool = arg(False, "continue from <out>/ckpt, exactly: every other flag must be as in <out>/config.json, "
-                              "--steps too (the learning rate decays over --steps: a finished run cannot be extended)")
+    resume: bool = arg(False, "continue from <out>/ckpt, exactly: every flag must be as in <out>/config.json but "
+                              "--save-every, --eval-every, --report-to, --log-samples and --no-share-vision; --steps "
+                              "too (the learning rate decays over --steps: a finished run cannot be extended)")
     overwrite: bool = arg(False, "start afresh in an --out that holds a run: its metrics, checkpoint and final "
                                  "model are deleted")
     auto_resume: bool = arg(False, "the one command for every launch (a cluster's restarts and requeues): a fresh "
