@@ -209,9 +209,9 @@ def clip_and_step(learner: Learner) -> tuple[float, bool]:
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to `floor` (a share of the peak) at the last step (the
-    published runs decay to half). The late, small steps let the policy settle instead of
-    drifting on noise."""
+    """Linear warmup, then cosine decay towards `floor` (a share of the peak), reached at step
+    `total`, one past the last (the published runs decay to half). The late, small steps let the
+    policy settle instead of drifting on noise."""
     if step < warmup:
         return (step + 1) / warmup
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))

@@ -61,7 +61,8 @@ class ReplayBuffer:
 
     def add(self, items, advantages) -> int:
         """Store the items whose |advantage| > ZERO_ADV (a zero-advantage sample has no gradient to
-        replay); the oldest fall out beyond `capacity`. Returns how many were stored."""
+        replay); the oldest fall out beyond `capacity`. Returns how many it was handed with a non-zero
+        advantage (more than `capacity` when a step has more: only the last `capacity` stay)."""
         adv = torch.as_tensor(advantages, dtype=torch.float32).flatten()
         if len(adv) != len(items):
             raise ValueError(f"{len(items)} items but {len(adv)} advantages")
