@@ -6,11 +6,14 @@ import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
+
+import pytest
 
 import procs
 import vlr
+from distributed import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 CHEAP = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "24", "--eval-every", "0", "--steps", "1"]
@@ -63,3 +66,27 @@ def test_a_resume_of_a_run_killed_before_its_first_checkpoint_is_one_sentence(tm
     (tmp_path / "config.json").write_text(json.dumps(asdict(vlr.parse_args(args))))  # what such a run leaves
     said = refused("vlr.py", args, False)
     assert said == f"--resume: no checkpoint in {tmp_path}/ckpt to resume from", said
+
+
+def test_every_number_flag_has_a_range_and_values_out_of_it_are_said_together(tmp_path):
+    """vlr.RANGES, read against a hand-made list of edges: each bad value is refused, the edge
+    beside it taken. A new number flag must be given a range (or said here why it needs none)."""
+    free = {"seed", "log_samples", "lora_rank"}  # any seed; the last two have sentences of their own
+    numbers = {f.name for f in fields(vlr.Config) if f.type in (int, float)}
+    ranged = {name for _, _, names in vlr.RANGES for name in names}
+    assert numbers - free == ranged, (numbers - free) ^ ranged
+    edges = [("--steps", "0", "1"), ("--group-size", "1", "2"), ("--temperature", "0", "0.01"), ("--top-p", "0", "1"),
+             ("--top-p", "1.01", "0.01"), ("--top-k", "-1", "0"), ("--adam-beta2", "1", "0"), ("--clip-eps", "1", "0.99"),
+             ("--rethink-frac", "1.01", "1"), ("--rethink-max-replace", "-2", "-1"), ("--invalid-penalty", "-0.1", "0"),
+             ("--lr", "0", "1e-9"), ("--min-format-rate", "-0.01", "0"), ("--max-pixels", "-1", "0")]
+    for flag, bad, edge in edges:
+        args = [*CHEAP, "--out", str(tmp_path / "run"), flag]
+        vlr.check_ranges(vlr.parse_args([*args, edge]))
+        with pytest.raises(UserError, match=rf"^{flag} {bad}(\.0)?: must be "):
+            vlr.check_ranges(vlr.parse_args([*args, bad]))
+    with pytest.raises(UserError) as said:
+        vlr.check_flags(vlr.parse_args([*CHEAP, "--out", str(tmp_path / "run"), "--save-every", "0", "--minibatches",
+                                        "0", "--max-pixels", "100", "--min-pixels", "200"]))
+    assert str(said.value) == ("--minibatches 0: must be at least 1; --save-every 0: must be at least 1; --max-pixels "
+                               "100: must be at least --min-pixels 200 (0: the model's own)")
+    assert not (tmp_path / "run").exists()
