@@ -228,6 +228,10 @@ def main(argv=None):
         p.error("--log-samples must be 0 or more")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        p.error("--limit and --batch-size must be at least 1")
+    if args.temperature < 0:
+        p.error("--temperature must be 0 (greedy) or more")
     if min(args.min_pixels, args.max_pixels) < 0 or 0 < args.max_pixels < args.min_pixels:
         p.error("--min-pixels and --max-pixels must be positive (0: default), min at most max")
     if args.max_new_tokens is None:

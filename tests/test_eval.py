@@ -124,7 +124,8 @@ def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
     assert calls == [("load", "tiny", *on, 3136, 12544), ("evaluate", 3, 48), ("load", "tiny", *on, 0, 0),
                      ("evaluate", 1, 2048), ("load", "tiny", *on, 0, 0), ("evaluate", 1, 7)]
     assert ev.TOY_MAX_NEW_TOKENS == vlr.Config().max_new_tokens
-    for bad in (["--min-pixels", "-1"], ["--min-pixels", "5000", "--max-pixels", "4000"], ["--max-new-tokens", "0"]):
+    for bad in (["--min-pixels", "-1"], ["--min-pixels", "5000", "--max-pixels", "4000"], ["--max-new-tokens", "0"],
+                ["--limit", "-1"], ["--limit", "0"], ["--batch-size", "0"], ["--temperature", "-1"]):
         with pytest.raises(SystemExit):
             ev.main(["--bench", "toy", *bad])
         assert "must be" in capsys.readouterr().err
