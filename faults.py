@@ -80,7 +80,8 @@ def auto_resume(out: Path, config: dict) -> tuple[bool, bool]:
     try:
         checkpoint.check_run_folder(out, config, resume=True, overwrite=False)  # the same settings
     except checkpoint.NoCheckpoint:
-        return False, True
+        if not (out / "final").exists():  # a finished run's ckpt/ may have been deleted to free the disk
+            return False, True
     if (out / "final").exists():  # written atomically, after the last step
         if rank_world()[0] == 0:
             print(f"{out} holds this run, finished ({config['steps']} steps, the model in {out}/final): nothing to do")

@@ -5,6 +5,7 @@ given step and torchrun restart, never from timing. In-process: the --auto-resum
 status file's failures, the agreement to stop, the fault's form. The atomic saves: test_checkpoint.py."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -215,6 +216,10 @@ def test_auto_resume_starts_continues_or_says_the_run_is_finished(tmp_path, caps
         faults.auto_resume(done, config(done))
     assert finished.value.code == 0
     assert capsys.readouterr().out == f"{done} holds this run, finished (4 steps, the model in {done}/final): nothing to do\n"
+    shutil.rmtree(done / "ckpt")  # deleted to free the disk: still finished, and final/ is kept
+    with pytest.raises(SystemExit) as finished:
+        faults.auto_resume(done, config(done))
+    assert finished.value.code == 0 and (done / "final").is_dir()
     with pytest.raises(UserError, match=r"^--resume with a different configuration .*lr: saved 0.0005, now 0.1$"):
         faults.auto_resume(going, config(going, "--lr", "0.1"))
     with pytest.raises(UserError, match="without --resume and --overwrite"):
