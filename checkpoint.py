@@ -81,11 +81,16 @@ def sync(folder: Path):
     """Every file of `folder`, and the folder, on the disk before it is renamed into place: after a
     crash of the machine a renamed folder must not hold files the disk never received."""
     for path in sorted(folder.rglob("*"), reverse=True) + [folder]:  # files before their folders
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(path)
+
+
+def fsync(path: Path):
+    """One file, or one folder's entries (the names that renames put there), on the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def swap_in(tmp: Path, out: Path):
@@ -105,7 +110,7 @@ def swap_in(tmp: Path, out: Path):
             raise UserError(f"could not rename {tmp} to {out} ({e.strerror}); the previous {out.name} is "
                             "left as it was") from e
     shutil.rmtree(old, ignore_errors=True)
-    sync(out.parent)
+    fsync(out.parent)  # the renames; not the rest of the run folder (wandb/ is another process's)
 
 
 def clean_stale(out: Path):
@@ -120,10 +125,13 @@ def clean_stale(out: Path):
 
 def replace_text(path: Path, text: str):
     """A small file rewritten atomically (a temporary file renamed over it): config.json, status.json,
-    metrics.jsonl cut back on resume. A kill leaves the old text or the new, never a part."""
+    metrics.jsonl cut back on resume. A kill, or a crash of the machine, leaves the old text or the
+    new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    fsync(tmp)
     os.replace(tmp, path)
+    fsync(path.parent)
 
 
 def param_checksum(model) -> float:

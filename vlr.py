@@ -11,6 +11,7 @@ Selective Sample Replay (ssr.ReplayBuffer.select_batch) -> the clipped policy-gr
 """
 import argparse
 import json
+import os
 import random
 import time
 from contextlib import closing, nullcontext
@@ -515,6 +516,7 @@ def log_step(run: Run, bar, m: dict, samples: list[dict], loggers, last_eval: fl
         loggers.log(m["step"], tracking.scalars(m), samples)
         run.log.write(json.dumps(m) + "\n")
         run.log.flush()
+        os.fsync(run.log.fileno())  # on the disk before the next checkpoint, which a resume cuts back to
         last_eval = m.get("eval_acc", last_eval)
         bar.set_postfix(reward=f"{m['reward_mean']:.2f}", eval=f"{last_eval:.2f}", fmt=f"{m['format_rate']:.2f}",
                         s_step=f"{m['step_s']:.1f}")

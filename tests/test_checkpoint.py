@@ -121,3 +121,12 @@ def test_a_train_state_that_needs_unpickling_is_refused_in_one_sentence(tmp_path
     said = str(refused.value)
     assert said.startswith(f"{tmp_path / 'train_state.pt'} holds objects that only unpickling would rebuild")
     assert "\n" not in said and said.endswith("start afresh with --overwrite")
+
+
+def test_a_save_syncs_its_own_folder_not_the_rest_of_the_run_folder(tmp_path):
+    """A logger's files beside the checkpoint (wandb/, written by another process) are not the
+    save's to sync: a link there that points nowhere, as wandb's latest-run may, does not stop it."""
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "latest-run").symlink_to(tmp_path / "wandb" / "run-gone")
+    checkpoint.write_atomically(tmp_path / "ckpt", lambda tmp: (tmp / "train_state.pt").write_text("state"))
+    assert (tmp_path / "ckpt" / "train_state.pt").read_text() == "state"
