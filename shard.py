@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -87,7 +88,7 @@ def save_checkpoint(out: Path, model, processor, opt, state: dict, rank: int, wo
     optim = get_optimizer_state_dict(model, opt)
 
     def write(tmp: Path):
-        dcp.save({"optimizer": optim}, checkpoint_id=gather(str(tmp), world)[0] + "/optimizer")
+        save_shards(optim, gather(str(tmp), world)[0] + "/optimizer")
         model.save_pretrained(tmp, state_dict=weights)
         processor.save_pretrained(tmp)
         torch.save(state, tmp / "train_state.pt")
@@ -95,7 +96,21 @@ def save_checkpoint(out: Path, model, processor, opt, state: dict, rank: int, wo
     if rank == 0:
         checkpoint.write_atomically(out / "ckpt", write)
     else:
-        dcp.save({"optimizer": optim}, checkpoint_id=gather(None, world)[0] + "/optimizer")
+        try:
+            save_shards(optim, gather(None, world)[0] + "/optimizer")
+        except OSError as e:  # as rank 0 says it (checkpoint.write_atomically)
+            raise UserError(f"could not write {out / 'ckpt'} ({e}); the previous ckpt is left as it was") from e
+
+
+def save_shards(optim: dict, folder: str):
+    """AdamW's shards into `folder`, each process its own. A failure on any process (a full disk)
+    reaches every process as DCP's CheckpointException, a BaseException that neither the writer's
+    error handling nor the status file (faults.Watch) would see: it is raised as an OSError."""
+    try:
+        dcp.save({"optimizer": optim}, checkpoint_id=folder)
+    except CheckpointException as e:
+        rank, (error, _) = next(iter(e.failures.items()))
+        raise OSError(f"process {rank}: {checkpoint.first_line(error)}") from e
 
 
 def load_optimizer(model, opt, ckpt: Path):
@@ -103,6 +118,10 @@ def load_optimizer(model, opt, ckpt: Path):
     in place). Asking for the state dict first gives the loader its shapes (a fresh AdamW gets its
     state from a zero step at learning rate 0)."""
     optim = get_optimizer_state_dict(model, opt)
-    dcp.load({"optimizer": optim}, checkpoint_id=str(ckpt / "optimizer"))
+    try:
+        dcp.load({"optimizer": optim}, checkpoint_id=str(ckpt / "optimizer"))
+    except CheckpointException as e:  # a BaseException (save_shards): said in one sentence
+        rank, (error, _) = next(iter(e.failures.items()))
+        raise UserError(f"could not read {ckpt / 'optimizer'} (process {rank}: {checkpoint.first_line(error)})") from e
     set_optimizer_state_dict(model, opt, optim)
     return opt

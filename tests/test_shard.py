@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import CheckpointException
 
+import checkpoint
 import data
 import procs
+import shard
 import test_refusals
 import test_vlr
 import vlr
@@ -121,3 +124,18 @@ def test_shard_refuses_to_run_without_torchrun_and_the_kl_term(tmp_path, monkeyp
     with pytest.raises(UserError, match="--kl-coef with --shard"):
         vlr.check_flags(vlr.parse_args([*args, "--kl-coef", "0.1"]))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_full_disk_under_shard_is_an_error_the_writer_and_the_status_file_see(tmp_path, monkeypatch):
+    """DCP reports a failed write as CheckpointException, a BaseException: passed on as it is, the
+    previous checkpoint's guard (checkpoint.WRITE_ERRORS) and faults.Watch would not see it, and the
+    status would stay "running". Raised as an OSError, it is a failed write like any other."""
+    def full(state, checkpoint_id):
+        raise CheckpointException("save failed", {1: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(shard.dcp, "save", full)
+    with pytest.raises(OSError, match=r"^process 1: \[Errno 28\] No space left on device$"):
+        shard.save_shards({}, str(tmp_path / "optimizer"))
+    with pytest.raises(UserError, match=r"could not write .*ckpt \(process 1: \[Errno 28\] No space left"):
+        checkpoint.write_atomically(tmp_path / "ckpt", lambda tmp: shard.save_shards({}, str(tmp / "optimizer")))
+    assert not (tmp_path / "ckpt").exists()
