@@ -167,6 +167,18 @@ def write_status(out: Path, state: str, message: str, **fields):
     checkpoint.replace_text(out / STATUS, json.dumps(status, indent=1) + "\n")
 
 
+def refused_start(out: Path, message: str):
+    """A launch that a run's own folder refused before its first step (a flag that differs from the
+    saved ones, a data file moved, a checkpoint that will not load): recorded as a failure not to
+    retry in the status of a run left running or preempted. Else a script that requeues a
+    preempted run (docs/cluster.md) would requeue it forever. A folder with no status (a new run
+    refused) is not touched, nor is a run that finished or has failed already."""
+    status = read_status(out)
+    if rank_world()[0] == 0 and status.get("state") in ("running", "preempted"):
+        write_status(out, "failed", message, **{k: status[k] for k in ("step", "checkpoint", "restarts") if k in status},
+                     retry=False)
+
+
 def read_status(out: Path) -> dict:
     try:
         return json.loads((out / STATUS).read_text())

@@ -354,7 +354,7 @@ def check_flags(cfg: Config) -> Path:
     if rows_per_process(cfg, world) % cfg.minibatches:
         raise UserError(f"--minibatches {cfg.minibatches} must divide the {rows_per_process(cfg, world)} rows "
                         "of a process's batch")
-    out = Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
+    out = run_folder(cfg)
     faults.check_restarts(cfg.auto_resume)  # torchrun --max-restarts: a restart must find the run, and its peers
     if cfg.auto_resume:  # this launch's choice, kept in config.json as if given
         cfg.resume, cfg.overwrite = faults.auto_resume(out, asdict(cfg))
@@ -365,13 +365,21 @@ def check_flags(cfg: Config) -> Path:
     return out
 
 
+def run_folder(cfg: Config) -> Path:
+    return Path(cfg.out or f"runs/{Path(cfg.data).stem}-s{cfg.seed}")
+
+
 def rows_per_process(cfg: Config, world: int) -> int:
     return cfg.prompts_per_step // world * cfg.group_size
 
 
 def train(cfg: Config):
     faults.catch_signals()  # SIGUSR1 from here on: a checkpoint after the step, then a stop
-    run = setup(cfg)
+    try:
+        run = setup(cfg)
+    except (data.DataError, UserError) as e:  # recorded, or a preempted run's requeues would meet it forever
+        faults.refused_start(run_folder(cfg), str(e))
+        raise
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
     low_format_steps, last_eval = 0, float("nan")

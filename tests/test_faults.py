@@ -277,3 +277,29 @@ def test_a_fault_is_planned_for_one_rank_and_one_launch(monkeypatch):
         monkeypatch.setenv(faults.FAULT, bad)
         with pytest.raises(UserError, match="expected '<SIGKILL"):
             faults.planned_fault(0)
+
+
+def test_a_relaunch_refused_before_its_first_step_is_recorded_so_a_preempted_run_is_not_requeued_forever(tmp_path):
+    """docs/cluster.md's script requeues a run while its status says preempted: a relaunch refused
+    in its set-up (here a flag changed) records the refusal as not to retry. A new run refused
+    leaves no folder, and a finished run's status stays finished."""
+    before = signal.getsignal(signal.SIGUSR1)
+    out, fresh, done = tmp_path / "run", tmp_path / "fresh", tmp_path / "done"
+    a_run(out)
+    faults.write_status(out, "preempted", "preempted (SIGUSR1): checkpoint written", step=3, checkpoint=4)
+    a_run(done, finished=True)
+    faults.write_status(done, "finished", "finished: 4 steps", step=4, checkpoint=4)
+    try:
+        for folder in (out, done):
+            with pytest.raises(UserError, match="different configuration"):
+                vlr.train(vlr.parse_args([*FLAGS, "--out", str(folder), "--auto-resume", "--lr", "0.1"]))
+        with pytest.raises(UserError, match="no-such-model"):
+            vlr.train(vlr.parse_args([*FLAGS, "--out", str(fresh), "--model", str(tmp_path / "no-such-model")]))
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    said = status(out)
+    assert (said["state"], said["retry"], said["step"], said["checkpoint"]) == ("failed", False, 3, 4)
+    assert said["message"].startswith("--resume with a different configuration than") and "lr: saved" in said["message"]
+    with pytest.raises(UserError, match="for a reason a relaunch would meet again"):
+        faults.auto_resume(out, config(out))
+    assert status(done)["state"] == "finished" and not fresh.exists()
