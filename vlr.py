@@ -260,6 +260,10 @@ def setup(cfg: Config) -> Run:
     if cfg.resume:
         ckpt = checkpoint.checkpoint_dir(out)
         state = checkpoint.load_state(ckpt)
+        if len(state["generators"]) != world:  # each process's prompts, sampler and replay buffer are its own
+            raise UserError(f"--resume: {ckpt} was written by {len(state['generators'])} process(es), this launch has "
+                            f"{world}: a run continues exactly only on as many; launch it with "
+                            f"{len(state['generators'])}")
     # --shard: loaded on the CPU, so that each layer goes to the GPU as a shard (shard.shard_model)
     model, processor = load_policy(cfg, "cpu" if cfg.shard else device, ckpt if state else None)
     base = lora.base_record(model, models.location(cfg.model)) if cfg.lora_rank else None

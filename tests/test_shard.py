@@ -3,6 +3,7 @@ and metrics after 3 steps, a kill and --resume that continues exactly, and a ste
 The 3B-shaped model under --shard, and eval.py on what it saves: tests/test_real.py."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -139,3 +140,13 @@ def test_a_full_disk_under_shard_is_an_error_the_writer_and_the_status_file_see(
     with pytest.raises(UserError, match=r"could not write .*ckpt \(process 1: \[Errno 28\] No space left"):
         checkpoint.write_atomically(tmp_path / "ckpt", lambda tmp: shard.save_shards({}, str(tmp / "optimizer")))
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_resume_on_another_number_of_processes_is_refused_before_a_model_loads(runs, tmp_path, monkeypatch):
+    """Each process has its own prompts, sampler and replay buffer: the 2-process checkpoint of
+    the DDP run, resumed by 1 process, would drop half of them (and by 3 fail to find a third)."""
+    monkeypatch.delenv("RANK", raising=False)
+    shutil.copytree(runs / "ddp", tmp_path / "ddp")
+    monkeypatch.setattr(vlr, "load_policy", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(UserError, match=r"ckpt was written by 2 process\(es\), this launch has 1: .* launch it with 2$"):
+        vlr.setup(vlr.parse_args([*test_vlr.SMALL, *STEPS, "--out", str(tmp_path / "ddp"), "--resume"]))
