@@ -40,17 +40,23 @@ def read_rows(path: Path) -> list:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        rows, errors = [], []
+        for i, line in enumerate(path.read_bytes().splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append((f"{path}:{i}", json.loads(line)))
+                    rows.append((f"{path}:{i}", json.loads(line.decode("utf-8"))))
+                except UnicodeDecodeError as e:
+                    errors.append(f"{path}:{i}: not UTF-8 text (byte {e.start + 1})")
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    errors.append(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})")
+        if errors:  # all at once: a file is fixed in one pass
+            raise DataError(f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors))
         return rows
     if path.suffix == ".json":
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
         rows = list(obj.values()) if isinstance(obj, dict) else obj
@@ -84,7 +90,9 @@ def _image(value, base: Path):
         return img
     if not isinstance(value, str) or not value:
         raise DataError("no image")
-    if (base / value).is_file():
+    if len(value) < 4096 and (base / value).is_file():  # base64 text is longer than any path
+        if reason := data.bad_image(base, value):
+            raise DataError(reason)
         return str(base / value)
     try:  # not a file: base64 text, maybe as a data: URL
         img = _open(base64.b64decode(value.split(",")[-1], validate=True))
@@ -96,20 +104,28 @@ def _image(value, base: Path):
 
 
 def _need(r: dict, *keys):
+    """The fields `keys` of record `r`, each present; a question must be a string, an id or an
+    answer a string or a number (a list or a bool would be graded as its text)."""
     for k in keys:
         if r.get(k) is None:
             raise DataError(f"missing field '{k}'")
+        if k == "question" and not isinstance(r[k], str):
+            raise DataError("field 'question' must be a string")
+        if k in ("pid", "id", "sample_index", "answer") and data.text(r[k]) is None:
+            raise DataError(f"field '{k}' must be a non-empty string or a number, not {str(r[k])[:40]!r}")
     return [r[k] for k in keys]
 
 
 def _options(answer, choices: list, as_text=False):
     """(letter, option texts): the gold option is given as a letter or, by MathVista, as its text."""
-    choices, answer = [str(c) for c in choices], str(answer).strip()
+    if not isinstance(choices, (list, tuple)) or None in map(data.text, choices):
+        raise DataError(f"the options must be a list of strings or numbers, not {str(choices)[:60]!r}")
+    choices, answer = [data.text(c) for c in choices], str(answer).strip()
     if not 2 <= len(choices) <= len(data.LETTERS):
         raise DataError(f"expected 2 to {len(data.LETTERS)} options, got {len(choices)}")
     if as_text and answer in choices:
         return data.LETTERS[choices.index(answer)], choices
-    if not as_text and answer in data.LETTERS[:len(choices)]:
+    if not as_text and len(answer) == 1 and answer in data.LETTERS[:len(choices)]:
         return answer, choices
     raise DataError(f"answer '{answer}' is not " + (f"one of the options {choices}" if as_text else
                                                     f"an option letter A-{data.LETTERS[len(choices) - 1]}"))
@@ -174,9 +190,9 @@ def mmmu_pro(r, base):
     standard setting has question and image_1..image_7, the vision setting one screenshot `image`
     that holds question and options (so they are not repeated in the prompt)."""
     rid, options, answer = _need(r, "id", "options", "answer")
-    try:
-        options = ast.literal_eval(options) if isinstance(options, str) else list(options)
-    except (ValueError, SyntaxError):
+    try:  # a Python literal, never code; bounded, since a deep one exhausts the parser's stack
+        options = ast.literal_eval(options) if isinstance(options, str) and len(options) < 100_000 else options
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         raise DataError("field 'options' is not a list") from None
     answer, choices = _options(answer, options)
     if r.get("question") is None:  # vision setting
@@ -211,7 +227,10 @@ def load_bench(bench: str, path: str | None = None) -> list[data.Record]:
             try:
                 if not isinstance(r, dict):
                     raise DataError("expected an object")
-                records.append(ADAPTERS[bench](r, path.parent))
+                rec = ADAPTERS[bench](r, path.parent)
+                if reason := data.misplaced(rec.question, len(rec.images)):  # said now, not after the model loads
+                    raise DataError(reason)
+                records.append(rec)
             except DataError as e:
                 errors.append(f"{where}: {e}")
     files = ", ".join(map(str, paths))

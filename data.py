@@ -8,6 +8,8 @@ images with pillow from a seed, so that nothing needs a download.
 """
 import hashlib
 import json
+import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,21 +164,37 @@ def _is_paths(value) -> bool:
 
 def _check_images(paths: list, question: str, base: Path):
     """The image paths resolved against `base`, each opened to check it, or the reason they are bad."""
-    placeholders = question.count(IMAGE)
-    if placeholders and placeholders != len(paths):  # else an image would land in the wrong place
-        return _mismatch(placeholders, len(paths))
+    if reason := misplaced(question, len(paths)):
+        return reason
     images = []
     for p in paths:
-        path = base / p
-        try:
-            with Image.open(path) as im:
-                im.verify()  # reads the whole file's structure without decoding pixels
-        except FileNotFoundError:
-            return f"field 'image': file not found: {p}"
-        except Exception as e:  # PIL raises many kinds for a corrupt file
-            return f"field 'image': unreadable image {p} ({type(e).__name__})"
-        images.append(str(path))
+        if reason := bad_image(base, p):
+            return f"field 'image': {reason}"
+        images.append(str(base / p))
     return images
+
+
+def misplaced(question: str, images: int) -> str | None:
+    """Why a question's `<image>` marks cannot place its images (one mark per image, or none), or None."""
+    placeholders = question.count(IMAGE)
+    return _mismatch(placeholders, images) if placeholders and placeholders != images else None
+
+
+def bad_image(base: Path, p: str) -> str | None:
+    """Why the image file `p` (a path relative to the data file's folder `base`) cannot be used, or
+    None. A path must stay inside that folder: a downloaded file names its images, not the rest of
+    the disk ("/etc/..." and "../..." are refused; a link inside the folder is followed)."""
+    norm = os.path.normpath(p)
+    if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        return f"{p} is not inside the data file's folder (image paths are relative to it)"
+    try:
+        with Image.open(base / p) as im:
+            im.verify()  # reads the whole file's structure without decoding pixels
+    except FileNotFoundError:
+        return f"file not found: {p}"
+    except Exception as e:  # PIL raises many kinds for a corrupt file
+        return f"unreadable image {p} ({type(e).__name__})"
+    return None
 
 
 def _gather(path: Path, checked, skip_bad: bool, unit: str) -> tuple[list[Record], int]:
@@ -199,10 +217,12 @@ def _gather(path: Path, checked, skip_bad: bool, unit: str) -> tuple[list[Record
 
 # jsonl (ViRL39K-style): {"id", "image": path or [paths], "question", "answer", "choices"?, "category"?}
 
-def _check_line(line: str, base: Path):
+def _check_line(line: bytes, base: Path):
     """Parse one jsonl line into a Record, or return the reason it is bad."""
     try:
-        row = json.loads(line)
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte {e.start + 1})"
     except json.JSONDecodeError as e:
         return f"invalid JSON ({e.msg} at column {e.colno})"
     if not isinstance(row, dict):
@@ -210,21 +230,37 @@ def _check_line(line: str, base: Path):
     for key in ("id", "image", "question", "answer"):
         if key not in row:
             return f"missing field '{key}'"
-    if not str(row["answer"]).strip():
-        return "field 'answer' is empty"
+    for key, value in (("id", row["id"]), ("answer", row["answer"])):
+        if text(value) is None:
+            return f"field '{key}' must be a non-empty string or a number, not {json.dumps(value)[:40]}"
     if not isinstance(row["question"], str) or not row["question"].strip():
         return "field 'question' is empty or not a string"
+    if not isinstance(row.get("category") or "", str):
+        return "field 'category' must be a string"
     paths = row["image"] if isinstance(row["image"], list) else [row["image"]]
     if not _is_paths(paths):
         return "field 'image' must be a path or a non-empty list of paths"
     images = _check_images(paths, row["question"], base)
     if isinstance(images, str):
         return images
-    choices = row.get("choices")
-    if choices is not None and (not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS)):
-        return f"field 'choices' must be a list of 2 to {len(LETTERS)} options"
-    return Record(id=str(row["id"]), images=images, question=row["question"], answer=str(row["answer"]).strip(),
-                  choices=[str(c) for c in choices] if choices else None, category=str(row.get("category", "")))
+    choices, answer = row.get("choices"), text(row["answer"])
+    if choices is not None:
+        if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or None in map(text, choices):
+            return f"field 'choices' must be a list of 2 to {len(LETTERS)} options, each a string or a number"
+        if answer not in LETTERS[:len(choices)] or len(answer) != 1:  # Record.choices: the gold is a letter
+            return f"field 'answer' must be the letter of an option, A to {LETTERS[len(choices) - 1]}, not {answer!r}"
+    return Record(id=text(row["id"]), images=images, question=row["question"], answer=answer,
+                  choices=[text(c) for c in choices] if choices else None, category=row.get("category") or "")
+
+
+def text(value) -> str | None:
+    """A field given as a non-empty string or a finite number, as a string; None for anything else
+    (null, a list, a bool, NaN), which would otherwise be trained on as its text ("None")."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return None
 
 
 def load_jsonl(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
@@ -233,8 +269,8 @@ def load_jsonl(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:  # rstrip: else a line cut short fails at "line 2 column 1"
-        checked = ((n, _check_line(line.rstrip("\r\n"), path.parent)) for n, line in enumerate(f, 1) if line.strip())
+    with open(path, "rb") as f:  # rstrip: else a line cut short fails at "line 2 column 1"
+        checked = ((n, _check_line(line.rstrip(b"\r\n"), path.parent)) for n, line in enumerate(f, 1) if line.strip())
         return _gather(path, checked, skip_bad, "line")
 
 

@@ -204,7 +204,7 @@ def load_data(cfg: Config, rank: int):
         return data.ToyTask("train", tiers), data.ToyTask("test", data.test_tiers(tiers))
     records, skipped = data.load_records(hub.data_file(cfg.data), skip_bad=cfg.skip_bad)
     if skipped and rank == 0:
-        print(f"skipped {skipped} bad line(s) of {cfg.data}")
+        print(f"skipped {skipped} bad record(s) of {cfg.data}")
     return records, None
 
 

@@ -213,3 +213,40 @@ def test_bad_benchmark_files_name_the_file_and_what_was_expected(tmp_path):
                          f"{path}:4: image file not found: images/9.png",
                          f"{path}:5: missing field 'precision'",
                          f"{path}:6: field 'precision' must be a whole number of decimals, got 1.5"]
+
+
+def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_loads(tmp_path):
+    """What a file from elsewhere may hold: each record said with its line, none passed on to fail
+    (or be graded wrongly) once the model has loaded."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.jpg").write_bytes(png("red"))
+    (tmp_path / "notes.txt").write_text("not a picture")
+    Image.new("RGB", (8, 8)).save(tmp_path.parent / "outside.png")
+    one = {k: v for k, v in mathvision_rows()[0].items() if k != "decoded_image"}  # images/1.jpg, options A-E
+    rows = [one, dict(one, answer="AB"), dict(one, question=5), dict(one, answer=[1]), dict(one, options="ABCDE"),
+            dict(one, image="../outside.png"), dict(one, image="notes.txt"),
+            dict(one, question="<image> beside <image>", options=[])]
+    path = write_jsonl(tmp_path / "test.jsonl", rows)
+    with pytest.raises(data.DataError) as err:
+        benchmarks.load_bench("mathvision", path)
+    assert str(err.value).splitlines()[1:] == [
+        f"{path}:2: answer 'AB' is not an option letter A-E",
+        f"{path}:3: field 'question' must be a string",
+        f"{path}:4: field 'answer' must be a non-empty string or a number, not '[1]'",
+        f"{path}:5: the options must be a list of strings or numbers, not 'ABCDE'",
+        f"{path}:6: ../outside.png is not inside the data file's folder (image paths are relative to it)",
+        f"{path}:7: unreadable image notes.txt (UnidentifiedImageError)",
+        f"{path}:8: 2 '<image>' placeholder(s) in field 'question' for 1 image(s)"]
+    standard = mmmu_rows()[0][0]
+    deep = "(" * 40_000 + ")" * 40_000  # Python's parser gives up: said, not a RecursionError
+    one_image = dict(standard, question="Which painting is older?", image_1=base64.b64encode(png("red")).decode(),
+                     image_2=None)
+    path = write_jsonl(tmp_path / "mmmu.jsonl", [dict(one_image, options=o) for o in ("'abcd'", "5", deep)])
+    with pytest.raises(data.DataError) as err:
+        benchmarks.load_bench("mmmu-pro", path)
+    assert str(err.value).splitlines()[1:] == [f"{path}:1: the options must be a list of strings or numbers, not 'abcd'",
+                                               f"{path}:2: the options must be a list of strings or numbers, not '5'",
+                                               f"{path}:3: field 'options' is not a list"]
+    path.write_text('{"id": \n{"id": "2"}\n{"id": \n')
+    with pytest.raises(data.DataError, match=r"^2 bad line\(s\) in .*mmmu.jsonl:\n.*:1: invalid JSON .*\n.*:3: invalid"):
+        benchmarks.load_bench("mmmu-pro", path)

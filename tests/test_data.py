@@ -26,12 +26,20 @@ def write_jsonl(tmp_path, lines):
 
 
 GOOD = {"id": "g1", "image": "ok.png", "question": "What is shown?", "answer": "red"}
-BAD_LINES = [  # line 2..6: five kinds of bad lines, each with the reason it must be reported for
+NOT_TEXT = "must be a non-empty string or a number, not"
+BAD_LINES = [  # line 2 on: kinds of bad lines, each with the reason it must be reported for
     ('{"id": "b1", "image": "ok.png", "question": "q", ', "invalid JSON"),
     ({"id": "b2", "image": "ok.png", "answer": "1"}, "missing field 'question'"),
     ({"id": "b3", "image": "nowhere.png", "question": "q", "answer": "1"}, "file not found: nowhere.png"),
     ({"id": "b4", "image": "broken.png", "question": "q", "answer": "1"}, "unreadable image broken.png"),
-    ({"id": "b5", "image": "ok.png", "question": "q", "answer": "  "}, "field 'answer' is empty"),
+    ({"id": "b5", "image": "ok.png", "question": "q", "answer": "  "}, f"field 'answer' {NOT_TEXT} \"  \""),
+    ({"id": "b6", "image": "ok.png", "question": "q", "answer": None}, f"field 'answer' {NOT_TEXT} null"),  # not "None"
+    ({"id": "b7", "image": "ok.png", "question": "q", "answer": [1, 2]}, f"field 'answer' {NOT_TEXT} [1, 2]"),
+    ({"id": None, "image": "ok.png", "question": "q", "answer": "1"}, f"field 'id' {NOT_TEXT} null"),
+    ({"id": "b9", "image": "ok.png", "question": "q", "answer": "Z", "choices": ["x", "y"]},
+     "field 'answer' must be the letter of an option, A to B, not 'Z'"),
+    ({"id": "b10", "image": "../ok.png", "question": "q", "answer": "1"}, "../ok.png is not inside the data file's folder"),
+    ({"id": "b11", "image": "/etc/hostname", "question": "q", "answer": "1"}, "/etc/hostname is not inside"),
 ]
 
 
@@ -40,9 +48,18 @@ def test_every_bad_line_is_reported_with_file_and_line(tmp_path):
     with pytest.raises(data.DataError) as err:
         data.load_jsonl(path)
     lines = str(err.value).splitlines()[1:]
-    assert len(lines) == 5
+    assert len(lines) == len(BAD_LINES)
     for lineno, (line, (_, reason)) in enumerate(zip(lines, BAD_LINES), start=2):
         assert line.startswith(f"{path}:{lineno}: ") and reason in line, line
+
+
+def test_numbers_are_read_as_text_and_bytes_that_are_not_utf8_are_a_bad_line(tmp_path):
+    path = write_jsonl(tmp_path, [dict(GOOD, id=7, answer=2.5), dict(GOOD, id="g2", answer="B", choices=[1, "two"])])
+    (one, two), _ = data.load_jsonl(path)
+    assert (one.id, one.answer, two.choices) == ("7", "2.5", ["1", "two"])
+    path.write_bytes(path.read_bytes() + b'{"id": "g3", "question": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match=r"train.jsonl:3: not UTF-8 text \(byte 30\)$"):
+        data.load_jsonl(path)
 
 
 def test_invalid_json_is_located_on_its_own_line(tmp_path):
@@ -55,7 +72,7 @@ def test_invalid_json_is_located_on_its_own_line(tmp_path):
 def test_skip_bad_keeps_the_good_lines(tmp_path):
     path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES] + [dict(GOOD, id="g2", image=["ok.png", "ok.png"])])
     records, skipped = data.load_jsonl(path, skip_bad=True)
-    assert skipped == 5
+    assert skipped == len(BAD_LINES)
     assert [r.id for r in records] == ["g1", "g2"]
     assert records[1].images == [str(tmp_path / "ok.png")] * 2  # relative to the file
 
@@ -65,7 +82,7 @@ def test_trainer_stops_before_training_on_bad_data(tmp_path):
     run = procs.run([sys.executable, "vlr.py", "--data", str(path), "--out", str(tmp_path / "run")], 120, cwd=ROOT)
     assert run.returncode != 0
     reported = [l for l in run.stderr.splitlines() if l.startswith(f"{path}:")]
-    assert len(reported) == 5, run.stderr
+    assert len(reported) == len(BAD_LINES), run.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
