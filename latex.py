@@ -13,7 +13,7 @@ both as hostile input (the prediction is model output).
      evalf is called: nothing bounds their run time (evalf chases precision: cos(10^{999^x}) never
      returns), and for this subset agreement at random points decides the same question.
 
-Safety bounds, checked before sympy does any work; they are what keeps every call under a second:
+Safety bounds, checked before sympy does any work; they keep the answers seen so far under a second:
   - an answer over MAX_TOKENS tokens or nested deeper than MAX_DEPTH is not parsed; a number has
     at most MAX_DIGITS (reward.py bounds the characters before this: MAX_ANSWER_CHARS);
   - a constant exponent is at most MAX_EXPONENT in size, a constant power at most 2^MAX_POW_BITS,
@@ -21,7 +21,10 @@ Safety bounds, checked before sympy does any work; they are what keeps every cal
     and a function's constant argument must fit a double (sympy may evaluate log(cos(e^{9!})) to
     learn its sign, at a precision that grows with the argument: seconds).
 Behind them, in the main thread, a timer that reward.py arms around the whole grading call
-(`reward.time_limit`) stops whatever is left.
+(`reward.time_limit`) stops whatever is left. It is the guarantee, not the bounds: functions
+nested without braces (\sqrt\tan\sqrt\tan... 1, 73 characters) or a root of a 10,000-bit
+fraction keep sympy's assumptions busy for seconds. Both callers, the trainer and eval.py, grade
+on their main thread.
 """
 import cmath
 import contextlib
@@ -39,7 +42,8 @@ MAX_POW_BITS = 10_000  # a constant power is computed exactly while it has at mo
 MAX_POW_NESTING = 2
 MAX_FACTORIAL = 100
 MAX_VALUES = 8  # items of a list like "1, 2, 3", with both signs of each \pm
-REL_TOL = 1e-4  # "1.0000" is 1 and "0.33333" is 1/3, but "0.33" is not 1/3 (golds like 0.33: abs_tol below)
+REL_TOL = 1e-4  # "0.33333" is 1/3, but "0.33" is not (golds like 0.33: abs_tol below); two numbers written
+# out in full (34427, 1608.5) are compared exactly: within REL_TOL, 34427 would be 34426
 N_POINTS = 3  # random points an expression with variables is evaluated at
 
 
@@ -86,11 +90,25 @@ def _same_expr(a, b, abs_tol: float) -> bool:
     else equal in value at `_points`."""
     if a == b:
         return True
+    if not abs_tol and _written_out(a) and _written_out(b):  # 34427 is not 34426, nor 1608.6 1608.5
+        return False
     for point in _points(a, b):
         x, y = _evaluate(a, point), _evaluate(b, point)
         if x is None or y is None or abs(x - y) > max(REL_TOL * max(abs(x), abs(y)), abs_tol):
             return False
     return True
+
+
+def _written_out(e) -> bool:
+    """An integer or a terminating decimal: a number whose every digit is written, so two of them
+    are equal only exactly. 1/3 is not one: "0.33333" stands for it, within REL_TOL."""
+    if not e.is_Rational:
+        return False
+    q = int(e.q)
+    for f in (2, 5):
+        while q % f == 0:
+            q //= f
+    return q == 1
 
 
 def _same_relation(a, b, inequality: bool) -> bool:

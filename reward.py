@@ -15,8 +15,9 @@ The grading pipeline (`grade`, once per response; `accuracy` and `reward` read f
      units after a number, thousands separators and a leading "x =" go; \\dfrac and \\tfrac become
      \\frac. Equal strings (ignoring case and spaces) match: that settles the text answers (yes, red).
   4. Otherwise both must be the same math: `latex.equivalent` parses a LaTeX subset with its own
-     parser (model text never reaches eval or sympify) and compares values numerically, within
-     latex.REL_TOL; a gold written as a rounded decimal (1.73) also accepts the exact value (\\sqrt{3}).
+     parser (model text never reaches eval or sympify) and compares values: numbers written out in
+     full exactly, others numerically within latex.REL_TOL; a gold written as a rounded decimal of
+     two or more significant digits (1.73) also accepts the exact value (\\sqrt{3}).
   5. The reward: 1 for a right answer, 0 for a wrong one; optionally -invalid_penalty for a response
      that is not valid (cut by the cap, unboxed, or looping: more than MAX_WAITS `waits`), and the
      published code's shaping by the number of native reflections (`reflections`).
@@ -149,10 +150,11 @@ class _Timeout(Exception):
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise _Timeout after `seconds`: a backstop behind the static bounds (latex.py), not a
-    replacement. Python runs signal handlers in the main thread only, so elsewhere this does nothing
-    and the bounds hold alone. It also stands aside when a real-time timer is already armed (someone
-    else's), and on the way out it disarms its timer and puts the previous handler back."""
+    """Raise _Timeout after `seconds`, behind the static bounds (latex.py), which do not bound
+    every input alone. Python runs signal handlers in the main thread only, so elsewhere this does
+    nothing: grade on the main thread, as the trainer and eval.py do. It also stands aside when a
+    real-time timer is already armed (someone else's), and on the way out it disarms its timer and
+    puts the previous handler back."""
     if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
             or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
         yield
@@ -266,7 +268,7 @@ _UNIT_WORDS = re.compile(r"(?:(?<=\d)\s+(?!(?:sqrt|pi|sin|cos|tan|cot|sec|csc|ar
 _UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "⋅": "*", "÷": "/", "π": "\\pi ",
                           "√": "\\sqrt ", "∞": "\\infty ", "±": "\\pm ", "≤": "\\leq ", "≥": "\\geq ", "≠": "\\neq ",
                           "≈": "\\approx ", "∪": "\\cup ", "∠": "\\angle ", "²": "^2", "³": "^3", "掳": "°",
-                          "\u2009": " ", "\u00a0": " "})
+                          "\u2009": " ", "\u00a0": " ", "~": " "})
 # What may stand left of "=" in a value's name: Area, S.A. of rectangular prism, y_2, f(x), (x, y)
 _NAME = re.compile(r"[a-zA-Z\\. ]{0,30}(?:_\{?\w+\}?)?\s*(?:\(\s*[a-z]\s*(?:,\s*[a-z]\s*)*\))?\s*")
 _DECIMAL = re.compile(r"-?\d*\.(\d+)")
@@ -276,7 +278,7 @@ _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 def clean(s: str) -> str:
     """Step 3 (the module's docstring), first half: an answer or option without its box (`_unbox`)
     and its LaTeX dress: $, spacing, \\left/\\right, degrees, %, \\text{...} and friends."""
-    s = _DROP.sub("", _unbox(s).translate(_UNICODE))
+    s = _DROP.sub("", _unbox(s).translate(_UNICODE)).replace("{,}", ",")  # 1{,}000: LaTeX's thousands comma
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = _UNIT_TEXT.sub("", s)
@@ -310,9 +312,10 @@ def _equivalent(pred: str, gold: str) -> bool:
     if _text_key(pred) == _text_key(gold):
         return True
     # A gold written as a rounded decimal (MathVista's "1.73") accepts an exact answer that rounds to
-    # it (\sqrt{3}); a decimal answer still has to agree within latex.REL_TOL, so 1.7 is not 1.73.
+    # it (\sqrt{3}); a decimal answer still has to agree within latex.REL_TOL, so 1.7 is not 1.73. A gold
+    # of one significant digit (0.2) says too little: 1/6 rounds to it, and 0.2 is more likely exact.
     abs_tol = 0.0
-    if (m := _DECIMAL.fullmatch(gold)) and not _NUMBER.fullmatch(pred):
+    if (m := _DECIMAL.fullmatch(gold)) and not _NUMBER.fullmatch(pred) and len(gold.lstrip("-0.").replace(".", "")) > 1:
         abs_tol = 0.5 * 10.0 ** -len(m.group(1))
     return latex.equivalent(pred, gold, abs_tol)
 

@@ -107,9 +107,14 @@ def unit(record: dict) -> list[str]:
 
 
 def changed_digit(gold: str) -> list[str]:
+    """The first digit changed and, in a number written out in full, the last (34426 -> 34427: a
+    relative tolerance would take it; 347.4248\\pi is compared within one, so its last digit may go)."""
     v = value_part(gold)
-    m = re.search(r"\d", v)
-    return [v[:m.start()] + str((int(m.group()) + 1) % 10) + v[m.end():]] if m else []
+    digits = [m.start() for m in re.finditer(r"\d", v)]
+    if not digits:
+        return []
+    changed = {digits[0], digits[-1]} if re.fullmatch(r"\$?-?[\d,]*\.?\d+\$?", v.strip()) else {digits[0]}
+    return [v[:i] + str((int(v[i]) + 1) % 10) + v[i + 1:] for i in sorted(changed)]
 
 
 def flipped_sign(gold: str) -> list[str]:

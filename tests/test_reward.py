@@ -54,6 +54,15 @@ NUMBERS = [
     (boxed("0.333333"), r"\frac{1}{3}", 1.0),  # within REL_TOL
     (boxed("1.7"), "1.73", 0.0),  # a decimal answer must agree within REL_TOL, not to the gold's rounding
     (boxed("0.33"), r"\frac{1}{3}", 0.0),
+    (boxed("34427"), "34426", 0.0),  # numbers written out in full compare exactly: REL_TOL would take these
+    (boxed("1608.6"), "1608.5", 0.0),
+    (boxed("99999"), "100000", 0.0),
+    (boxed("1.0000"), "1", 1.0),
+    (boxed("0.6667"), r"\frac{2}{3}", 1.0),  # 1/3 and 2/3 are not written out: within REL_TOL
+    (boxed(r"\frac{1}{6}"), "0.2", 0.0),  # a gold of one significant digit gets no rounding allowance
+    (boxed(r"\sqrt{5}"), "2.2", 1.0),  # two do: 2.236 rounds to 2.2
+    (boxed("1{,}000"), "1000", 1.0),  # LaTeX's thousands comma, and its non-breaking space
+    (boxed(r"4~\text{cm}"), "4", 1.0),
     (boxed("3"), "2", 0.0),
     (boxed("12"), "1.2", 0.0),
     (boxed("1,000"), "1", 0.0),
