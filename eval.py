@@ -49,12 +49,13 @@ def reflects(text: str) -> bool:
 
 def revises(text: str) -> bool:
     """A reflection that changes the answer: the last boxed answer before the first reflection
-    phrase differs from the final one. A policy can learn to say "wait" and repeat itself (a
-    reward that pays for reflections invites it); this tells that apart from a second look."""
+    phrase is not the final one, as the grader reads them (2 and 2.0 are one answer). A policy can
+    learn to say "wait" and repeat itself (a reward that pays for reflections invites it); this
+    tells that apart from a second look."""
     if _REFLECTION.search(text) is None:
         return False
     before, final = first_answer(text), reward.extract_answer(text)
-    return before is not None and final is not None and before != final
+    return before is not None and final is not None and not reward.accuracy(f"\\boxed{{{final}}}", before)
 
 
 def first_answer(text: str) -> str | None:

@@ -22,7 +22,7 @@ Safety bounds, checked before sympy does any work; they keep the answers seen so
     learn its sign, at a precision that grows with the argument: seconds).
 Behind them, in the main thread, a timer that reward.py arms around the whole grading call
 (`reward.time_limit`) stops whatever is left. It is the guarantee, not the bounds: functions
-nested without braces (\sqrt\tan\sqrt\tan... 1, 73 characters) or a root of a 10,000-bit
+nested without braces (\\sqrt\\tan\\sqrt\\tan... 1, 73 characters) or a root of a 10,000-bit
 fraction keep sympy's assumptions busy for seconds. Both callers, the trainer and eval.py, grade
 on their main thread.
 """

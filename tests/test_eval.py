@@ -157,3 +157,5 @@ def test_revises_only_a_reflection_that_changes_the_answer():
     assert not ev.revises("The answer is \\boxed{red}.\nWait, right. The answer is \\boxed{red}.")  # repeats itself
     assert not ev.revises("Let me think.\nWait, the answer is \\boxed{blue}.")  # no first answer to change
     assert not ev.revises("The answer is \\boxed{red}, then \\boxed{blue}.")  # no reflection
+    assert not ev.revises("So \\boxed{2}.\nWait, let's double check. \\boxed{2.0}")  # one answer, as graded
+    assert ev.revises("So \\boxed{2}.\nWait, let's double check. \\boxed{2.5}")
