@@ -118,8 +118,10 @@ class Hosted:
     """W&B or trackio: the same calls (trackio copies W&B's init/log/Table/finish). W&B continues a
     run by its id, trackio by its name in the project. `held`: the last step the run holds. W&B
     says it (`Run.step`: the step of the next log), also when a kill lost what it had not yet sent;
-    trackio does not, so it is `logged`, what earlier launches sent it (its sender batches: a kill
-    can lose its last seconds, steps that are then missing from its charts)."""
+    trackio does not, so it is `logged`, the last step of metrics.jsonl at this launch (its sender
+    batches: a kill can lose its last seconds, steps that are then missing from its charts; and
+    after two kills, the second before the first's last step, trackio is sent the steps between
+    again, with the same values)."""
 
     def __init__(self, kind: str, run_id: str, name: str, config: dict, folder: Path, again: bool, logged: int):
         self.lib = importlib.import_module(kind)
