@@ -154,6 +154,36 @@ RECIPES = {"published": {
 }}
 
 
+# What each number may be: outside, it would divide by zero, sample from nothing, count nothing,
+# or turn a penalty into a reward. Every value out of range is said at once, before anything loads.
+RANGES = (
+    ("at least 1", lambda v: v >= 1, ("steps", "prompts_per_step", "minibatches", "micro_batch", "max_new_tokens",
+                                      "save_every", "collapse_patience")),
+    ("at least 2 (Eq. 2 compares a response with the rest of its group)", lambda v: v >= 2, ("group_size",)),
+    ("0 or more", lambda v: v >= 0, ("warmup_steps", "eval_every", "rollout_chunk", "top_k", "min_pixels", "max_pixels",
+                                    "rethink_max_waits", "rethink_min_new_tokens", "clip_eps_high", "kl_coef",
+                                    "sft_coef", "grad_clip", "ssr_alpha", "rethink_temperature", "invalid_penalty",
+                                    "reflection_bonus", "wait_penalty")),
+    ("above 0 (the trained distribution is the sampled one: greedy decoding has none)", lambda v: v > 0,
+     ("temperature",)),
+    ("above 0", lambda v: v > 0, ("lr", "lora_alpha")),
+    ("between 0 and 1", lambda v: 0 <= v <= 1, ("min_lr_ratio", "rethink_frac", "rethink_cut_prob",
+                                                "rethink_max_group_acc", "min_format_rate")),
+    ("above 0 and at most 1", lambda v: 0 < v <= 1, ("top_p",)),
+    ("0 or more and below 1", lambda v: 0 <= v < 1, ("adam_beta2", "clip_eps")),
+    ("-1 (any number) or more", lambda v: v >= -1, ("rethink_max_replace",)),
+)
+
+
+def check_ranges(cfg: Config):
+    bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {rule}"
+           for rule, ok, names in RANGES for name in names if not ok(getattr(cfg, name))]
+    if 0 < cfg.max_pixels < cfg.min_pixels:
+        bad.append(f"--max-pixels {cfg.max_pixels}: must be at least --min-pixels {cfg.min_pixels} (0: the model's own)")
+    if bad:
+        raise UserError("; ".join(bad))
+
+
 def parse_args(argv=None) -> Config:
     """Flags into a Config; --recipe sets other defaults first, so that flags given still win."""
     p = once_per_run(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -309,36 +339,6 @@ def reference(cfg: Config, model, device) -> grpo.Reference:
     if cfg.lora_rank:
         return grpo.Reference(model, lambda: lora.adapters_off(model))
     return grpo.Reference(load_policy(cfg, device)[0].requires_grad_(False).eval())
-
-
-# What each number may be: outside, it would divide by zero, sample from nothing, count nothing,
-# or turn a penalty into a reward. Every value out of range is said at once, before anything loads.
-RANGES = (
-    ("at least 1", lambda v: v >= 1, ("steps", "prompts_per_step", "minibatches", "micro_batch", "max_new_tokens",
-                                      "save_every", "collapse_patience")),
-    ("at least 2 (Eq. 2 compares a response with the rest of its group)", lambda v: v >= 2, ("group_size",)),
-    ("0 or more", lambda v: v >= 0, ("warmup_steps", "eval_every", "rollout_chunk", "top_k", "min_pixels", "max_pixels",
-                                    "rethink_max_waits", "rethink_min_new_tokens", "clip_eps_high", "kl_coef",
-                                    "sft_coef", "grad_clip", "ssr_alpha", "rethink_temperature", "invalid_penalty",
-                                    "reflection_bonus", "wait_penalty")),
-    ("above 0 (the trained distribution is the sampled one: greedy decoding has none)", lambda v: v > 0,
-     ("temperature",)),
-    ("above 0", lambda v: v > 0, ("lr", "lora_alpha")),
-    ("between 0 and 1", lambda v: 0 <= v <= 1, ("min_lr_ratio", "rethink_frac", "rethink_cut_prob",
-                                                "rethink_max_group_acc", "min_format_rate")),
-    ("above 0 and at most 1", lambda v: 0 < v <= 1, ("top_p",)),
-    ("0 or more and below 1", lambda v: 0 <= v < 1, ("adam_beta2", "clip_eps")),
-    ("-1 (any number) or more", lambda v: v >= -1, ("rethink_max_replace",)),
-)
-
-
-def check_ranges(cfg: Config):
-    bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {rule}"
-           for rule, ok, names in RANGES for name in names if not ok(getattr(cfg, name))]
-    if 0 < cfg.max_pixels < cfg.min_pixels:
-        bad.append(f"--max-pixels {cfg.max_pixels}: must be at least --min-pixels {cfg.min_pixels} (0: the model's own)")
-    if bad:
-        raise UserError("; ".join(bad))
 
 
 def check_flags(cfg: Config) -> Path:
