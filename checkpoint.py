@@ -61,8 +61,7 @@ def write_atomically(out: Path, write) -> None:
             write(tmp)
             sync(tmp)
         except WRITE_ERRORS as e:
-            raise UserError(f"could not write {out} ({first_line(e)}); the previous {out.name} is left as it "
-                            "was") from e
+            raise write_failed(out, e) from e
         swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in
@@ -71,6 +70,11 @@ def write_atomically(out: Path, write) -> None:
 # A full disk or a quota as the writers report it: the OS's OSError, torch.save's RuntimeError
 # ("PytorchStreamWriter failed writing file"), safetensors' own error (save_pretrained).
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def write_failed(out: Path, e: Exception) -> UserError:
+    """The sentence of a folder not written (a full disk): the previous one is still there."""
+    return UserError(f"could not write {out} ({first_line(e)}); the previous {out.name} is left as it was")
 
 
 def first_line(e: Exception) -> str:

@@ -100,7 +100,7 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg, ref_logp=None, denom=None, 
         loss = loss - cfg.sft_coef * (logp * mask * sft[0][:, None]).sum() / sft[1]
     with torch.no_grad():  # tokens whose gradient the clip switched off
         clipped = ((adv > 0) & (ratio > 1 + cfg.clip_eps_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_eps))  # [N, T]
-        n_clipped, n_tokens = (clipped * mask).sum().item(), mask.sum().item()
+        n_clipped, n_tokens = torch.stack([(clipped * mask).sum(), mask.sum()]).tolist()  # one device sync
         stats = {"clip_frac": n_clipped / max(n_tokens, 1), "clipped": n_clipped, "tokens": n_tokens}
     return loss, stats
 

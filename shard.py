@@ -99,7 +99,7 @@ def save_checkpoint(out: Path, model, processor, opt, state: dict, rank: int, wo
         try:
             save_shards(optim, gather(None, world)[0] + "/optimizer")
         except OSError as e:  # as rank 0 says it (checkpoint.write_atomically)
-            raise UserError(f"could not write {out / 'ckpt'} ({e}); the previous ckpt is left as it was") from e
+            raise checkpoint.write_failed(out / "ckpt", e) from e
 
 
 def save_shards(optim: dict, folder: str):
@@ -109,8 +109,13 @@ def save_shards(optim: dict, folder: str):
     try:
         dcp.save({"optimizer": optim}, checkpoint_id=folder)
     except CheckpointException as e:
-        rank, (error, _) = next(iter(e.failures.items()))
-        raise OSError(f"process {rank}: {checkpoint.first_line(error)}") from e
+        raise OSError(first_failure(e)) from e
+
+
+def first_failure(e: CheckpointException) -> str:
+    """DCP's failure as a line: the first process that failed, and why."""
+    rank, (error, _) = next(iter(e.failures.items()))
+    return f"process {rank}: {checkpoint.first_line(error)}"
 
 
 def load_optimizer(model, opt, ckpt: Path):
@@ -121,7 +126,6 @@ def load_optimizer(model, opt, ckpt: Path):
     try:
         dcp.load({"optimizer": optim}, checkpoint_id=str(ckpt / "optimizer"))
     except CheckpointException as e:  # a BaseException (save_shards): said in one sentence
-        rank, (error, _) = next(iter(e.failures.items()))
-        raise UserError(f"could not read {ckpt / 'optimizer'} (process {rank}: {checkpoint.first_line(error)})") from e
+        raise UserError(f"could not read {ckpt / 'optimizer'} ({first_failure(e)})") from e
     set_optimizer_state_dict(model, opt, optim)
     return opt
