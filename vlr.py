@@ -264,6 +264,7 @@ class Run:
     train_set: object
     test_set: object
     start: int  # the first step to run
+    low_format_steps: int  # the steps in a row before `start` with few answers (check_collapse), saved with the rest
     logged: int  # the last step an earlier launch of this run logged (-1: none; tracking.open_loggers)
     log: object  # metrics.jsonl, open on rank 0
 
@@ -324,11 +325,14 @@ def setup(cfg: Config) -> Run:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
     start = state["step"] if state else 0
+    # checkpoints written before the count was saved have none: they resume with the count at 0, as they did
+    low_format_steps = state.get("low_format_steps", 0) if state else 0
     logged = checkpoint.records(out / "metrics.jsonl")[-1:] if state and rank == 0 else []
     return Run(cfg=cfg, rank=rank, world=world, device=device, out=out, model=model, ddp=ddp, processor=processor,
                ref=ref, base=base, opt=opt, sched=sched, gen=gen, buffer=buffer, rethink=rethink_config(cfg),
                decoding=rollout.Decoding(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k),
-               train_set=train_set, test_set=test_set, start=start, logged=logged[0]["step"] if logged else -1,
+               train_set=train_set, test_set=test_set, start=start, low_format_steps=low_format_steps,
+               logged=logged[0]["step"] if logged else -1,
                log=checkpoint.open_log(out, asdict(cfg), start, cfg.overwrite) if rank == 0 else None)
 
 
@@ -386,7 +390,7 @@ def train(cfg: Config):
         raise
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
-    low_format_steps, last_eval = 0, float("nan")
+    last_eval = float("nan")
     loggers = tracking.open_loggers(tracking.kinds(cfg.report_to), run.out, asdict(cfg), run.logged) if run.rank == 0 else None
     with (faults.Watch(run.out, run.rank, run.world, run.start) as watch,  # status.json; a failure recorded
           closing(loggers) if loggers else nullcontext()):
@@ -403,7 +407,7 @@ def train(cfg: Config):
             m.update(step_s=time.time() - t0,
                      tokens_per_s=m["resp_len_mean"] * cfg.prompts_per_step * cfg.group_size / dt)
             last_eval = log_step(run, bar, m, samples, loggers, last_eval)
-            low_format_steps = check_collapse(cfg, step, m, low_format_steps)
+            run.low_format_steps = check_collapse(cfg, step, m, run.low_format_steps)
             stop = watch.stop_agreed() and step + 1 < cfg.steps
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
                 save(run, step + 1)
@@ -548,12 +552,14 @@ def check_collapse(cfg: Config, step: int, m: dict, low_format_steps: int) -> in
 
 def save(run: Run, next_step: int):
     """A checkpoint that resumes exactly: weights, optimizer, schedule, every rank's generator and
-    replay buffer, and the host RNGs. Refused when the processes disagree on the weights (under
-    --shard each weight lives on one process: no second copy to disagree with, no checksums)."""
+    replay buffer, the collapse guard's count and the host RNGs. Refused when the processes disagree
+    on the weights (under --shard each weight lives on one process: no second copy to disagree with,
+    no checksums)."""
     sums = [] if run.cfg.shard else gather(checkpoint.param_checksum(run.model), run.world)
     if len(set(sums)) > 1:
         raise SystemExit(f"step {next_step - 1}: processes disagree on the weights (checksums {sums}); not saving")
-    state = {"step": next_step, "checksums": sums, "base": run.base, "optimizer": None if run.cfg.shard else run.opt.state_dict(),
+    state = {"step": next_step, "low_format_steps": run.low_format_steps, "checksums": sums, "base": run.base,
+             "optimizer": None if run.cfg.shard else run.opt.state_dict(),
              "scheduler": run.sched.state_dict(), "generators": gather(run.gen.get_state(), run.world),
              "buffers": gather(run.buffer.state_dict(), run.world), "torch_rng": torch.get_rng_state(),
              "python_rng": random.getstate()}

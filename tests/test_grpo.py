@@ -110,7 +110,8 @@ def run_of(model, processor, cfg, opt, ref=None, gen=None) -> grpo.Learner:
     return vlr.learner(vlr.Run(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), out=None, model=model,
                                ddp=model, processor=processor, ref=grpo.Reference(ref) if ref else None, base=None, opt=opt,
                                sched=None, gen=gen or torch.Generator(), buffer=None, rethink=None, decoding=None,
-                               train_set=None, test_set=None, start=0, logged=-1, log=None))
+                               train_set=None, test_set=None, start=0, low_format_steps=0,
+                               logged=-1, log=None))
 
 
 def sample(model, processor, recs, g, seed):

@@ -2,6 +2,7 @@
 test_shard.py), its flags, the prompt order, and docs/differences.md's table against the published recipe."""
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,8 +32,10 @@ SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "24
 TIMINGS = {"step_s", "tokens_per_s"}
 
 
-def run(args, out, **kw):
-    return procs.run([sys.executable, "vlr.py", *SMALL, "--out", str(out), *args], 600, cwd=ROOT, **kw)
+def run(args, out, env=None, **kw):
+    """vlr.py at SMALL's sizes; `env`: variables added to this process's."""
+    return procs.run([sys.executable, "vlr.py", *SMALL, "--out", str(out), *args], 600, cwd=ROOT,
+                     env=dict(os.environ, **env) if env else None, **kw)
 
 
 def metrics(out):
@@ -61,6 +64,23 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     # the samples shown (tracking.py) cut back and written again alike; TensorBoard's events hold each step once
     assert (b / "samples.jsonl").read_text() == (tmp_path / "a" / "samples.jsonl").read_text()
     check_events(b)
+
+
+def test_a_resumed_run_stops_at_the_same_format_collapse(tmp_path):
+    """3 new tokens hold no \\boxed{} answer: every step counts towards the collapse guard, which
+    stops the run at step 3 (--collapse-patience 4). Preempted after step 1 (checkpoint 2) and
+    resumed, it must stop there too, not count afresh from 2 and stop at step 5."""
+    flags = ["--steps", "6", "--max-new-tokens", "3", "--collapse-patience", "4"]
+    collapse = "step 3: format collapse: fewer than 20% of responses had a \\boxed{} answer for 4 steps"
+    b = tmp_path / "b"
+    with ThreadPoolExecutor(2) as pool:
+        a, preempted = pool.map(lambda case: run(flags, *case), ((tmp_path / "a", {}),
+                                                                 (b, {"VLR_FAULT": "SIGUSR1 step=1"})))
+    assert a.returncode == 1 and collapse in a.stderr, a.stderr[-2000:]
+    assert preempted.returncode == 0 and len(metrics(b)) == 2, preempted.stderr[-2000:]
+    resumed = run(flags + ["--resume"], b)
+    assert resumed.returncode == 1 and collapse in resumed.stderr, resumed.stderr[-2000:]
+    assert metrics(b) == metrics(tmp_path / "a")
 
 
 def check_events(out):
