@@ -50,11 +50,12 @@ def extract_answer(response: str) -> str | None:
     """The stripped content of the last complete \\boxed{...}, braces balanced; None if there is none.
 
     One linear scan keeps a stack of open braces, noting which ones open a box; "last" is by where
-    the box closes. Escaped braces \\{ \\} are text, not grouping."""
+    the box closes. Escaped braces \\{ \\} are text, not grouping; a line break \\\\ is text too, so
+    the brace after it groups (`\\boxed{5 \\\\}` holds `5 \\\\`)."""
     if not isinstance(response, str) or len(response) > MAX_RESPONSE_CHARS:
         return None
     stack, last = [], None
-    for m in re.finditer(r"\\boxed\s*\{|\\[{}]|[{}]", response):
+    for m in re.finditer(r"\\boxed\s*\{|\\\\|\\[{}]|[{}]", response):
         tok = m.group()
         if tok.startswith("\\boxed"):
             stack.append(m.end())
@@ -278,7 +279,8 @@ _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 def clean(s: str) -> str:
     """Step 3 (the module's docstring), first half: an answer or option without its box (`_unbox`)
     and its LaTeX dress: $, spacing, \\left/\\right, degrees, %, \\text{...} and friends."""
-    s = _DROP.sub("", _unbox(s).translate(_UNICODE)).replace("{,}", ",")  # 1{,}000: LaTeX's thousands comma
+    s = re.sub(r"^\s*(?:\\\\\s*)+|(?:\s*\\\\)+\s*$", "", _unbox(s).translate(_UNICODE))  # a line break: 5 \\
+    s = _DROP.sub("", s).replace("{,}", ",")  # 1{,}000: LaTeX's thousands comma
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = _UNIT_TEXT.sub("", s)

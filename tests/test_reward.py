@@ -294,6 +294,9 @@ def test_accuracy_with_choices(response, answer, choices, expected):
 def test_extract_answer():
     assert reward.extract_answer(r"first \boxed{1}, then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
     assert reward.extract_answer(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"  # escaped braces are text
+    # a line break \\ is text: the brace after it closes the box, or groups
+    assert reward.extract_answer(r"\boxed{5 \\} so") == r"5 \\" and reward.extract_answer(r"\boxed{a\\{b}}") == r"a\\{b}"
+    assert all(score(boxed(answer), "5") == 1.0 for answer in (r"5 \\", r"\\ 5", r" \\5\\ \\ "))
     assert reward.extract_answer(r"\boxed{ red }") == "red"
     assert reward.extract_answer("no box here") is None
     assert reward.extract_answer(r"\boxed{unclosed") is None
