@@ -156,9 +156,10 @@ class Loggers:
         for logger, sent in zip(self.loggers, self.sent):
             if step > sent:
                 logger.log(step, values, texts)
-        if not history and self.samples:
+        if not history and self.samples and samples:
             self.samples.write("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
             self.samples.flush()
+            os.fsync(self.samples.fileno())  # on the disk before the step's metrics line (vlr.log_step)
 
     def close(self):
         if self.samples:

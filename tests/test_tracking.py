@@ -131,3 +131,16 @@ def test_lab_compare_prints_the_last_eval_answers_side_by_side(tmp_path):
     assert said.splitlines() == ["q1: 'What colour?', gold 'red'",
                                  f"  {tmp_path / 'a'} (step 20, right): It is ⏎ \\boxed{{red}}",
                                  f"  {tmp_path / 'b'} (step 20, wrong): It is ⏎ \\boxed{{blue}}"]
+
+
+def test_a_step_with_samples_syncs_samples_jsonl_before_its_metrics_line(tmp_path, monkeypatch):
+    """vlr.log_step fsyncs metrics.jsonl after the loggers; samples.jsonl, another file, is synced
+    by its own fsync, and only when the step wrote to it."""
+    synced = []
+    monkeypatch.setattr(tracking.os, "fsync", synced.append)
+    with open(tmp_path / "samples.jsonl", "a", encoding="utf-8") as f:
+        run = tracking.Loggers([], [], f)
+        run.log(0, {}, [])
+        run.log(1, {}, [{"step": 1, "kind": "rethink", "text": "Wait"}])
+        assert synced == [f.fileno()]
+    assert json.loads((tmp_path / "samples.jsonl").read_text()) == {"step": 1, "kind": "rethink", "text": "Wait"}
