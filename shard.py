@@ -7,11 +7,12 @@ calls `shard_model` once in its set-up, wraps each rollout in `gathered`, and sa
 """
 import contextlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -121,11 +122,69 @@ def first_failure(e: CheckpointException) -> str:
 def load_optimizer(model, opt, ckpt: Path):
     """`opt` with AdamW's shards as `save_checkpoint` wrote them (as Optimizer.load_state_dict,
     in place). Asking for the state dict first gives the loader its shapes (a fresh AdamW gets its
-    state from a zero step at learning rate 0)."""
+    state from a zero step at learning rate 0). Nothing in the files is unpickled that could run
+    code: `check_metadata`, then `Planner` for the entries that are not tensors."""
+    check_metadata(ckpt / "optimizer")
     optim = get_optimizer_state_dict(model, opt)
     try:
-        dcp.load({"optimizer": optim}, checkpoint_id=str(ckpt / "optimizer"))
+        dcp.load({"optimizer": optim}, checkpoint_id=str(ckpt / "optimizer"), planner=Planner())
     except CheckpointException as e:  # a BaseException (save_shards): said in one sentence
         raise UserError(f"could not read {ckpt / 'optimizer'} ({first_failure(e)})") from e
     set_optimizer_state_dict(model, opt, optim)
     return opt
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the shards without running code from them (as checkpoint.load_state reads the rest)
+# ---------------------------------------------------------------------------------------------
+
+# What DCP's metadata file, a pickle, names when it holds AdamW's shards (torch 2.11 and 2.14):
+# DCP's own records, a path, a size, a layout, dtypes. A file that names anything else is not read.
+DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout")}
+UNSAFE = ("which only unpickling would rebuild and which could run code: not loaded; resume only --shard "
+          "checkpoints you wrote")
+
+
+class Unsafe(pickle.UnpicklingError):
+    """A pickle that names what DCP does not write."""
+
+
+class DCPGlobals(pickle.Unpickler):
+    """An unpickler that builds only what DCP_GLOBALS names, and torch's dtypes."""
+    def find_class(self, module: str, name: str):
+        if (module, name) in DCP_GLOBALS or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise Unsafe(f"names {module}.{name}, {UNSAFE}")
+
+
+def check_metadata(folder: Path):
+    """DCP's own reader unpickles the metadata file (torch 2.14 `filesystem.py`
+    `FileSystemReader.read_metadata`): read first with DCPGlobals, it is refused if it names
+    anything else. The name is DCP's; without the file DCP would look for each rank's: refused too."""
+    path = folder / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            DCPGlobals(f).load()
+    except OSError as e:
+        raise UserError(f"could not read {path} ({checkpoint.first_line(e)})") from None
+    except Unsafe as e:
+        raise UserError(f"{path} {e}") from None
+    except Exception as e:  # a pickle of DCP's records, built with other arguments
+        raise UserError(f"{path} is not metadata that DCP writes ({checkpoint.first_line(e)}): not loaded") from None
+
+
+class Planner(DefaultLoadPlanner):
+    """DCP's load planner, but each entry that is not a tensor (AdamW's settings: numbers, a tuple,
+    None, names) must load with weights_only=True before DCP loads it with weights_only=False
+    (torch 2.14 `default_planner.py` `DefaultLoadPlanner.load_bytes`)."""
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise pickle.UnpicklingError(f"its entry {read_item.dest_index.fqn} holds objects {UNSAFE}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)

@@ -3,6 +3,7 @@ and metrics after 3 steps, a kill and --resume that continues exactly, and a ste
 The 3B-shaped model under --shard, and eval.py on what it saves: tests/test_real.py."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -150,3 +151,51 @@ def test_a_resume_on_another_number_of_processes_is_refused_before_a_model_loads
     monkeypatch.setattr(vlr, "load_policy", lambda *a: pytest.fail("the model loaded"))
     with pytest.raises(UserError, match=r"ckpt was written by 2 process\(es\), this launch has 1: .* launch it with 2$"):
         vlr.setup(vlr.parse_args([*test_vlr.SMALL, *STEPS, "--out", str(tmp_path / "ddp"), "--resume"]))
+
+
+class Touches:
+    """Unpickled, it creates a file (`Path.touch`): the harm a received checkpoint could do."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def adamw(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.95))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, no group: DCP says so
+def test_the_optimizer_shards_load_without_unpickling_what_dcp_does_not_write(tmp_path):
+    """AdamW's state goes through DCP and comes back equal. A metadata file, or an entry that is
+    not a tensor, naming anything else (here `Path.touch`) is refused in a sentence, and nothing of
+    it runs: DCP alone would have unpickled both (weights_only=False for the entry)."""
+    model, opt = adamw(0)
+    saved = shard.get_optimizer_state_dict(model, opt)
+    shard.save_shards(saved, str(tmp_path / "ok" / "optimizer"))
+    other, other_opt = adamw(1)
+    shard.load_optimizer(other, other_opt, tmp_path / "ok")
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert all(torch.equal(opt.state[p][k], other_opt.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert other_opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+    marker = tmp_path / "ran"
+    shutil.copytree(tmp_path / "ok", tmp_path / "metadata")
+    (tmp_path / "metadata" / "optimizer" / ".metadata").write_bytes(pickle.dumps(Touches(marker)))
+    evil = {**saved, "param_groups": [{**saved["param_groups"][0], "lr": Touches(marker)}]}
+    shard.save_shards(evil, str(tmp_path / "entry" / "optimizer"))
+    for folder, said in (("metadata", r"metadata/optimizer/\.metadata names pathlib\.Path\.touch, which only"),
+                         ("entry", r"could not read .*entry/optimizer \(process 0: its entry "
+                                   r"optimizer\.param_groups\.0\.lr holds objects which only")):
+        with pytest.raises(UserError, match=said + " unpickling would rebuild .*: not loaded; resume only --shard"):
+            shard.load_optimizer(*adamw(1), tmp_path / folder)
+        assert not marker.exists(), folder
+    (tmp_path / "metadata" / "optimizer" / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match=r"\.metadata is not metadata that DCP writes \(.*\): not loaded$"):
+        shard.load_optimizer(*adamw(1), tmp_path / "metadata")
