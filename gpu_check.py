@@ -201,21 +201,33 @@ def torchrun(report: Report, script: str, args: list, popen: bool = False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", script, *map(str, args)]
     report.say("$ " + " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=report.log, stderr=subprocess.STDOUT)
-    if not popen and proc.wait():
+    if not popen and finished(report, proc, script):
         raise RuntimeError(f"{script} exited with {proc.returncode} (gpu_check.log)")
     return proc
 
 
-def snapshot_at(proc, out: Path, step: int, dest: Path) -> bool:
+def finished(report: Report, proc, script: str) -> int:
+    """proc's exit code once it ends; stopped when it runs past the budget (a minute at least): a
+    hung worker must not take the whole call, and with it every part after b."""
+    try:
+        return proc.wait(timeout=max(60.0, report.left()))
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun passes it on to its workers
+        proc.wait()
+        raise RuntimeError(f"{script} ran past the budget and was stopped (gpu_check.log)") from None
+
+
+def snapshot_at(report: Report, proc, out: Path, step: int, dest: Path) -> bool:
     """While the run in `out` goes on, hard-link its checkpoint of `step` into dest/ckpt (no copy:
     the next save swaps in a new folder and deletes the old one, which the links keep), with
     the run's config and its metrics up to that step: a run folder that --resume continues."""
     seen = None
-    while proc.poll() is None:
+    while proc.poll() is None and report.left() > 0:
         ckpt = out / "ckpt"
         try:
             ino = (ckpt / "train_state.pt").stat().st_ino
-            if ino != seen and torch.load(ckpt / "train_state.pt", mmap=True, weights_only=True)["step"] == step:
+            if ino != seen and torch.load(ckpt / "train_state.pt", mmap=True, weights_only=True,
+                                                 map_location="cpu")["step"] == step:
                 (dest / "ckpt").mkdir(parents=True)
                 for f in ckpt.iterdir():
                     os.link(f, dest / "ckpt" / f.name)
@@ -242,8 +254,8 @@ def the_command(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: b
     straight, resumed = work / "run", work / "resumed"
     t0 = time.time()
     proc = torchrun(report, "vlr.py", flags + ["--out", straight], popen=True)
-    linked = snapshot_at(proc, straight, 1, resumed)
-    if proc.wait() or not linked:
+    linked = snapshot_at(report, proc, straight, 1, resumed)
+    if finished(report, proc, "vlr.py") or not linked:
         raise RuntimeError(f"vlr.py exited with {proc.returncode}, first checkpoint linked: {linked} (gpu_check.log)")
     shutil.rmtree(straight / "ckpt")  # its metrics are what is compared; room for the resumed run's save
     t1 = time.time()
@@ -341,6 +353,7 @@ def rollout_estimate_s(run, records: list) -> float:
         return measured(lambda: vlr.rollout_chunk(shortened(run, n), records), run.device)[1]
 
     n, k = run.decoding.max_new_tokens, min(PROBE_TOKENS, run.decoding.max_new_tokens)
+    probe(1)  # not timed: the first forward pays one-time costs (CUDA's kernels loaded, cuBLAS's heuristics)
     prefill = probe(1)
     return prefill if k == 1 else prefill + (probe(k) - prefill) / (k - 1) * (n - 1) * 1.2
 
@@ -366,8 +379,9 @@ def memory_and_update(report: Report, run, records: list, peak: dict, part: str 
     and AdamW state held; e: the update's tokens/s and model-FLOP utilisation, and the first
     rollout's and the update's time split into bench.py's phases. (memory, update). A stage whose
     estimate overruns the budget, or that runs out of GPU memory, ends c there: what it measured
-    stays, `skipped` says why, and e says so when the update did not run. The figures go into the
-    JSON as `part` after each stage: a call cut off in the next keeps them."""
+    stays, `skipped` says why, and e says so when the update did not run; one that breaks (a CUDA
+    or bf16 path the CPU never takes) ends it too, `failed`, its traceback in the log. The figures
+    go into the JSON as `part` after each stage: a call cut off in the next keeps them."""
     memory, update = {}, {}
     try:
         update = first_rollout_and_update(report, run, records, peak, memory, part)
@@ -376,9 +390,14 @@ def memory_and_update(report: Report, run, records: list, peak: dict, part: str 
                                        lambda: vlr.rollout_chunk(run, records), run.device)
         memory.update(rollout_with_optimizer_state_gib=mem_again, rollout_s=memory["rollout_s"] + [round(t_again, 2)])
     except Skipped as e:
-        run.opt.zero_grad(set_to_none=True)  # what a failed update held: room for the parts after c
         memory["skipped"] = str(e)
-        update = update or {"skipped": f"c's update did not run ({e})"}
+    except Exception as e:
+        report.say(traceback.format_exc())
+        memory["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if reason(memory):
+        run.opt.zero_grad(set_to_none=True)  # what a failed update held: room for the parts after c
+        run.model.eval()  # grpo.optimizer_step trains it; in train mode checkpointed layers decode without a KV cache
+        update = update or {"skipped": f"c's update did not run ({reason(memory)})"}
     return memory, update
 
 
@@ -415,12 +434,15 @@ def first_rollout_and_update(report: Report, run, records: list, peak: dict, mem
             "split_s": {k: round(clock.s[k], 3) for k in bench.PHASES}}
 
 
-def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, sampled_s: float | None) -> dict:
+def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, sampled_s: float | None,
+                 first_s: float | None) -> dict:
     """d: ms a decode step and tokens/s of the sampler and of generate at each length, on the same
     rows (each prompt G times, sampled as the command samples, every row forced to its length),
     and the share of the bandwidth bound each reaches. The sampler at the full length is c's
     rollout (`sampled_s`, the one with the optimizer state held) when c measured it. A length whose
-    estimated time would overrun the budget is skipped, one that runs out of GPU memory too."""
+    estimated time would overrun the budget is skipped (a side's first length estimated from c's
+    first rollout, `first_s` seconds at the command's length, measured or estimated; the next ones
+    from the length before), one that runs out of GPU memory too."""
     model, tok, g = run.model, run.processor.tokenizer, sizes.group
     banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
     batch = {k: v.to(run.device) for k, v in data.repeat_prompts(data.encode_prompts(run.processor, records), g).items()}
@@ -434,7 +456,10 @@ def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, s
         return model.generate(**batch, max_new_tokens=n, suppress_tokens=banned, eos_token_id=None,
                               pad_token_id=tok.pad_token_id, do_sample=True, top_k=40, top_p=0.95, **kw)
 
-    sides = {"sampler": ours, "generate": generate, "generate_static": lambda n: generate(n, cache_implementation="static")}
+    # generate compiles a static cache's forward on CUDA by itself (transformers 5.23): minutes of the
+    # budget, and CUDA graphs' memory held past the part. Timed eager, as the other two.
+    sides = {"sampler": ours, "generate": generate,
+             "generate_static": lambda n: generate(n, cache_implementation="static", disable_compile=True)}
     out, prefill = {}, {}
     with models.autocast(run.cfg.bf16, run.device), torch.no_grad():
         for name, fn in sides.items():
@@ -444,19 +469,26 @@ def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, s
                 out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 continue
             for n in sizes.lengths:
-                last_ms = out.get(name, {}).get("ms_per_step", [None])[-1]
-                if last_ms and last_ms / 1e3 * n * 1.2 > report.left():
-                    out.setdefault(name, {}).setdefault("skipped", []).append(n)
+                entry = out.setdefault(name, {})
+                last_ms = entry.get("ms_per_step", [None])[-1]
+                need_s = (last_ms / 1e3 * n if last_ms else (first_s or 0) * n / sizes.new_tokens) * 1.2
+                if need_s > report.left():
+                    entry.setdefault("skipped", []).append(n)
                     continue
                 known = name == "sampler" and n == sizes.new_tokens and sampled_s is not None
                 try:
                     seconds = sampled_s if known else oom_guarded(f"{name} at {n}",
                                                                    lambda: measured(lambda: fn(n), run.device))[1]
                 except Skipped as e:
-                    out.setdefault(name, {}).setdefault("out_of_memory", []).append(str(e))
+                    entry.setdefault("out_of_memory", []).append(str(e))
                     continue
+                except Exception as e:  # this side breaks at this length: said, and the other sides run
+                    report.say(traceback.format_exc())
+                    entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    break
                 per_step = (seconds - prefill[name]) / (n - 1)
-                entry = out.setdefault(name, {"lengths": [], "ms_per_step": [], "tokens_per_s": [], "bound_fraction": []})
+                for k in ("lengths", "ms_per_step", "tokens_per_s", "bound_fraction"):
+                    entry.setdefault(k, [])
                 entry["lengths"].append(n)
                 entry["ms_per_step"].append(round(per_step * 1e3, 3))
                 entry["tokens_per_s"].append(round(rows * n / seconds, 1))
@@ -486,19 +518,34 @@ def check(out: Path, work: Path, budget_s: float) -> dict:
     report.put("a_model", facts)
     report.put("b_command", attempt(report, the_command, report, cut, work, sizes, on_gpu))
     shutil.rmtree(work / "resumed" / "ckpt", ignore_errors=True)
+    ready = attempt(report, set_up_c, report, full, work, sizes, on_gpu)
+    if reason(ready):  # nothing in process to measure: c-e and LoRA say so
+        for part in ("c_memory", "e_update", "d_decode", "c_lora_memory"):
+            report.put(part, ready if part == "c_memory" else {"skipped": "c's set-up did not run"})
+    else:
+        run, records, peak = ready.pop("run"), ready["records"], ready["peak"]
+        memory, update = memory_and_update(report, run, records, peak)
+        report.put("c_memory", memory)
+        report.put("e_update", update)  # before d: measured in c, kept if the call is cut off in d
+        rollout_s = memory.get("rollout_s", ())
+        report.put("d_decode", attempt(report, decode_speed, report, run, records, sizes, peak,
+                                       rollout_s[1] if len(rollout_s) > 1 else None,
+                                       rollout_s[0] if rollout_s else memory.get("estimated_first_rollout_s")))
+        del run
+        report.put("c_lora_memory", attempt(report, lora_memory, report, full, work, sizes, on_gpu, records, peak))
+    report.say(summary(report.values))
+    return report.values
+
+
+def set_up_c(report: Report, full: Path, work: Path, sizes: Sizes, on_gpu: bool) -> dict:
+    """What c-e measure on: the command's run in this process, the device's ceilings (into the
+    JSON), the widest records."""
     run = in_process_run(full, work, sizes, on_gpu)
     peak = bench.ceilings(run.device)
     report.put("ceilings", peak)
-    records = released.widest_records(work, sizes.prompts, sizes.picture)
-    memory, update = memory_and_update(report, run, records, peak)
-    report.put("c_memory", memory)
-    sampled_s = memory["rollout_s"][1] if len(memory.get("rollout_s", ())) > 1 else None
-    report.put("d_decode", attempt(report, decode_speed, report, run, records, sizes, peak, sampled_s))
-    report.put("e_update", update)
-    del run
-    report.put("c_lora_memory", attempt(report, lora_memory, report, full, work, sizes, on_gpu, records, peak))
-    report.say(summary(report.values))
-    return report.values
+    if on_gpu:  # the ceilings' buffers out of the allocator's cache: c's reserved peaks are c's own
+        torch.cuda.empty_cache()
+    return {"run": run, "records": released.widest_records(work, sizes.prompts, sizes.picture), "peak": peak}
 
 
 def lora_memory(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: bool, records: list, peak: dict):

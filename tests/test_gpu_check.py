@@ -19,6 +19,7 @@ from packaging.utils import canonicalize_name
 
 import bench
 import gpu_check
+import grpo
 import models
 import procs
 import released
@@ -149,9 +150,9 @@ def test_a_stage_out_of_gpu_memory_keeps_what_c_measured_before_it(tiny_run, tmp
     run, records, peak, _ = tiny_run
     calls, rollout_chunk = [], vlr.rollout_chunk
 
-    def fourth_runs_out(*args):  # two probes, the first rollout, then the rollout after the update
+    def fourth_runs_out(*args):  # three probes (one untimed), the first rollout, then the rollout after the update
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 5:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return rollout_chunk(*args)
 
@@ -181,7 +182,7 @@ def test_a_part_that_breaks_or_does_not_fit_costs_no_other_and_the_table_says_wh
     failed = gpu_check.attempt(report, lambda: {}["steps"])
     assert failed == {"failed": "KeyError: 'steps'"}
     assert "Traceback" in (tmp_path / "gpu_check.log").read_text()
-    d = gpu_check.decode_speed(report, run, records, gpu_check.CPU, peak, None)  # c left no rollout to reuse
+    d = gpu_check.decode_speed(report, run, records, gpu_check.CPU, peak, None, None)  # c left no rollout to reuse
     assert d["sampler"]["lengths"] == list(gpu_check.CPU.lengths)
     skipped = "the first rollout: 3 s of the budget left, about 90 s needed"
     report.values.update(environment={"commit": "abc", "torch": "2.11.0"}, elapsed_s=9.0, b_command=failed,
@@ -199,3 +200,45 @@ def test_a_part_that_breaks_or_does_not_fit_costs_no_other_and_the_table_says_wh
     assert table[3].startswith("d  sampler: {'lengths': [4]")
     assert table[-2] == f"e  c's update did not run ({skipped})"
     assert table[-1] == "c  LoRA: " + lora["skipped"]
+
+
+def test_a_stage_that_breaks_ends_c_and_leaves_the_model_to_sample_with_its_cache(tiny_run, tmp_path, monkeypatch):
+    """A failure the CPU never meets (a cuBLAS error in the update, say) ends c as "failed", its
+    traceback in the log; the parts after c run on a model given back in eval mode (the update
+    trains it) without the gradients it held."""
+    run, records, peak, _ = tiny_run
+
+    def breaks(learner, rows, adv, step):
+        learner.model.train()
+        for p in learner.model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED")
+
+    monkeypatch.setattr(grpo, "policy_update", breaks)
+    report = gpu_check.Report(tmp_path, budget_s=3600)
+    memory, update = gpu_check.memory_and_update(report, run, records, peak)
+    assert memory["failed"] == "RuntimeError: CUDA error: CUBLAS_STATUS_EXECUTION_FAILED" and len(memory["rollout_s"]) == 1
+    assert update == {"skipped": f"c's update did not run ({memory['failed']})"}
+    assert not run.model.training and all(p.grad is None for p in run.model.parameters())
+    assert "CUBLAS_STATUS_EXECUTION_FAILED" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_d_guards_each_sides_first_length_and_a_side_that_breaks_costs_no_other(tiny_run, tmp_path, monkeypatch):
+    """A side's first length is estimated from c's rollout (here 1e6 s at the command's length):
+    skipped. A side that breaks at a length (generate, past its prefill) says so; the sampler runs."""
+    run, records, peak, _ = tiny_run
+    report = gpu_check.Report(tmp_path, budget_s=3600)
+    d = gpu_check.decode_speed(report, run, records, gpu_check.CPU, peak, None, 1e6)
+    assert all(d[side] == {"skipped": list(gpu_check.CPU.lengths)} for side in ("sampler", "generate", "generate_static"))
+    generate = run.model.generate
+
+    def breaks(**kw):
+        if kw["max_new_tokens"] > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return generate(**kw)
+
+    monkeypatch.setattr(run.model, "generate", breaks)
+    d = gpu_check.decode_speed(report, run, records, gpu_check.CPU, peak, None, None)
+    assert d["generate"] == d["generate_static"] == {"error": "RuntimeError: CUDA error: an illegal memory access was "
+                                                              "encountered"}
+    assert d["sampler"]["lengths"] == list(gpu_check.CPU.lengths)
