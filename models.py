@@ -57,6 +57,8 @@ def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 
     processor, so a checkpoint evaluates at the budget it was trained at."""
     src = resolve(model)
     try:
+        processor = AutoProcessor.from_pretrained(src)  # first: a budget it cannot take is said before any weight loads
+        lo, hi = image_budget(processor.image_processor.size, min_pixels, max_pixels)
         if lora.is_adapter_folder(src):
             base = Qwen2_5_VLForConditionalGeneration.from_pretrained(adapters_base(model, src), dtype=torch.float32)
             policy = lora.merged(base, src)
@@ -65,18 +67,23 @@ def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 
         else:
             policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype)
         policy = policy.to(device)
-        processor = AutoProcessor.from_pretrained(src)
     except OSError as e:  # a hub id the hub does not know or cannot be reached for, a folder without a model
         raise UserError(f"--model {model}: cannot load it: {str(e).splitlines()[0]}") from None
-    ip = processor.image_processor
-    lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
+    processor.image_processor.size = {"shortest_edge": lo, "longest_edge": hi}
+    return policy, processor
+
+
+def image_budget(size: dict, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(fewest, most) pixels an image is resized to (`load_model`), or a sentence naming the flags."""
+    lo, hi = size["shortest_edge"], size["longest_edge"]
     if hi > data.PUBLISHED_MAX_PIXELS:
         lo, hi = data.PUBLISHED_MIN_PIXELS, data.PUBLISHED_MAX_PIXELS
-    lo, hi = min_pixels or lo, max_pixels or hi
-    if not 0 < lo <= hi:
-        raise ValueError(f"image budget: min_pixels {lo} must be positive and at most max_pixels {hi}")
-    ip.size = {"shortest_edge": lo, "longest_edge": hi}
-    return policy, processor
+    if not 0 < (min_pixels or lo) <= (max_pixels or hi):
+        given = " ".join(f"--{k}-pixels {v}" for k, v in (("min", min_pixels), ("max", max_pixels)) if v)
+        raise UserError(f"{given}: images would be resized to at least {min_pixels or lo} and at most "
+                        f"{max_pixels or hi} pixels (without these flags: {lo} to {hi}); give a --min-pixels "
+                        "no larger than --max-pixels")
+    return min_pixels or lo, max_pixels or hi
 
 
 def adapters_base(model: str, folder: str) -> str:

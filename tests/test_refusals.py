@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import models
 import procs
 import vlr
 from distributed import UserError
@@ -90,3 +91,14 @@ def test_every_number_flag_has_a_range_and_values_out_of_it_are_said_together(tm
     assert str(said.value) == ("--minibatches 0: must be at least 1; --save-every 0: must be at least 1; --max-pixels "
                                "100: must be at least --min-pixels 200 (0: the model's own)")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_image_budget_only_the_model_makes_impossible_is_said_before_its_weights_load(monkeypatch):
+    """--max-pixels alone, under the model's own fewest pixels (the tiny model's 3136): no image
+    size is left. Said in a sentence naming the flag, before a weight is loaded."""
+    monkeypatch.setattr(models.Qwen2_5_VLForConditionalGeneration, "from_pretrained",
+                        lambda *a, **kw: pytest.fail("the weights loaded"))
+    with pytest.raises(UserError) as said:
+        models.load_model("tiny", max_pixels=3000)
+    assert str(said.value) == ("--max-pixels 3000: images would be resized to at least 3136 and at most 3000 pixels "
+                               "(without these flags: 3136 to 12544); give a --min-pixels no larger than --max-pixels")
