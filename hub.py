@@ -20,9 +20,10 @@ from pathlib import Path, PurePosixPath
 
 import huggingface_hub
 from huggingface_hub import constants
-from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import validate_repo_id
 
 import checkpoint
 from distributed import UserError
@@ -67,15 +68,26 @@ def data_file(name: str) -> str:
         return name
     if path.is_dir():
         found = the_data_file(path, f"--data {name}")
-        with checkpoint.build_lock(path / "vlr"):  # one unpacker at a time
-            for archive in sorted(path.glob("*.zip")):
-                unpack(archive, path)
+        archives = sorted(path.glob("*.zip"))
+        if not all(unpacked(a, path).exists() for a in archives):  # all done: nothing written (a read-only mount)
+            with checkpoint.build_lock(path / "vlr"):  # one unpacker at a time
+                for archive in archives:
+                    unpack(archive, path)
         return str(found)
-    if not HUB_ID.fullmatch(name) or path.suffix in DATA_SUFFIXES:  # data/train.jsonl is a file not found
-        return name
+    if not HUB_ID.fullmatch(name) or path.suffix in DATA_SUFFIXES or not hub_id(name):  # data/train.jsonl: a file
+        return name  # not found, as the loader says
     release = DATASETS.get(name, Release(name, "main", ()))
     folder = fetch(release, "--data")
     return str(folder / release.files[0] if release.files else the_data_file(folder, f"--data {name}"))
+
+
+def hub_id(name: str) -> bool:
+    """Whether the hub could have a repository of this name (virl--data/train: no)."""
+    try:
+        validate_repo_id(name)
+        return True
+    except HFValidationError:
+        return False
 
 
 def benchmark_files(bench: str) -> list[Path]:
@@ -86,8 +98,10 @@ def benchmark_files(bench: str) -> list[Path]:
 
 
 def the_data_file(folder: Path, what: str) -> Path:
-    """The one .parquet or .jsonl file at the top of `folder`, as ViRL39K's release has it."""
-    found = sorted(p for p in folder.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+    """The one .parquet or .jsonl file at the top of `folder`, as ViRL39K's release has it. (A
+    download that matched no file leaves no folder: huggingface_hub's `snapshot_download` returns
+    the path it would have had.)"""
+    found = sorted(p for p in folder.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file()) if folder.is_dir() else []
     if len(found) != 1:
         held = ", ".join(p.name for p in found) or "none"
         raise UserError(f"{what}: expected one .parquet or .jsonl file at the top of {folder} (ViRL39K's layout), "
@@ -104,18 +118,24 @@ def fetch(release: Release, flag: str) -> Path:
     archives. A release with no files listed (a dataset vlr does not know) brings the .parquet,
     .jsonl and .zip files at the top of its repository. Refused in one sentence: a repository or
     revision the hub does not have, and, offline or unreachable, one that is not in the cache. The
-    lock is in the hub's own lock folder (.locks/, which its cache scan skips)."""
+    lock is in the hub's own lock folder (.locks/, which its cache scan skips); a pinned release
+    whose files and unpacked archives are all there is used without it, so a read-only cache serves."""
     repo, wanted = release.repo, release.files + release.archives
     patterns = dict(allow_patterns=list(wanted)) if wanted else dict(
         allow_patterns=[f"*{s}" for s in DATA_SUFFIXES + (".zip",)], ignore_patterns=["*/*"])  # the top only
     cached = repo_folder_name(repo_id=repo, repo_type="dataset")
     folder = Path(constants.HF_HUB_CACHE) / cached / "snapshots" / release.revision
+    if wanted and all((folder / f).is_file() for f in wanted) and all(
+            unpacked(folder / a, folder).exists() for a in release.archives):
+        return folder
     with checkpoint.build_lock(Path(constants.HF_HUB_CACHE) / ".locks" / cached / "vlr"):
         try:  # a pinned commit's files never change: once all are cached, the hub is not asked again
             if not (wanted and all((folder / f).is_file() for f in wanted)):
                 folder = Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=release.revision,
                                                                 **patterns))
         except LocalEntryNotFoundError:
+            if any((folder / f).is_file() for f in wanted):  # offline, a download cut short: say what is missing
+                raise UserError(_missing(release, folder, flag)) from None
             raise UserError(_not_cached(release, flag)) from None
         except RevisionNotFoundError:
             raise UserError(f"{flag}: the hub's dataset {repo} has no revision {release.revision}") from None
@@ -127,10 +147,11 @@ def fetch(release: Release, flag: str) -> Path:
         except OSError as e:  # a full disk, a cache folder that cannot be written
             raise UserError(f"{flag}: could not download {repo} into {constants.HF_HUB_CACHE} "
                             f"({checkpoint.first_line(e)})") from None
-        missing = [f for f in wanted if not (folder / f).is_file()]
-        if missing:  # a snapshot cut short, read offline; or a file the revision does not hold
-            raise UserError(f"{flag}: {', '.join(missing)} of {repo} at {release.revision} not in {folder}; "
-                            f"{_download(release)} fetches it where the hub is reachable")
+        except Exception as e:  # the HTTP client's own errors are not OSErrors: a connection dropped mid-file
+            raise UserError(f"{flag}: downloading {repo} failed ({type(e).__name__}: {checkpoint.first_line(e)}); "
+                            "run it again where the hub is reachable") from None
+        if any(not (folder / f).is_file() for f in wanted):  # a file the revision does not hold
+            raise UserError(_missing(release, folder, flag))
         for archive in release.archives if wanted else [p.name for p in sorted(folder.glob("*.zip"))]:
             unpack(folder / archive, folder)
     return folder
@@ -141,6 +162,12 @@ def _download(release: Release) -> str:
     files = " ".join(shlex.quote(f) for f in release.files + release.archives)
     revision = f" --revision {release.revision}" if release.revision != "main" else ""
     return f"`hf download {release.repo}{' ' + files if files else ''} --repo-type dataset{revision}`"
+
+
+def _missing(release: Release, folder: Path, flag: str) -> str:
+    missing = [f for f in release.files + release.archives if not (folder / f).is_file()]
+    return (f"{flag}: {', '.join(missing)} of {release.repo} at {release.revision} not in {folder}; "
+            f"{_download(release)} fetches it where the hub is reachable")
 
 
 def _not_cached(release: Release, flag: str) -> str:
@@ -156,12 +183,17 @@ def _not_cached(release: Release, flag: str) -> str:
 # Archives
 # ---------------------------------------------------------------------------------------------
 
+def unpacked(archive: Path, into: Path) -> Path:
+    """The marker an archive's unpacking leaves when it is done."""
+    return into / f".{archive.name}.unpacked"
+
+
 def unpack(archive: Path, into: Path):
     """Unpack a zip archive into `into` once: a done-marker beside it says so, and an unpacking cut
     short (no marker) is done again from the start. Every member is checked before any is written:
     none may land outside `into` (an absolute path, a `..`, a link, or a path through a link, such
     as the hub's own files, which are links into its blob store)."""
-    marker = into / f".{archive.name}.unpacked"
+    marker = unpacked(archive, into)
     if marker.exists():
         return
     root = into.resolve()

@@ -259,3 +259,48 @@ def test_an_existing_path_wins_over_a_hub_id(cache, virl, tmp_path, monkeypatch)
     assert hub.data_file("TIGER-Lab/ViRL39K/39Krelease.parquet") == "TIGER-Lab/ViRL39K/39Krelease.parquet"
     assert hub.data_file("TIGER-Lab/train.jsonl") == "TIGER-Lab/train.jsonl"  # a missing file, not a hub id
     assert list(cache.iterdir()) == []
+
+
+def test_a_release_all_there_is_read_without_writing_and_the_hubs_failures_are_sentences(cache, virl, tmp_path,
+                                                                                          monkeypatch):
+    """A cache (or a folder) whose files and unpacked archives are all there is used without its
+    lock, which would have to be written: a read-only cache serves. What the hub's library leaves
+    as other exceptions is said in a sentence: a dataset with no data file at the top (the folder
+    it returns does not exist), offline after a download cut short, an HTTP error mid-file, a name
+    the hub could never have (a file not found)."""
+    import httpx2
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    snapshot = cache_virl(cache, virl)
+    assert hub.data_file("TIGER-Lab/ViRL39K") == str(snapshot / "39Krelease.parquet")  # unpacked, under the lock
+    lock = hub.checkpoint.build_lock
+    monkeypatch.setattr(hub.checkpoint, "build_lock", lambda path: pytest.fail(f"{path} written"))
+    assert hub.data_file("TIGER-Lab/ViRL39K") == str(snapshot / "39Krelease.parquet")
+    assert hub.data_file(str(snapshot)) == str(snapshot / "39Krelease.parquet")  # the folder itself, as a path
+    monkeypatch.setattr(hub.checkpoint, "build_lock", lock)
+
+    def none_at_the_top(repo, **kw):  # huggingface_hub: no file matched, the snapshot's path returned anyway
+        return str(cache / "datasets--someone--standard" / "snapshots" / ("b" * 40))
+
+    monkeypatch.setattr(hub.huggingface_hub, "snapshot_download", none_at_the_top)
+    with pytest.raises(UserError, match=r"^--data someone/standard: expected one .parquet or .jsonl file at the top "
+                                        r"of \S+ \(ViRL39K's layout\), found none; give the data file's path instead$"):
+        hub.data_file("someone/standard")
+
+    def dropped(repo, **kw):
+        raise httpx2.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    monkeypatch.setattr(hub.huggingface_hub, "snapshot_download", dropped)
+    with pytest.raises(UserError, match=r"^--bench mathvista: downloading AI4Math/MathVista failed \(RemoteProtocolError"
+                                        r": peer closed connection .*\); run it again where the hub is reachable$"):
+        hub.benchmark_files("mathvista")
+
+    def offline(repo, **kw):
+        raise LocalEntryNotFoundError("images.zip is not in the cache")
+
+    monkeypatch.setattr(hub.huggingface_hub, "snapshot_download", offline)
+    cut = hub.Release("someone/cut-short", "c" * 40, ("train.parquet",), ("images.zip",))
+    cached(cache, cut.repo, cut.revision, {"train.parquet": virl[0]})
+    with pytest.raises(UserError, match=r"^--data: images.zip of someone/cut-short at c{40} not in \S+; `hf download"):
+        hub.fetch(cut, "--data")
+    assert hub.data_file("virl--data/train") == "virl--data/train"  # not a hub id: a path, which the loader misses
