@@ -11,22 +11,27 @@
 GRPO, GRPO + Selective Sample Replay, GRPO + SSR + Forced Rethinking, and the published recipe:
 each is a `vlr.py` run with the lab's settings (LAB) and its own switches, in
 runs/lab/<config>-s<seed>. Two runs go at a time, one CPU thread each (on 2 cores that is faster
-than one run on two threads). A finished run is not run again, so an interrupted lab continues
-where it stopped. Then the seeds are pooled into a table (runs/lab/table.md) and every run is
+than one run on two threads). A finished run of the same flags (its config.json) is not run
+again, so an interrupted lab continues where it stopped; one of other flags (another preset,
+--steps, flags after --) is run again. Then the seeds are pooled into a table (runs/lab/table.md) and every run is
 plotted (runs/lab/lab.png); `--compare` does the same for any run folders written by vlr.py.
 """
 import argparse
 import itertools
+import json
 import os
 import re
 import subprocess
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
 
 import checkpoint
+import vlr
 from data import DataError
 from distributed import UserError
 
@@ -86,19 +91,22 @@ def main(argv=None):
                    help="with --compare: also each run's responses to the questions of its last eval, side by side")
     p.add_argument("vlr_args", nargs="*", help="after --: more vlr.py flags, the same for every run")
     args = p.parse_args(argv)
+    if args.parallel < 1:
+        p.error(f"--parallel {args.parallel}: give how many runs go at a time (at least 1)")
     if args.compare:
         print(compare_table(args.compare))
         if args.samples:
             print(side_by_side(args.compare))
         print(f"wrote {plot(args.compare, args.out or 'compare.png')}")
         return
-    out = Path(args.out or "runs/lab")
+    out = Path(args.out or "runs/lab").resolve()  # the runs are launched from this file's folder
     settings, configs = PRESETS[args.preset]
     unknown = sorted(set(args.arms or []) - set(configs))
     if unknown:
         p.error(f"--arms: no arm {', '.join(unknown)} in the preset {args.preset} (it has {', '.join(configs)})")
     configs = {name: configs[name] for name in args.arms or configs}
-    dirs = run_lab(out, settings, configs, args.seeds, args.steps, args.parallel, args.vlr_args)
+    seeds = list(dict.fromkeys(args.seeds))  # a seed twice would be two runs into one folder at once
+    dirs = run_lab(out, settings, configs, seeds, args.steps, args.parallel, args.vlr_args)
     table = compare_table(dirs)
     if args.preset == "second-look":
         table += "\n\n" + second_look_table(dirs)
@@ -116,22 +124,39 @@ def run_lab(out: Path, settings: list, configs: dict, seeds: list, steps: int, p
     running = []
     for name, seed in [(name, seed) for seed in seeds for name in configs]:
         run_dir = out / f"{name}-s{seed}"
-        if (run_dir / "final" / "model.safetensors").exists():
-            print(f"{run_dir}: done before, kept")
+        flags = [*settings, *configs[name], "--seed", str(seed), "--steps", str(steps), "--out", str(run_dir),
+                 "--overwrite", *vlr_args]
+        if finished_with(run_dir, flags):
+            print(f"{run_dir}: done before with these flags, kept")
             continue
-        # a folder without a final model holds an unfinished run (killed, or collapsed): run it again afresh
-        cmd = [sys.executable, "vlr.py", *settings, *configs[name], "--seed", str(seed), "--steps", str(steps),
-               "--out", str(run_dir), "--overwrite", *vlr_args]
-        print(" ".join(cmd[1:]), flush=True)
+        # unfinished (killed, or collapsed), or of other flags: run again afresh
+        print(" ".join(["vlr.py", *flags]), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         log = open(run_dir / "log.txt", "w")
-        running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=Path(__file__).parent), run_dir))
-        if len(running) == parallel:
-            wait(running.pop(0))
+        running.append((subprocess.Popen([sys.executable, "vlr.py", *flags], env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=Path(__file__).parent), run_dir))
+        while len(running) == parallel:  # a slot is free once any run ends, not only the oldest
+            ended = [job for job in running if job[0].poll() is not None]
+            for job in ended:
+                running.remove(job)
+                wait(job)
+            time.sleep(0 if ended else 1)
     for job in running:
         wait(job)
     return [str(out / f"{name}-s{seed}") for name in configs for seed in seeds]
+
+
+# what may differ between two launches of one lab run: where it is, and how it was started
+LAUNCH = {"out", "overwrite", "resume", "auto_resume"}
+
+
+def finished_with(run_dir: Path, flags: list[str]) -> bool:
+    """Whether `run_dir` holds a finished run of these vlr.py flags (its config.json, field by field)."""
+    if not (run_dir / "final" / "model.safetensors").exists() or not (run_dir / "config.json").is_file():
+        return False
+    saved = json.loads((run_dir / "config.json").read_text())
+    wanted = asdict(vlr.parse_args(flags))
+    return {k: v for k, v in saved.items() if k not in LAUNCH} == {k: v for k, v in wanted.items() if k not in LAUNCH}
 
 
 def wait(job):
@@ -172,9 +197,13 @@ def read_metrics(run_dir: str) -> list[dict]:
     return rows
 
 
-def _run_name(run_dir: str) -> str:
-    """runs/lab/ssr-s2 -> ssr: the seeds of one configuration are pooled."""
-    return re.sub(r"-s\d+$", "", Path(run_dir).name)
+def _run_names(run_dirs: list[str]) -> dict[str, str]:
+    """Each run's row: runs/lab/ssr-s2 -> ssr, the seeds of one configuration pooled. Runs from
+    more than one folder keep their folder's name (runs/lab-g16/ssr-s0 -> lab-g16/ssr): two labs'
+    arms of one name are two rows."""
+    parents = {Path(d).resolve().parent for d in run_dirs}
+    return {d: (f"{Path(d).resolve().parent.name}/" if len(parents) > 1 else "") + re.sub(r"-s\d+$", "", Path(d).name)
+            for d in run_dirs}
 
 
 def _mean_std(xs: list) -> str:
@@ -194,9 +223,9 @@ def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
     many did), the reflection rate and the revision rate (a reflection that changes the answer) of
     the last eval, and rethink_fixed (the share of triggered responses that rethinking turned from
     wrong to right), averaged over steps."""
-    groups = {}
+    groups, names = {}, _run_names(run_dirs)
     for d in run_dirs:
-        groups.setdefault(_run_name(d), []).append(read_metrics(d))
+        groups.setdefault(names[d], []).append(read_metrics(d))
     lines = [f"| run | seeds | final eval acc | zero-adv share | steps replaying | steps to {target:.1f} "
              "| reflection rate | revision rate | rethink_fixed |", "| --- " * 9 + "|"]
     for name, runs in groups.items():
@@ -238,9 +267,9 @@ def second_look_table(run_dirs: list[str]) -> str:
     last eval's greedy accuracy on each second-look tier and on the colour tier, and on code2 the
     shares of responses that reflect, revise, revise wrong -> right and right -> wrong, and whose
     first answer was the code (one lookup short); then the per-seed code2 accuracies."""
-    groups = {}
+    groups, names = {}, _run_names(run_dirs)
     for d in run_dirs:
-        groups.setdefault(_run_name(d), []).append([m for m in read_metrics(d) if "eval_acc" in m])
+        groups.setdefault(names[d], []).append([m for m in read_metrics(d) if "eval_acc" in m])
     keys = ("eval_acc_code2", "eval_acc_code", "eval_acc_colour", "eval_reflect_code2", "eval_revise_code2",
             "eval_fixed_code2", "eval_broke_code2", "eval_short_first_code2")
     lines = ["| run | seeds | code2 acc | code acc | colour acc | code2 reflect | code2 revise | wrong -> right "
@@ -259,11 +288,12 @@ def plot(run_dirs: list[str], out: str, panels=PLOTTED) -> str:
     runs = {d: read_metrics(d) for d in run_dirs}
     matplotlib.use("Agg")  # files only, no display
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
-    names = list(dict.fromkeys(_run_name(d) for d in runs))  # seeds of one run share a colour
+    row = _run_names(run_dirs)
+    names = list(dict.fromkeys(row[d] for d in runs))  # seeds of one run share a colour
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
     labelled = set()
     for d, rows in runs.items():
-        colour, name = palette[names.index(_run_name(d))], _run_name(d)
+        colour, name = palette[names.index(row[d])], row[d]
         label = None if name in labelled else name
         labelled.add(name)
         for ax, (key, _, _) in zip(axes, panels):

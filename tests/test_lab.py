@@ -1,11 +1,15 @@
-"""lab.py: the table of runs (seeds pooled), the plot, and `--compare` on any run folders."""
+"""lab.py: the runs it launches and keeps, the table of runs (seeds pooled), the plot, and
+`--compare` on any run folders."""
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import data
 import lab
+import vlr
 from distributed import UserError
 
 
@@ -60,6 +64,11 @@ def test_compare_table_pools_seeds_and_matches_hand_counts(tmp_path):
                         "| 0.050 ± 0.071 | 0.050 ± 0.071 |")
     assert lines[3] == ("| plain | 1 | 0.300 ± 0.000 | 0.250 ± 0.000 | 0.000 ± 0.000 | never (0/1) | 0.000 ± 0.000 "
                         "| 0.000 ± 0.000 | 0.000 ± 0.000 |")
+    other = tmp_path / "other-lab"  # another lab's arm of the same name: a row of its own
+    other.mkdir()
+    (tmp_path / "plain-s0").rename(other / "plain-s0")
+    rows = [line.split(" | ")[:2] for line in lab.compare_table([*runs[:2], str(other / "plain-s0")]).splitlines()[2:]]
+    assert rows == [[f"| {tmp_path.name}/full", "2"], ["| other-lab/plain", "1"]]
 
 
 def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
@@ -95,3 +104,60 @@ def test_compare_reads_a_run_still_writing_its_last_line_and_refuses_a_line_torn
     (run / "metrics.jsonl").write_text(json.dumps(metrics[0]) + '\n{"step": 1, "rew\n' + json.dumps(metrics[1]) + "\n")
     with pytest.raises(UserError, match=r"run/metrics.jsonl:2: not a JSON line"):
         lab.main(["--compare", str(run)])
+
+
+class Launched:
+    """subprocess.Popen as lab.run_lab uses it, recording the vlr.py flags; a run takes `ticks` polls."""
+    log, ends = [], {}
+
+    def __init__(self, cmd, cwd, **kw):
+        self.flags, self.polls = cmd[2:], 0
+        self.out = cmd[cmd.index("--out") + 1]
+        self.log.append((Path(cwd) / self.out).resolve())
+
+    def poll(self):
+        self.polls += 1
+        return 0 if self.polls >= self.ends.get(Path(self.out).name, 1) else None
+
+    def wait(self):
+        return 0
+
+
+def test_the_lab_keeps_a_finished_run_only_of_its_own_flags(tmp_path, monkeypatch):
+    """A run finished with other flags (here the ablation's, in the second-look lab's folder) is
+    run again; one with the same flags is kept. A relative --out is the folder lab.py reads from
+    wherever it is launched, and a slot frees as soon as any run ends."""
+    monkeypatch.setattr(lab.subprocess, "Popen", Launched)
+    monkeypatch.setattr(lab.time, "sleep", lambda s: None)
+    monkeypatch.chdir(tmp_path)
+    out = Path("labs").resolve()
+    ablation = [*lab.LAB, *lab.CONFIGS["grpo"], "--seed", "0", "--steps", "100", "--out", str(out / "grpo-s0"),
+                "--overwrite"]
+    (out / "grpo-s0" / "final").mkdir(parents=True)
+    (out / "grpo-s0" / "final" / "model.safetensors").write_bytes(b"")
+    (out / "grpo-s0" / "config.json").write_text(json.dumps(asdict(vlr.parse_args(ablation))))
+    seconds = lab.SECOND_LOOK_LAB
+    assert not lab.finished_with(out / "grpo-s0", [*seconds, *ablation[len(lab.LAB):]])
+    assert lab.finished_with(out / "grpo-s0", ablation)
+    lab.run_lab(out, lab.LAB, {"grpo": lab.CONFIGS["grpo"]}, [0], 100, 2, [])
+    assert Launched.log == []  # kept
+    lab.run_lab(out, seconds, {"grpo": lab.CONFIGS["grpo"]}, [0], 100, 2, [])
+    assert Launched.log == [out / "grpo-s0"]  # run again: other flags
+    Launched.log.clear()
+    Launched.ends.update({"a-s0": 50, "b-s0": 1})  # a runs long, b ends at once: c starts beside a
+    order = []
+    monkeypatch.setattr(lab, "wait", lambda job: order.append(Path(job[1]).name))
+    lab.run_lab(out, [], {"a": [], "b": [], "c": []}, [0], 1, 2, [])
+    assert order == ["b-s0", "c-s0", "a-s0"] and Launched.log == [out / f"{n}-s0" for n in "abc"]
+
+    class Stop(Exception):
+        pass
+
+    def launched(folder, *args):
+        order.append(folder)
+        raise Stop
+
+    monkeypatch.setattr(lab, "run_lab", launched)
+    with pytest.raises(Stop):
+        lab.main(["--out", "rel"])
+    assert order[-1] == tmp_path / "rel"  # vlr.py runs in lab.py's folder: it is given this folder's whole path

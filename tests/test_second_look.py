@@ -126,6 +126,8 @@ def test_second_look_preset_runs_its_arms_and_writes_its_table(tmp_path, monkeyp
         def wait(self):
             return 0
 
+        poll = wait
+
     monkeypatch.setattr(subprocess, "Popen", FakeRun)
     lab.main(["--preset", "second-look", "--arms", "grpo+ssr", "grpo+ssr+rethink", "--seeds", "0", "1",
               "--steps", "2", "--out", str(tmp_path / "look")])
