@@ -28,9 +28,9 @@ The checkpoint is one save (model and optimizer state), timed on the new path on
    it (`ceilings`), the model FLOPs of an update (`update_flops`) and the bandwidth bound of a
    decode step (`bound_s`).
 
-Everything runs on the CPU with one thread for the tiny model (its ops are too small to gain
-from two, and on a shared machine a second thread that waits for a busy core at every op makes
-timings 10-100x erratic) and two for the 3B-shaped one (its matrices are large).
+Everything runs on the CPU with one thread for the tiny model (on a shared machine a second
+thread that waits for a busy core at every op makes its timings 10-100x erratic) and two for the
+3B-shaped one (its matrices are large).
 """
 import contextlib
 import dataclasses
