@@ -10,8 +10,9 @@ Format warm start, not distillation: RL can only improve a policy that sometimes
 gradable answer. So the tiny base is trained briefly on responses in the answer format whose
 answers are drawn at random from the question's answer space, never the true answer: it learns
 to write "... \\boxed{x}." and stop, and its accuracy stays at chance. All knowledge of the task
-comes from RL. A quarter of the warm-start responses are rethinking-shaped (answer, trigger,
-second answer, both random) with the trigger tokens left out of the loss: the base can continue
+comes from RL. A quarter of the warm-start responses are rethinking-shaped (an answer, cut off
+before it in half of them, a trigger, a second answer; both random) with the trigger tokens left
+out of the loss: the base can continue
 after a forced trigger, as an instruct model can, but never says "wait" by itself.
 
     python tiny.py                  # build (or rebuild) it into .cache/tiny-qwen2.5-vl and report
