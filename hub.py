@@ -15,6 +15,7 @@ import re
 import shlex
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -209,8 +210,9 @@ def unpack(archive: Path, into: Path):
             print(f"unpacking {archive.name} ({len(members)} members) into {into}", flush=True)
             for m in members:
                 z.extract(m, into)
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{archive}: not a readable zip archive ({e})") from None
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError) as e:  # damaged data, a method zipfile lacks
+        raise UserError(f"{archive}: not a readable zip archive ({type(e).__name__}: {e}); unpack it again from a "
+                        "whole copy") from None
     except OSError as e:  # a full disk: the next run unpacks again, there is no marker yet
         raise UserError(f"could not unpack {archive} into {into} ({e.strerror or e})") from None
     marker.write_text(f"{len(members)} members\n")

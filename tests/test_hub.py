@@ -130,6 +130,29 @@ def test_an_archive_member_that_would_land_outside_is_refused(tmp_path, name):
     assert not Path("/tmp/vlr-evil.txt").exists()
 
 
+def test_a_damaged_archive_is_a_sentence_and_leaves_no_marker(tmp_path):
+    """A member whose compressed data is damaged (zlib.error) or compressed by a method zipfile
+    cannot read (NotImplementedError): said, and the next run unpacks it again."""
+    folder = tmp_path / "release"
+    folder.mkdir()
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("images/a.txt", "colour " * 1000)
+    raw = bytearray(archive.read_bytes())
+    start = 30 + len("images/a.txt")  # the member's data, after its local header
+    raw[start:start + 8] = b"\xff" * 8
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"images.zip: not a readable zip archive \(error: .*\); unpack it again"):
+        hub.unpack(archive, folder)
+    raw[8:10] = (99).to_bytes(2, "little")  # the local header's method: 99, AES, which zipfile lacks
+    cd = raw.rfind(b"PK\x01\x02")
+    raw[cd + 10:cd + 12] = (99).to_bytes(2, "little")  # and the central directory's
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"images.zip: not a readable zip archive \(NotImplementedError: "):
+        hub.unpack(archive, folder)
+    assert not hub.unpacked(archive, folder).exists()
+
+
 def test_an_archive_member_onto_a_file_of_the_hub_is_refused(cache, virl):
     """The snapshot's files are links into blobs/: a member named like one would write through the link."""
     parquet, _ = virl
