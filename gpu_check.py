@@ -464,6 +464,7 @@ def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, s
     with models.autocast(run.cfg.bf16, run.device), torch.no_grad():
         for name, fn in sides.items():
             try:
+                fn(1)  # not timed: a side's first call pays one-time costs, which would count as its prefill
                 prefill[name] = measured(lambda: fn(1), run.device)[1]
             except Exception as e:  # generate's static cache may not take these inputs
                 out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
