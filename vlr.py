@@ -435,9 +435,9 @@ def train_step(run: Run, step: int) -> tuple[dict, list[dict]]:
     up = grpo.policy_update(learner(run), batch, batch_adv, step)
     if up["skipped"]:
         tqdm.write(f"step {step}: non-finite loss or gradient (grad norm {up['grad_norm']}), update skipped")
+    m = step_metrics(run, step, done, rewards, adv, n_replayed, up)  # its lr: the one this step's update used
     run.sched.step()
-    shown = tracking.rethink_samples(done.rethought, done.why_not_kept, cfg.log_samples, step)
-    return step_metrics(run, step, done, rewards, adv, n_replayed, up), shown
+    return m, tracking.rethink_samples(done.rethought, done.why_not_kept, cfg.log_samples, step)
 
 
 def rollout_step(run: Run, recs: list) -> rethink.Rethinking:

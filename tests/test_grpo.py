@@ -2,7 +2,9 @@
 (a non-finite step skipped, shared vision, the KL term, minibatches)."""
 import copy
 import dataclasses
+import math
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -103,6 +105,14 @@ def test_group_advantages():
     assert adv[0].item() == pytest.approx(1.5, rel=1e-5)  # (1 - 0.25) / 0.5
     for reward, g in ((-0.1, 8), (0.6, 8), (1.1, 10)):  # one group (a process with one prompt): the std is not 0
         assert torch.equal(grpo.group_advantages(torch.full((g,), reward), g), torch.zeros(g))
+    # the published recipe (--no-adv-std): r - mean, not scaled
+    assert torch.allclose(grpo.group_advantages(r, 4, std=False), torch.tensor([0.75, -0.25, -0.25, -0.25] + [0.0] * 8))
+
+
+def test_lr_factor_warms_up_then_decays_by_a_cosine_to_its_floor():
+    """2 warmup steps of 6, floor 0.5: (s + 1) / 2, then 0.5 + 0.25 (1 + cos(pi (s - 2) / 4))."""
+    expect = [0.5, 1.0, 1.0, 0.5 + 0.25 * (1 + math.cos(math.pi / 4)), 0.75, 0.5 + 0.25 * (1 + math.cos(3 * math.pi / 4))]
+    assert [grpo.lr_factor(s, 2, 6, 0.5) for s in range(6)] == pytest.approx(expect)
 
 
 def run_of(model, processor, cfg, opt, ref=None, gen=None) -> grpo.Learner:
@@ -234,7 +244,8 @@ def _one_step(rank, world, store, rows, adv, results):
     """One optimizer step of plain SGD (lr 1, no clip) on this process's share of `rows`: the
     weights' change, which is minus the gradient DDP averaged over the processes."""
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=120))  # a peer that failed: an error, not a hang
     try:
         torch.set_num_threads(1)
         model, processor = models.load_model("tiny")
@@ -269,6 +280,6 @@ def test_two_processes_take_the_step_one_process_takes_on_their_rows_together(ti
         results = manager.dict()
         mp.spawn(_one_step, args=(2, f"{d}/store", rows, adv, results), nprocs=2)
         _one_step(0, 1, None, rows, adv, alone := {})
-        assert not isinstance(results[0], str), results[0]
+        assert not any(isinstance(results[r], str) for r in (0, 1)), dict(results)
         for two, one in zip(results[0], alone[0], strict=True):
             assert torch.allclose(two, one, rtol=1e-4, atol=1e-7)

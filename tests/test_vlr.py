@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoint
+import grpo
 import procs
+import reward
 import test_refusals
 import vlr
 
@@ -51,7 +54,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     proc = procs.start([sys.executable, "vlr.py", *SMALL, "--out", str(b), *steps], cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while time.time() < deadline:  # kill it after step 4 started: the checkpoint holds step 4
+    while time.time() < deadline and proc.poll() is None:  # kill it after step 4 started: the checkpoint holds step 4
         if (b / "metrics.jsonl").exists() and len((b / "metrics.jsonl").read_text().splitlines()) >= 5:
             break
         time.sleep(0.05)
@@ -61,6 +64,10 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert metrics(b) == metrics(tmp_path / "a")
     assert (b / "final" / "model.safetensors").exists()
+    ma = metrics(tmp_path / "a")  # each step logs the rate its update used: 5e-4, warmed up over 10 steps
+    assert [m["lr"] for m in ma] == pytest.approx([5e-4 * (s + 1) / 10 for s in range(6)])
+    # SSR and rethinking ran: the buffer holds half a batch (16 rows), and some responses were given a trigger
+    assert max(m["ssr_buffer"] for m in ma) == 8 and sum(m["rethink_triggered"] for m in ma) > 0
     # the samples shown (tracking.py) cut back and written again alike; TensorBoard's events hold each step once
     assert (b / "samples.jsonl").read_text() == (tmp_path / "a" / "samples.jsonl").read_text()
     check_events(b)
@@ -227,3 +234,28 @@ def test_the_differences_table_matches_the_flags_real_defaults():
         published, ours = rows[flag]
         assert published == str(value), (flag, published, value)
         assert ours == str(defaults[name]), (flag, ours, defaults[name])
+
+
+def flags(*rows) -> torch.Tensor:
+    return torch.tensor([i in rows for i in range(8)])
+
+
+def test_step_metrics_against_hand_counts():
+    """Two groups of 4: one right answer in the first, none in the second (its advantages all
+    zero); the last response truncated and unboxed, 3 of its 5 tokens given; 6 triggered, 2 of
+    them kept, 1 of those fixed."""
+    g = [reward.Grade(correct=i == 0, reward=float(i == 0), boxed=i != 7, valid=True) for i in range(8)]
+    mask = torch.ones(8, 5)
+    mask[7, 3:] = 0
+    done = SimpleNamespace(rollout=SimpleNamespace(texts=[""] * 8, response_mask=mask, truncated=flags(7)), grades=g,
+                           triggered=flags(1, 2, 4, 5, 6, 7), kept=flags(1, 4), fixed=flags(1))
+    rewards = torch.tensor([x.reward for x in g])
+    run = SimpleNamespace(cfg=SimpleNamespace(group_size=4), buffer=[0] * 3, device="cpu", world=1,
+                          sched=SimpleNamespace(get_last_lr=lambda: [2e-4]))
+    up = {"loss": 0.5, "clipped": 3, "tokens": 12, "grad_norm": 1.5, "logp_drift_max": 1e-6, "skipped": 0}
+    m = vlr.step_metrics(run, 7, done, rewards, grpo.group_advantages(rewards, 4), 2, up)
+    assert m == pytest.approx({"step": 7, "reward_mean": 1 / 8, "acc_mean": 1 / 8, "zero_adv_frac": 1 / 2,
+                               "format_rate": 7 / 8, "truncated_frac": 1 / 8, "ssr_buffer": 3, "ssr_replayed": 2,
+                               "rethink_triggered": 6 / 8, "rethink_kept": 2 / 6, "rethink_fixed": 1 / 6,
+                               "resp_len_mean": (7 * 5 + 3) / 8, "loss": 0.5, "grad_norm": 1.5, "clip_frac": 3 / 12,
+                               "logp_drift_max": 1e-6, "lr": 2e-4, "skipped": 0})
