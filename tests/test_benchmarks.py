@@ -218,10 +218,11 @@ def test_bad_benchmark_files_name_the_file_and_what_was_expected(tmp_path):
 def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_loads(tmp_path):
     """What a file from elsewhere may hold: each record said with its line, none passed on to fail
     (or be graded wrongly) once the model has loaded."""
-    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")  # beside the data's folder, in the test's own
+    tmp_path = tmp_path / "data"
+    (tmp_path / "images").mkdir(parents=True)
     (tmp_path / "images" / "1.jpg").write_bytes(png("red"))
     (tmp_path / "notes.txt").write_text("not a picture")
-    Image.new("RGB", (8, 8)).save(tmp_path.parent / "outside.png")
     one = {k: v for k, v in mathvision_rows()[0].items() if k != "decoded_image"}  # images/1.jpg, options A-E
     rows = [one, dict(one, answer="AB"), dict(one, question=5), dict(one, answer=[1]), dict(one, options="ABCDE"),
             dict(one, image="../outside.png"), dict(one, image="notes.txt"),

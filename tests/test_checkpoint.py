@@ -5,12 +5,14 @@ disk, kills): test_faults.py."""
 import errno
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import checkpoint
 import rollout
+import vlr
 from distributed import UserError
 
 
@@ -130,3 +132,19 @@ def test_a_save_syncs_its_own_folder_not_the_rest_of_the_run_folder(tmp_path):
     (tmp_path / "wandb" / "latest-run").symlink_to(tmp_path / "wandb" / "run-gone")
     checkpoint.write_atomically(tmp_path / "ckpt", lambda tmp: (tmp / "train_state.pt").write_text("state"))
     assert (tmp_path / "ckpt" / "train_state.pt").read_text() == "state"
+
+
+def test_processes_that_disagree_on_the_weights_save_nothing(tmp_path, monkeypatch):
+    """DDP keeps every process's weights equal; a checksum that differs (here rank 1's, by the
+    gather) stops the run before anything is written. The checksum sees a weight moved by one ulp."""
+    model = torch.nn.Linear(2, 2)
+    before = checkpoint.param_checksum(model)
+    with torch.no_grad():
+        model.weight[0, 0] = torch.nextafter(model.weight[0, 0], torch.tensor(2.0))
+    assert checkpoint.param_checksum(model) != before
+    monkeypatch.setattr(vlr, "gather", lambda x, world: [x, x + 1.0] if isinstance(x, float) else [x] * world)
+    run = SimpleNamespace(cfg=SimpleNamespace(shard=False), model=model, world=2, rank=0, out=tmp_path)
+    with pytest.raises(SystemExit, match=r"^step 0: processes disagree on the weights \(checksums \[\S+, \S+\]\); "
+                                         r"not saving$"):
+        vlr.save(run, 1)
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ collective of an NCCL-only group raises "No backend type associated with device 
 stands in for NCCL here: a group built from `distributed.BACKENDS["cuda"]` with gloo for nccl has exactly
 the device-to-backend map of a GPU run."""
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ import distributed
 
 
 def _worker(rank, world, backend, store, results):
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # a peer that failed: an error, not a hang of 30 min
     try:
         device = torch.device("cpu")
         sums = distributed.reduce({"n": 8 + rank, "loss": 0.5 * (rank + 1)}, device, world)

@@ -89,7 +89,10 @@ def test_virl39k_by_its_hub_name_is_the_release_unpacked_once(cache, virl, capsy
     assert not (snapshot / "images" / "a.png").exists() and "unpacking" not in capsys.readouterr().out
 
 
-CHILD = "import data, hub; path = hub.data_file('TIGER-Lab/ViRL39K'); print(path, len(data.load_records(path)[0]))"
+# each member takes a second to unpack: without the lock both processes would find no marker, and both unpack
+CHILD = ("import time, zipfile, data, hub; extract = zipfile.ZipFile.extract; "
+         "zipfile.ZipFile.extract = lambda self, *a: (time.sleep(1), extract(self, *a))[1]; "
+         "path = hub.data_file('TIGER-Lab/ViRL39K'); print(path, len(data.load_records(path)[0]))")
 
 
 def test_processes_at_once_unpack_once_from_the_environments_cache(cache, virl):
@@ -119,15 +122,16 @@ def zip_with(path: Path, *members) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["../evil.txt", "/tmp/vlr-evil.txt", "images/../../evil.txt", "link"])
+@pytest.mark.parametrize("name", ["../evil.txt", "absolute", "images/../../evil.txt", "link"])
 def test_an_archive_member_that_would_land_outside_is_refused(tmp_path, name):
+    name = f"{tmp_path}/abs-evil.txt" if name == "absolute" else name  # in the test's folder, should it land
     folder = tmp_path / "release"
     folder.mkdir()
     archive = zip_with(tmp_path / "images.zip", ("images/ok.txt", "fine"), (name, None if name == "link" else "evil"))
     with pytest.raises(UserError, match=re.escape(f"member {name!r} would land outside {folder}")):
         hub.unpack(archive, folder)
     assert list(folder.iterdir()) == [] and not (tmp_path / "evil.txt").exists()  # nothing unpacked, no marker
-    assert not Path("/tmp/vlr-evil.txt").exists()
+    assert not (tmp_path / "abs-evil.txt").exists()
 
 
 def test_a_damaged_archive_is_a_sentence_and_leaves_no_marker(tmp_path):

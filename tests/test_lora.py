@@ -126,7 +126,7 @@ def test_kill_and_resume_reproduce_the_run_and_the_final_folders_agree(tmp_path)
     proc = procs.start([sys.executable, "vlr.py", *test_vlr.SMALL, "--out", str(b), *steps], cwd=test_vlr.ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while time.time() < deadline and not (b / "final").exists():  # killed once step 2 is logged: ckpt holds 2
+    while time.time() < deadline and proc.poll() is None:  # killed once step 2 is logged: ckpt holds 2
         if (b / "metrics.jsonl").exists() and len((b / "metrics.jsonl").read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)

@@ -1,6 +1,7 @@
 """The suite's own child-process rules (tests/procs.py): a timeout kills everything the child
 started, torchrun's workers included, and says what timed out; an orphan is found."""
 import os
+import re
 import sys
 
 import pytest
@@ -23,7 +24,7 @@ def test_a_torchrun_that_times_out_leaves_no_worker_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]  # both workers were running
     assert marked(tag) == []
     message = str(failed.value)
-    assert message.startswith("timed out after 15 s (limit 15 s): ")
+    assert re.match(r"timed out after 1[5-9] s \(limit 15 s\): ", message), message  # the kill may take seconds
     assert "torch.distributed.run --standalone --nproc_per_node 2" in message and "--- last stderr ---" in message
 
 

@@ -160,6 +160,18 @@ def rethink_rollout(tiny_model, train_trigger, cut_prob=1.0, cut=None, max_new_t
     return ro, done, [(bodies(ro)[f.row], f.keep) for f in done.forced]
 
 
+def test_fixed_is_a_triggered_response_whose_first_answer_was_wrong_and_whose_rethought_one_is_right(tiny_model):
+    """rethink_fixed's count: every second first answer graded wrong, every continuation right."""
+    model, processor = tiny_model
+    ro, right = first_pass(tiny_model)
+    first_wrong = torch.tensor([i % 2 == 0 for i in range(len(ro.texts))])
+    grades = [reward.Grade(correct=False, reward=0.0, boxed=True, valid=True) if w else g
+              for w, g in zip(first_wrong.tolist(), right)]
+    done = rethink.rethink(model, processor.tokenizer, ro, grades, always_right, rules(**EVERYONE))
+    assert (done.triggered & first_wrong).any() and (done.triggered & ~first_wrong).any()
+    assert torch.equal(done.fixed, done.triggered & first_wrong)
+
+
 def check_rethought(tok, done, cuts, train_trigger):
     """Each rethought response is: the first response's body cut at k + a trigger + a continuation
     that stopped; loss mask 0 exactly on the trigger when it is not trained."""

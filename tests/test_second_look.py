@@ -55,7 +55,7 @@ def test_the_warm_start_primes_the_form_with_random_answers():
     their first answer after the trigger (not trained) and go on "X > Y", and neither the first nor
     the final answer carries the gold: each is right about 1 time in 6, as a random colour is."""
     task = data.ToyTask("train", ("code", "code2"), n=3000)
-    rng, shaped, first_right, final_right = random.Random(1), 0, 0, 0
+    rng, shaped, first_right, final_right, reads = random.Random(1), 0, 0, 0, 0
     for i in range(len(task)):
         rec = task[i]
         parts = tiny.second_look_response(rec, rng)
@@ -68,10 +68,11 @@ def test_the_warm_start_primes_the_form_with_random_answers():
             shaped += 1
             assert [t for _, t in parts] == [True, False, True] and texts[1] in rethink.TRIGGERS
             assert texts[2].startswith(f" {answers[0]} > {answers[1]}.")
-            if tiny.READS_CODE:
-                assert answers[1] == rec.meta["code"][answers[0]]
+            reads += answers[1] == rec.meta["code"][answers[0]]
     n = len(task)
     assert abs(shaped / n - tiny.RETHINK_SHAPED) < 0.03
+    # Y is the code of X always (READS_CODE), or by chance: 1 in 6 (750 shaped: a std of 0.014)
+    assert reads == shaped if tiny.READS_CODE else abs(reads / shaped - 1 / 6) < 0.05, (reads, shaped)
     # 3000 responses: a binomial std of 0.0068 around 1/6; a warm start that leaked would be near 1
     assert abs(first_right / n - 1 / 6) < 0.03 and abs(final_right / n - 1 / 6) < 0.03, (first_right, final_right)
 

@@ -84,6 +84,7 @@ def test_wandb_and_trackio_get_the_config_and_every_step_once_across_a_crash_and
                 if rows:
                     assert table["data"] == [[v for k, v in r.items() if k not in ("step", "kind")] for r in rows]
         assert recorded.count(("finish",)) == len(inits)
+    assert any(s["kind"] == "rethink" for s in samples)  # the rethink tables above were compared, not skipped
     evals = [s for s in samples if s["kind"] == "eval"]
     assert len(evals) == 3 and {s["step"] for s in evals} == {3}
     assert set(evals[0]) == {"step", "kind", "id", "category", "question", "gold", "response", "correct",
