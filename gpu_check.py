@@ -392,8 +392,7 @@ def memory_and_update(report: Report, run, records: list, peak: dict, part: str 
     except Skipped as e:
         memory["skipped"] = str(e)
     except Exception as e:
-        report.say(traceback.format_exc())
-        memory["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
+        memory["failed"] = broke(report, e)
     if reason(memory):
         run.opt.zero_grad(set_to_none=True)  # what a failed update held: room for the parts after c
         run.model.eval()  # grpo.optimizer_step trains it; in train mode checkpointed layers decode without a KV cache
@@ -467,7 +466,7 @@ def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, s
                 fn(1)  # not timed: a side's first call pays one-time costs, which would count as its prefill
                 prefill[name] = measured(lambda: fn(1), run.device)[1]
             except Exception as e:  # generate's static cache may not take these inputs
-                out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                out[name] = {"error": broke(report, e)}
                 continue
             for n in sizes.lengths:
                 entry = out.setdefault(name, {})
@@ -484,8 +483,7 @@ def decode_speed(report: Report, run, records: list, sizes: Sizes, peak: dict, s
                     entry.setdefault("out_of_memory", []).append(str(e))
                     continue
                 except Exception as e:  # this side breaks at this length: said, and the other sides run
-                    report.say(traceback.format_exc())
-                    entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    entry["error"] = broke(report, e)
                     break
                 per_step = (seconds - prefill[name]) / (n - 1)
                 for k in ("lengths", "ms_per_step", "tokens_per_s", "bound_fraction"):
@@ -607,8 +605,13 @@ def attempt(report: Report, fn, *args) -> dict:
     except Skipped as e:
         return {"skipped": str(e)}
     except Exception as e:  # a bug shows in the JSON and the exit code, and costs no other part
-        report.say(traceback.format_exc())
-        return {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
+        return {"failed": broke(report, e)}
+
+
+def broke(report: Report, e: Exception) -> str:
+    """What broke, in a line for the JSON; its traceback (from within the except clause) into the log."""
+    report.say(traceback.format_exc())
+    return f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def prepare():
