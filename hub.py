@@ -126,16 +126,15 @@ def fetch(release: Release, flag: str) -> Path:
         allow_patterns=[f"*{s}" for s in DATA_SUFFIXES + (".zip",)], ignore_patterns=["*/*"])  # the top only
     cached = repo_folder_name(repo_id=repo, repo_type="dataset")
     folder = Path(constants.HF_HUB_CACHE) / cached / "snapshots" / release.revision
-    if wanted and all((folder / f).is_file() for f in wanted) and all(
-            unpacked(folder / a, folder).exists() for a in release.archives):
+    if wanted and not absent(folder, wanted) and all(unpacked(folder / a, folder).exists() for a in release.archives):
         return folder
     with checkpoint.build_lock(Path(constants.HF_HUB_CACHE) / ".locks" / cached / "vlr"):
-        try:  # a pinned commit's files never change: once all are cached, the hub is not asked again
-            if not (wanted and all((folder / f).is_file() for f in wanted)):
+        try:  # a pinned commit's files never change: once all are cached (also by the process before), not asked
+            if not wanted or absent(folder, wanted):
                 folder = Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=release.revision,
                                                                 **patterns))
         except LocalEntryNotFoundError:
-            if any((folder / f).is_file() for f in wanted):  # offline, a download cut short: say what is missing
+            if len(absent(folder, wanted)) < len(wanted):  # offline, a download cut short: say what is missing
                 raise UserError(_missing(release, folder, flag)) from None
             raise UserError(_not_cached(release, flag)) from None
         except RevisionNotFoundError:
@@ -151,7 +150,7 @@ def fetch(release: Release, flag: str) -> Path:
         except Exception as e:  # the HTTP client's own errors are not OSErrors: a connection dropped mid-file
             raise UserError(f"{flag}: downloading {repo} failed ({type(e).__name__}: {checkpoint.first_line(e)}); "
                             "run it again where the hub is reachable") from None
-        if any(not (folder / f).is_file() for f in wanted):  # a file the revision does not hold
+        if absent(folder, wanted):  # a file the revision does not hold
             raise UserError(_missing(release, folder, flag))
         for archive in release.archives if wanted else [p.name for p in sorted(folder.glob("*.zip"))]:
             unpack(folder / archive, folder)
@@ -165,8 +164,13 @@ def _download(release: Release) -> str:
     return f"`hf download {release.repo}{' ' + files if files else ''} --repo-type dataset{revision}`"
 
 
+def absent(folder: Path, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that are not files in `folder`."""
+    return [f for f in names if not (folder / f).is_file()]
+
+
 def _missing(release: Release, folder: Path, flag: str) -> str:
-    missing = [f for f in release.files + release.archives if not (folder / f).is_file()]
+    missing = absent(folder, release.files + release.archives)
     return (f"{flag}: {', '.join(missing)} of {release.repo} at {release.revision} not in {folder}; "
             f"{_download(release)} fetches it where the hub is reachable")
 

@@ -13,8 +13,9 @@ each is a `vlr.py` run with the lab's settings (LAB) and its own switches, in
 runs/lab/<config>-s<seed>. Two runs go at a time, one CPU thread each (on 2 cores that is faster
 than one run on two threads). A finished run of the same flags (its config.json) is not run
 again, so an interrupted lab continues where it stopped; one of other flags (another preset,
---steps, flags after --) is run again. Then the seeds are pooled into a table (runs/lab/table.md) and every run is
-plotted (runs/lab/lab.png); `--compare` does the same for any run folders written by vlr.py.
+--steps, flags after --) is run again. Then the seeds are pooled into a table (runs/lab/table.md)
+and every run is plotted (runs/lab/lab.png); `--compare` does the same for any run folders
+written by vlr.py.
 """
 import argparse
 import itertools

@@ -78,12 +78,12 @@ def image_budget(size: dict, min_pixels: int, max_pixels: int) -> tuple[int, int
     lo, hi = size["shortest_edge"], size["longest_edge"]
     if hi > data.PUBLISHED_MAX_PIXELS:
         lo, hi = data.PUBLISHED_MIN_PIXELS, data.PUBLISHED_MAX_PIXELS
-    if not 0 < (min_pixels or lo) <= (max_pixels or hi):
+    fewest, most = min_pixels or lo, max_pixels or hi
+    if not 0 < fewest <= most:
         given = " ".join(f"--{k}-pixels {v}" for k, v in (("min", min_pixels), ("max", max_pixels)) if v)
-        raise UserError(f"{given}: images would be resized to at least {min_pixels or lo} and at most "
-                        f"{max_pixels or hi} pixels (without these flags: {lo} to {hi}); give a --min-pixels "
-                        "no larger than --max-pixels")
-    return min_pixels or lo, max_pixels or hi
+        raise UserError(f"{given}: images would be resized to at least {fewest} and at most {most} pixels "
+                        f"(without these flags: {lo} to {hi}); give a --min-pixels no larger than --max-pixels")
+    return fewest, most
 
 
 def adapters_base(model: str, folder: str) -> str:
