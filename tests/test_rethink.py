@@ -274,3 +274,24 @@ def test_rethinking_continues_rows_that_left_the_decode_batch_alike(tiny_model):
     assert torch.equal(a.triggered, b.triggered) and torch.equal(a.kept, b.kept) and int(b.kept.sum()) >= 4
     assert a.rollout.texts == b.rollout.texts and a.first_texts == b.first_texts and torch.equal(state_a, state_b)
     assert (a.rollout.logp - b.rollout.logp).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("temperature", [0.9, 0.5])
+def test_continuations_are_drawn_at_the_rethinking_temperature_and_recorded_at_the_training_one(
+        tiny_model, banned, monkeypatch, temperature):
+    """Every token of a continuation is drawn at cfg.temperature (0.9 as published: EM
+    `_generate_vllm`), while its log-probs are the first pass's training distribution's (1.0),
+    which check_logprobs recomputes with the trainer's forward."""
+    model, processor = tiny_model
+    ro, grades = first_pass(tiny_model)
+    drawn_at, pick = [], rollout.pick
+
+    def spy(logits, temp, *args, **kw):
+        drawn_at.append(temp)
+        return pick(logits, temp, *args, **kw)
+
+    monkeypatch.setattr(rollout, "pick", spy)
+    cfg = rules(cut_prob=1.0, temperature=temperature, **EVERYONE)
+    done = rethink.rethink(model, processor.tokenizer, ro, grades, always_right, cfg)
+    assert int(done.kept.sum()) >= 4 and len(drawn_at) >= 8 and set(drawn_at) == {temperature}
+    check_logprobs(*tiny_model, done.rollout, RECORDS, 2, 1.0, banned)
