@@ -327,7 +327,7 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
     """Supervised steps on random-answer responses; returns facts about the fit.
 
     What is trained: the final norm's weight, and an update of the last layer's down-projection
-    W (2048 x 11008) of rank |T|, T the tokens the responses use (~100): W + E_T^T U, with E_T
+    W (2048 x 11008) of rank |T|, T the tokens the responses use (37): W + E_T^T U, with E_T
     their rows of the tied embedding (the output head) and U (|T| x 11008) learned from zero. The
     update can only push the residual stream towards response tokens, which is all the format
     needs, and its inputs (h, a and W a) are frozen, so they are computed once. The loss is a
@@ -376,7 +376,7 @@ def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WAR
         logp = torch.log_softmax(logits, -1)
         exact = -logp.gather(1, y[idx, None]).mean().item()
         off = 1 - logp[:, targets].exp().sum(1).mean().item()
-    return {"warm_tokens": len(y), "warm_trained_params": u.numel() + g.numel(),
+    return {"warm_tokens": len(y), "warm_targets": len(targets), "warm_trained_params": u.numel() + g.numel(),
             "warm_sampled_loss": round(loss.item(), 4), "warm_start_loss": round(exact, 4),
             "warm_off_format_mass": round(off, 4)}
 
@@ -421,6 +421,7 @@ def build(name: str, out: Path | None = None) -> dict:
         model.to(torch.bfloat16).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         info["total_s"] = round(time.time() - t0, 2)
+        # the building process's peak: under pytest, that of the tests it ran before the build too
         info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         info["size_mb"] = round(sum(f.stat().st_size for f in tmp.iterdir()) / 2**20, 1)
         (tmp / STAMP).write_text(json.dumps(info, indent=1))

@@ -50,6 +50,14 @@ def test_it_is_a_plain_model_folder_with_the_hub_processor(smoke_model):
         assert (src / f).is_file(), f
     info = json.loads((src / smoke.STAMP).read_text())
     assert info["fingerprint"] == smoke.fingerprint() and info["stop_share"] > 0.8
+    # the warm start's rank |T| (37, smoke.warm_start): the distinct tokens of the responses it drew,
+    # here every token of every response it could draw (a reason, an answer of the first four
+    # tiers, the end of turn)
+    tok = processor.tokenizer
+    could = {t for reason in tiny.REASONS for tier in list(data.TIERS)[:4] for answer in data.TIERS[tier][1]
+             for t in tok.encode(f"{reason} The answer is \\boxed{{{answer}}}.", add_special_tokens=False)}
+    assert info["warm_targets"] == len(could | {tok.convert_tokens_to_ids("<|im_end|>")}) == 37
+    assert info["warm_trained_params"] == info["warm_targets"] * 11008 + 2048  # U (|T| x 11008) and the norm
     assert models.resolve(NAME) == str(src)  # the one loader's name for it
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
     ip = processor.image_processor
