@@ -132,7 +132,7 @@ def replace_text(path: Path, text: str):
     metrics.jsonl cut back on resume. A kill, or a crash of the machine, leaves the old text or the
     new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     fsync(tmp)
     os.replace(tmp, path)
     fsync(path.parent)
@@ -235,8 +235,11 @@ def records(path: Path) -> list[dict]:
 
 def logged_lines(path: Path) -> list[str]:
     """A .jsonl log's lines (metrics.jsonl, samples.jsonl). A last line cut short (a kill while it was written) is dropped: its
-    step is after the last checkpoint, and runs again."""
-    lines = path.read_text().splitlines()
+    step is after the last checkpoint, and runs again; cut inside a character, it decodes with a
+    replacement mark and is dropped too. Lines end at "\n" only: the model's text is written
+    unescaped (ensure_ascii=False), and a U+2028 or U+0085 in it would end a line for splitlines."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    lines = lines[:-1] if lines[-1] == "" else lines
     for i, line in enumerate(lines):
         try:
             json.loads(line)

@@ -46,6 +46,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor
 
 import bench
+import checkpoint
 import data
 import grpo
 import lab
@@ -266,7 +267,7 @@ def the_command(report: Report, model: Path, work: Path, sizes: Sizes, on_gpu: b
     bench = released.make_mathvista(work / "mathvista", sizes.eval_records)
     torchrun(report, "eval.py", ["--model", resumed / "final", "--bench", "mathvista", "--data", bench,
                                  "--max-new-tokens", sizes.eval_tokens, "--out", work / "eval.jsonl"])
-    evaluated = [json.loads(line) for line in (work / "eval.jsonl").read_text().splitlines()]
+    evaluated = checkpoint.records(work / "eval.jsonl")  # responses unescaped: lines end at "\n" only
     return {"steps": [m["step"] for m in one], "resumed_steps": [m["step"] for m in two],
             "resumed_equals_uninterrupted": not diff, "resumed_differences": diff,
             "step_s": [round(m["step_s"], 2) for m in one], "logp_drift_max": [m["logp_drift_max"] for m in one],

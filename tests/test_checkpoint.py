@@ -3,6 +3,7 @@ failing rename, a kill between the renames; the leftovers cleaned), metrics.json
 torn last line, and train_state.pt read without unpickling. End to end under torchrun (a full
 disk, kills): test_faults.py."""
 import errno
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,6 +112,19 @@ def test_a_torn_last_metrics_line_is_dropped_a_torn_line_elsewhere_is_refused(tm
     log.write_text(lines[0] + '\n{"step": 1, "lo\n' + lines[2] + "\n")
     with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON line"):
         checkpoint.open_log(tmp_path, {"seed": 0}, 2, False)
+
+
+def test_samples_that_hold_any_character_are_cut_back_on_resume_byte_for_byte(tmp_path):
+    """The model's words are written unescaped (tracking.Loggers.log): U+2028, U+0085 and U+000B are
+    line ends to str.splitlines, and a kill can cut the last line inside a character."""
+    lines = [json.dumps({"step": s, "response": f"{s}\u2028a\x85b\x0b\u2029é 😀"}, ensure_ascii=False)
+             for s in range(3)]
+    log = tmp_path / "samples.jsonl"
+    kept = "".join(line + "\n" for line in lines[:2]).encode("utf-8")
+    log.write_bytes(kept + (lines[2] + "\n").encode("utf-8") + "{\"step\": 3, \"response\": \"😀".encode("utf-8")[:-2])
+    checkpoint.open_log(tmp_path, {"seed": 0}, 2, False).close()
+    assert log.read_bytes() == kept
+    assert [r["response"] for r in checkpoint.records(log)] == [json.loads(line)["response"] for line in lines[:2]]
 
 
 def test_a_train_state_that_needs_unpickling_is_refused_in_one_sentence(tmp_path):
