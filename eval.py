@@ -20,6 +20,7 @@ the share of responses with self-reflection phrases.
 """
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import benchmarks
+import checkpoint
 import data
 import distributed
 import models
@@ -205,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
                                   "AI4Math/MathVista's testmini parquet; not for toy. Without it, the published "
                                   "split from the hub, downloaded into its cache on first use (docs/data.md)")
     p.add_argument("--limit", type=int, help="only the first N records")
-    p.add_argument("--out", help="per-sample .jsonl (default runs/eval-BENCH.jsonl)")
+    p.add_argument("--out", help="per-sample .jsonl (default runs/eval-BENCH-MODEL.jsonl)")
     p.add_argument("--max-new-tokens", type=int,
                    help=f"response budget (default {TOY_MAX_NEW_TOKENS} on toy, as its runs train; "
                         f"{PUBLISHED_MAX_NEW_TOKENS} on a benchmark, as the published evaluation)")
@@ -235,17 +237,18 @@ def main(argv=None):
         p.error("--temperature must be 0 (greedy) or more")
     if min(args.min_pixels, args.max_pixels) < 0 or 0 < args.max_pixels < args.min_pixels:
         p.error("--min-pixels and --max-pixels must be positive (0: default), min at most max")
+    if args.data and args.bench == "toy":
+        p.error("--data is a benchmark's file; --bench toy reads the toy task's own test split")
     if args.max_new_tokens is None:
         args.max_new_tokens = TOY_MAX_NEW_TOKENS if args.bench == "toy" else PUBLISHED_MAX_NEW_TOKENS
     loggers = tracking.kinds(args.report_to)  # one not installed: said before the model loads
     models.check(args.model)
+    out = output_file(args.out, args.bench, args.model)
     records = benchmarks.load_bench(args.bench, args.data)[:args.limit]  # bad data: said before a model loads
     rows = run(args, records)
     if rows is None:
         return
-    out = Path(args.out or f"runs/eval-{args.bench}.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    checkpoint.replace_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = summarize(rows, args.bench)
     print(f"{args.bench}: {args.model}, {len(rows)} records, per-sample results in {out}")
     print(table(summary))
@@ -253,6 +256,22 @@ def main(argv=None):
     if loggers:
         tracking.log_once(loggers, out.with_suffix(""), vars(args), logged_values(summary),
                           tracking.eval_samples(rows, args.log_samples, 0))
+
+
+def output_file(out: str | None, bench: str, model: str) -> Path:
+    """--out, by default runs/eval-BENCH-MODEL.jsonl (a second model's evaluation does not replace
+    the first's), checked before the model loads: hours of evaluation are not lost to a path that
+    cannot be written at the end. Written whole or not at all (checkpoint.replace_text)."""
+    path = Path(out or f"runs/eval-{bench}-{re.sub(r'[^A-Za-z0-9_.]+', '-', model).strip('-.')}.jsonl")
+    if path.is_dir():
+        raise distributed.UserError(f"--out {path}: is a folder; give the file to write (.jsonl)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise distributed.UserError(f"--out {path}: cannot create the folder {path.parent} ({e.strerror})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise distributed.UserError(f"--out {path}: cannot write into {path.parent}")
+    return path
 
 
 def logged_values(summary: dict) -> dict:

@@ -2,6 +2,7 @@
 evaluation (the adapters that read the benchmarks' files: test_benchmarks.py)."""
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 import benchmarks
 import data
+import distributed
 import eval as ev
 import models
 import procs
@@ -129,6 +131,30 @@ def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             ev.main(["--bench", "toy", *bad])
         assert "must be" in capsys.readouterr().err
+
+
+def test_where_results_go_is_checked_before_the_model_loads(tiny_model, tmp_path, monkeypatch, capsys):
+    """--out: a folder, or a place no folder can be made, is said before anything loads; by default
+    each model's results have a file of their own; --data is refused with the toy task."""
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *args: loaded.append(args[0]) or tiny_model)
+    monkeypatch.setattr(models, "check", lambda model: None)  # a run folder's final/ need not exist here
+    monkeypatch.setattr(ev, "evaluate", lambda model, processor, recs, *rest: [ev.row(r, "\\boxed{A}", 1) for r in recs])
+    (tmp_path / "a-file").write_text("")
+    for out, said in ((tmp_path, f"--out {tmp_path}: is a folder"),
+                      (tmp_path / "a-file" / "x.jsonl", f"cannot create the folder {tmp_path / 'a-file'}")):
+        with pytest.raises(distributed.UserError, match=re.escape(said)):
+            ev.main(["--bench", "toy", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        ev.main(["--bench", "toy", "--data", str(tmp_path / "a-file")])
+    assert "--data is a benchmark's file" in capsys.readouterr().err and loaded == []
+    monkeypatch.chdir(tmp_path)
+    ev.main(["--bench", "toy", "--limit", "2"])
+    ev.main(["--bench", "toy", "--limit", "3", "--model", str(tmp_path / "runs" / "a" / "final")])
+    mine = tmp_path / "runs" / "eval-toy-tiny.jsonl"
+    theirs = tmp_path / "runs" / f"eval-toy-{str(tmp_path).strip('/').replace('/', '-')}-runs-a-final.jsonl"
+    assert len(mine.read_text().splitlines()) == 2 and len(theirs.read_text().splitlines()) == 3
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([mine.name, theirs.name])  # no temporary left
 
 
 def run_cli(tmp_path, name, launcher):
