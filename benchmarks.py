@@ -160,20 +160,37 @@ _CHOICE_LINE = re.compile(r"^\s*\(?([A-J])\)?\s*[:.：)]\s*(.*?)\s*$")
 
 def mathverse(r, base):
     """sample_index, problem_version (the category), question, image, answer, question_type
-    (multi-choice: the answer is a letter, the options are in the question text after "Choices:"
-    or, in the vision versions, only in the image; then the letter is graded alone)."""
+    (multi-choice: the answer is a letter, "(C)", an option's text or, where two options are right,
+    two letters; the options are in the question text after "Choices:" or, in the vision versions,
+    only in the image; there, or where an option is empty, the letter is graded alone)."""
     sid, version, question, answer, qtype = _need(r, "sample_index", "problem_version", "question", "answer",
                                                   "question_type")
-    choices = None
+    choices, answer = None, _mathverse_answer(str(answer))
     at = re.search(r"\bChoices?\s*:", question) if qtype == "multi-choice" else None
     lines = [_CHOICE_LINE.match(l) for l in question[at.end():].strip().splitlines()] if at else []
-    if len(lines) >= 2 and all(lines) and "".join(m[1] for m in lines) == data.LETTERS[:len(lines)]:
-        question = question[:at.start()].strip()
-        answer, choices = _options(answer, [m[2] for m in lines])
+    if len(lines) >= 2 and all(m and m[2] for m in lines) and "".join(m[1] for m in lines) == data.LETTERS[:len(lines)]:
+        question, texts = question[:at.start()].strip(), [m[2] for m in lines]
+        several = answer.split(", ")
+        if len(several) > 1 and set(several) <= set(data.LETTERS[:len(texts)]):
+            choices = _options("A", texts)[1]
+        else:  # a letter first: an option's text may be a letter too
+            letter = len(answer) == 1 and answer in data.LETTERS[:len(texts)]
+            answer, choices = _options(answer, texts, as_text=not letter and answer in texts)
     if not question.strip():  # vision only: the whole question is in the image
         question = "Answer the question shown in the image."
     return data.Record(id=str(sid), images=[_image(r.get("image"), base)], question=question,
-                       answer=str(answer).strip(), choices=choices, category=version)
+                       answer=answer, choices=choices, category=version)
+
+
+def _mathverse_answer(answer: str) -> str:
+    """MathVerse's gold as the grader reads it: "(C)" is C, and two right options ("C\nD", in 2
+    of its 788 problems) are "C, D" (reward._letter_set); any other answer as it is."""
+    answer = answer.strip()
+    if m := re.fullmatch(r"\(([A-J])\)", answer):
+        return m[1]
+    if re.fullmatch(r"[A-J](?:[\s,]+[A-J])+", answer):
+        return ", ".join(answer.replace(",", " ").split())
+    return answer
 
 
 def mathvision(r, base):

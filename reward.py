@@ -10,7 +10,10 @@ The grading pipeline (`grade`, once per response; `accuracy` and `reward` read f
      would reward guessing. A gold answer (or option) written in a box, as ViRL39K writes every
      answer (\\boxed{\\frac{3}{2}}), is unwrapped the same way; a box inside the answer is too.
   2. Multiple choice: a gold letter ("B") meets the predicted letter in its usual dresses (B, (B),
-     B., B. 12, \\text{B}, b) or, when the options are given, the text of option B.
+     B., B. 12, \\text{B}, b) or, when the options are given, the text of option B (a letter past the
+     last option is a text: "G" among the options K, E, N, G, U; two options of one text are one
+     answer). A gold of several letters ("C, D": MathVerse's questions with two right options)
+     meets a prediction that names the same options (D, C; C and D; CD).
   3. Both strings are normalised: $, \\text{}, \\left/\\right, spacing, degrees, percent signs,
      units after a number, thousands separators and a leading "x =" go; \\dfrac and \\tfrac become
      \\frac. Equal strings (ignoring case and spaces) match: that settles the text answers (yes, red).
@@ -233,19 +236,33 @@ def _choice_index(s: str, gold: bool) -> int | None:
     return ord(m.group(1).upper()) - ord("A")
 
 
+def _letter_set(s: str, gold: bool) -> frozenset | None:
+    """The options a gold of several letters names (upper case, separated: "C, D"), or that a
+    prediction names ("D, C", "C and D", "CD", "(c)(d)"); None for anything else."""
+    if gold and not re.fullmatch(r"[A-J](?:\s*,\s*[A-J])+", s):
+        return None
+    letters = re.sub(r"\band\b|[\s,;&()]", "", s, flags=re.IGNORECASE).upper()
+    return frozenset(letters) if re.fullmatch(r"[A-J]{2,}", letters) else None
+
+
 def _matches(pred: str, gold: str, options: list[str]) -> bool:
     if len(pred) > MAX_ANSWER_CHARS:  # no final answer is that long; and it bounds all the work below
         return False
     pred, gold, options = clean(pred), clean(gold), [clean(o) for o in options]
     if not pred or not gold:
         return False
+    if (several := _letter_set(gold, gold=True)) is not None:
+        return _letter_set(pred, gold=False) == several
     g, p = _choice_index(gold, gold=True), _choice_index(pred, gold=False)
+    if p is not None and 0 < len(options) <= p:  # no option has that letter: an option's text (MathVision: K, E, N, G, U)
+        p = None
     if g is not None:
-        if p is not None:
-            return p == g
         keys = [_text_key(o) for o in options]  # an option's own text names it: "0.2 - 0.4" is not "0 - 0.2" (= -0.2)
+        same = g < len(keys) and keys[g]  # an option written twice is one answer (MathVista: 9, 12, 18, 18)
+        if p is not None:
+            return p == g or bool(same) and p < len(keys) and keys[p] == same
         if _text_key(pred) in keys:
-            return keys.index(_text_key(pred)) == g
+            return bool(same) and _text_key(pred) == same
         return g < len(options) and _equivalent(pred, options[g])
     if p is not None and p < len(options):  # the gold is an option's text and the prediction its letter
         return _equivalent(options[p], gold)

@@ -12,6 +12,7 @@ from PIL import Image
 
 import benchmarks
 import data
+import reward
 
 
 def png(colour, size=(64, 48)) -> bytes:
@@ -125,6 +126,39 @@ def test_mathverse_versions_and_options_in_the_question(tmp_path):
     assert (recs[2].choices, recs[2].answer) == (None, "6")
     assert (recs[3].question, recs[3].choices, recs[3].answer) == ("Find x. Choices: A:1 B:2", None, "B")  # left inline
     assert [r.images[0].getpixel((0, 0)) for r in recs] == [(255, 0, 0), (255, 0, 0), (0, 128, 0), (0, 0, 255)]
+
+
+def test_mathverse_golds_that_are_not_a_bare_letter(tmp_path):
+    """Eleven of MathVerse testmini's 436 multiple-choice problems (ZrrSkywalker/MathVerse,
+    data/testmini_text_only.json) give the gold as an option's text, as "(C)", as two letters, or
+    list an empty option. The rows below have the golds and layouts of its samples 339, 429, 517,
+    440, 622 and 555; their questions and options are shortened."""
+    rows = [
+        mathverse_row("339", "339", "Text Dominant", "Find the bearing.\nChoice:\nA. 090^\\circ T\nB. 180^\\circ T\n"
+                      "C. 049^\\circ T\nD. 041^\\circ T", "090^\\circ T", "multi-choice", "red"),
+        mathverse_row("429", "429", "Text Dominant", "Is the function odd?\nChoice:\nA. True\nB. False", "False",
+                      "multi-choice", "red"),
+        mathverse_row("517", "517", "Text Lite", "How is y changing?\nChoices:\nA.constant rate\nB.decreasing rate\n"
+                      "C.increasing rate", "(C)", "multi-choice", "red"),
+        mathverse_row("440", "440", "Text Dominant", "Which equal $\\tan \\theta$?\nChoices:\nA:$\\tan (\\pi+\\theta)$\n"
+                      "B:$\\tan (\\pi-\\theta)$\nC:$\\tan (2 \\pi+\\theta)$\nD:$-\\tan (-\\theta)$", "C\nD",
+                      "multi-choice", "red"),
+        mathverse_row("622", "622", "Text Dominant", "What does it describe?\nChoices:\nA:time\nB:\nC:a solution",
+                      "C", "multi-choice", "red"),
+        mathverse_row("555", "555", "Vision Only", "", "A\nC", "multi-choice", "red"),
+    ]
+    recs = benchmarks.load_bench("mathverse", write_parquet(tmp_path / "testmini.parquet", rows, images=["image"]))
+    assert [(r.answer, len(r.choices or [])) for r in recs] == [("A", 4), ("B", 2), ("C", 3), ("C, D", 4), ("C", 0),
+                                                                ("A, C", 0)]
+    assert recs[4].question.endswith("Choices:\nA:time\nB:\nC:a solution")  # an empty option: left inline
+
+    def right(rec, *answers):
+        return [reward.accuracy(f"So \\boxed{{{a}}}.", rec.answer, rec.choices) for a in answers]
+
+    assert right(recs[0], "A", "090^\\circ T", "90^\\circ T", "B", "180^\\circ T") == [1, 1, 1, 0, 0]
+    assert right(recs[1], "B", "False", "A", "True") == [1, 1, 0, 0]
+    assert right(recs[3], "C, D", "D, C", "C and D", "CD", "C", "D", "A, C, D") == [1, 1, 1, 1, 0, 0, 0]
+    assert right(recs[5], "A, C", "C,A", "A", "A, B") == [1, 1, 0, 0]
 
 
 def mathvision_rows():

@@ -186,6 +186,22 @@ CHOICE_TEXTS = [
     (boxed("0.5"), "A", [r"\frac{1}{2}", r"\frac{1}{3}"], 1.0),
     (RETHOUGHT.format("green", "blue"), "C", COLOURS, 1.0),
     (RETHOUGHT.format("blue", "green"), "C", COLOURS, 0.0),
+    # options that are letters (MathVision 941): a letter past the last option is an option's text
+    (boxed("G"), "D", ["K", "E", "N", "G", "U"], 1.0),
+    (boxed("K"), "D", ["K", "E", "N", "G", "U"], 0.0),
+    (boxed("D"), "D", ["K", "E", "N", "G", "U"], 1.0),
+    (boxed("F"), "B", COLOURS, 0.0),
+    # an option written twice (MathVista 781): either letter, and its text, is the answer
+    (boxed("D"), "C", ["9", "12", "18", "18"], 1.0),
+    (boxed("18"), "D", ["9", "12", "18", "18"], 1.0),
+    (boxed("B"), "C", ["9", "12", "18", "18"], 0.0),
+    (boxed("12"), "D", ["9", "12", "18", "18"], 0.0),
+    # two right options (MathVerse 440): the same letters, in any order and dress, and no others
+    (boxed("D, C"), "C, D", COLOURS + ["black"], 1.0),
+    (boxed("C and D"), "C, D", COLOURS + ["black"], 1.0),
+    (boxed("(c)(d)"), "C, D", COLOURS + ["black"], 1.0),
+    (boxed("C"), "C, D", COLOURS + ["black"], 0.0),
+    (boxed("C, D, A"), "C, D", COLOURS + ["black"], 0.0),
 ]
 
 # Golds as ViRL39K writes them, wrapped in \boxed{} (braces nested inside): (response, gold, expected)
