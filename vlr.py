@@ -189,10 +189,8 @@ def parse_args(argv=None) -> Config:
     p = once_per_run(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     for f in fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool and f.default:  # on by default: --no-x turns it off
-            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=text)
-        elif f.type is bool:
-            p.add_argument(flag, action="store_true", help=text)
+        if f.type is bool:  # --x and --no-x both: a recipe's setting can be turned back
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             p.add_argument(flag, type=f.type, default=f.default, help=f"{text} (default: {f.default!r})")
     recipe = p.parse_known_args(argv)[0].recipe

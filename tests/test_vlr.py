@@ -208,6 +208,15 @@ def test_recipe_published_sets_its_values_and_flags_given_still_win():
     assert vlr.parse_args([]).minibatches == 1
     with pytest.raises(SystemExit):
         vlr.parse_args(["--recipe", "nonsense"])
+    # every switch the recipe moves can be moved back, each way: --x and --no-x
+    switches = [name for name, value in vlr.RECIPES["published"].items() if isinstance(value, bool)]
+    assert {"adv_std", "rethink_train_trigger", "rethink_count_markers"} <= set(switches)
+    for name in switches:
+        value = vlr.RECIPES["published"][name]
+        flag = "--" + ("" if value else "no-") + name.replace("_", "-")
+        back = "--" + ("no-" if value else "") + name.replace("_", "-")
+        assert getattr(vlr.parse_args(["--recipe", "published", back]), name) is (not value), back
+        assert getattr(vlr.parse_args([flag]), name) is value, flag
 
 
 def differences_table():
