@@ -32,6 +32,7 @@ Everything runs on the CPU with one thread for the tiny model (on a shared machi
 thread that waits for a busy core at every op makes its timings 10-100x erratic) and two for the
 3B-shaped one (its matrices are large).
 """
+import argparse
 import contextlib
 import dataclasses
 import gc
@@ -414,5 +415,6 @@ def main():
     print(json.dumps(out))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # no flags: --help says what it measures, and any flag is refused before a model loads
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

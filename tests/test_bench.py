@@ -1,11 +1,27 @@
 """bench.py's counts that a GPU's figures are set against (gpu_check.py): the model FLOPs of an
 update and the bandwidth bound of a decode step, each against the count from the config's shapes."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import bench
+import procs
 import rollout
 import smoke
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_says_what_it_measures_and_a_flag_is_refused_before_anything_runs():
+    """bench.py takes no flags; --help (which the README teaches for every script) used to start
+    the whole benchmark, the 3B-shaped model and its 6.5 GB checkpoint included."""
+    shown = procs.run([sys.executable, "bench.py", "--help"], 120, cwd=ROOT)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: bench.py [-h]") and bench.__doc__.split("\n")[0] \
+        in shown.stdout, shown.stderr[-2000:]
+    refused = procs.run([sys.executable, "bench.py", "--steps", "3"], 120, cwd=ROOT)
+    assert refused.returncode == 2 and "unrecognized arguments: --steps 3" in refused.stderr
 
 
 def shapes():
