@@ -138,11 +138,12 @@ def policy_update(learner: Learner, batch: list, advantages: torch.Tensor, step:
 def optimizer_step(learner: Learner, batch: list, advantages: torch.Tensor, current: list) -> dict:
     """One optimizer step of Eq. 1 on `batch`'s rows, in micro-batches (gradients accumulate).
 
-    The loss is the token-level mean over the whole batch of all processes: each process divides
-    its sum by (all tokens / processes), since DDP and FSDP (--shard) average gradients over processes. With
-    cfg.sft_coef, an SFT term on the rows with a positive advantage that reflect (Row.reflects),
-    averaged over the step's SFT tokens of all processes alike (the published code: a token mean
-    per micro-batch and process, so a process's few SFT tokens weigh as much as another's many).
+    The loss is the token-level mean over the whole batch of all processes (cfg.agg "token"): each
+    process divides its sum by (all tokens / processes), since DDP and FSDP (--shard) average
+    gradients over processes; with "seq", the mean of the rows' token means. With cfg.sft_coef, an
+    SFT term on the rows with a positive advantage that reflect (Row.reflects), averaged over the
+    step's SFT tokens of all processes alike (the published code: a token mean per micro-batch and
+    process, so a process's few SFT tokens weigh as much as another's many).
     A non-finite loss or gradient skips the update instead of corrupting the weights."""
     cfg, device, world = learner.cfg, learner.device, learner.world
     sft_rows = [bool(a > 0) and r.reflects for r, a in zip(batch, advantages.tolist())]

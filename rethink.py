@@ -37,7 +37,7 @@ class RethinkConfig:
     max_group_acc: float = 0.6  # only prompts whose group accuracy is at most this
     only_wrong: bool = True  # only responses whose first answer is wrong (the published "append_wait" mode)
     frac: float = 0.5  # share of the eligible responses that get a trigger
-    cut_prob: float = 0.5  # chance to cut the first response just before its final answer
+    cut_prob: float = 0.5  # chance to cut the first response (where: `cut`) before the trigger
     temperature: float = 0.9  # sampling temperature of the continuation (the published value)
     max_waits: int = 3  # more "wait"s than this is degenerate: not kept
     max_replace: int = 2  # at most this many rethought responses replace first ones per prompt (-1: no cap)
@@ -154,14 +154,14 @@ def continue_forced(model, ro: Rollout, forced: list[Forced], cfg: RethinkConfig
     rows, keep = torch.tensor([f.row for f in forced], device=dev), torch.tensor([f.keep for f in forced], device=dev)
     width = max(len(x) for x in chunks)
     cache, attn = c.parked.select(rows, width + cfg.max_new_tokens)  # room: the continuation
-    slot = torch.arange(attn.shape[1], device=dev)  # [L]
-    attn = attn.masked_fill(slot[None] >= c.prompt_ids.shape[1] + keep[:, None] - 1, 0)  # [M, L] the refed token's old slot and after
+    slot = torch.arange(attn.shape[1], device=dev)  # [S] the parked rows' width (kv_cache.Parked.select)
+    attn = attn.masked_fill(slot[None] >= c.prompt_ids.shape[1] + keep[:, None] - 1, 0)  # [M, S] from the refed token's old slot
     chunk = torch.stack([F.pad(x, (width - len(x), 0), value=s.pad) for x in chunks])  # [M, W] left-padded
     chunk_mask = torch.stack([F.pad(torch.ones_like(x), (width - len(x), 0)) for x in chunks])  # [M, W]
     first_pos = c.start[rows] + keep - 1  # [M] the refed token's position
     lens = torch.tensor([len(x) for x in chunks], device=dev)  # [M]
     chunk_pos = (first_pos[:, None] + torch.arange(width, device=dev)[None] - (width - lens)[:, None]) * chunk_mask
-    attn = torch.cat([attn, chunk_mask], 1)  # [M, L + W]
+    attn = torch.cat([attn, chunk_mask], 1)  # [M, S + W]
     out = model(input_ids=chunk, attention_mask=attn, position_ids=chunk_pos[None].expand(3, -1, -1),
                 past_key_values=cache, use_cache=True)  # logits [M, W, V]
     trig_lp = rollout.log_softmax(out.logits[:, :-1], s.logp_temperature, s.banned).gather(-1, chunk[:, 1:, None]).squeeze(-1)
