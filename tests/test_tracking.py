@@ -3,9 +3,11 @@ crash and a resume; the sentences for a logger that is not there; eval.py --repo
 side by side. TensorBoard's events of a killed and resumed run: test_vlr.py."""
 import importlib.machinery
 import json
+import re
 import sys
 import types
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -145,3 +147,16 @@ def test_a_step_with_samples_syncs_samples_jsonl_before_its_metrics_line(tmp_pat
         run.log(1, {}, [{"step": 1, "kind": "rethink", "text": "Wait"}])
         assert synced == [f.fileno()]
     assert json.loads((tmp_path / "samples.jsonl").read_text()) == {"step": 1, "kind": "rethink", "text": "Wait"}
+
+
+def test_docs_watching_says_what_every_logged_number_is():
+    """docs/watching.md's tables name every key the default run logged (docs/default-run.jsonl,
+    eval_acc_<tier> for the tiers), and no key it did not."""
+    root = Path(__file__).resolve().parent.parent
+    logged = set().union(*(json.loads(line) for line in (root / "docs" / "default-run.jsonl").open()))
+    page = (root / "docs" / "watching.md").read_text()
+    section = page[page.index("## What each number means"):page.index("## What is sent")]
+    named = {k for row in section.splitlines() if row.startswith("| `")
+             for k in re.findall(r"`([a-z_<>, ]+)`", row.split("|")[1])}
+    tiers = {k for k in logged if k.startswith("eval_acc_")}
+    assert named - {"eval_<reflect, revise, fixed, broke, short_first>_<tier>"} == logged - tiers | {"eval_acc_<tier>"}
