@@ -70,10 +70,15 @@ def data_file(name: str) -> str:
     if path.is_dir():
         found = the_data_file(path, f"--data {name}")
         archives = sorted(path.glob("*.zip"))
-        if not all(unpacked(a, path).exists() for a in archives):  # all done: nothing written (a read-only mount)
-            with checkpoint.build_lock(path / "vlr"):  # one unpacker at a time
-                for archive in archives:
-                    unpack(archive, path)
+        if not all(is_unpacked(a, path) for a in archives):  # all done: nothing written (a read-only mount)
+            try:
+                with checkpoint.build_lock(path / "vlr"):  # one unpacker at a time
+                    for archive in archives:
+                        unpack(archive, path)
+            except OSError as e:  # the lock: unpack's own errors are sentences already
+                raise UserError(f"--data {name}: {', '.join(a.name for a in archives)} not unpacked, and {path} "
+                                f"cannot be written ({e.strerror or e}); unpack it there once (unzip), or copy "
+                                "the folder where it can be written") from None
         return str(found)
     if not HUB_ID.fullmatch(name) or path.suffix in DATA_SUFFIXES or not hub_id(name):  # data/train.jsonl: a file
         return name  # not found, as the loader says
@@ -126,9 +131,19 @@ def fetch(release: Release, flag: str) -> Path:
         allow_patterns=[f"*{s}" for s in DATA_SUFFIXES + (".zip",)], ignore_patterns=["*/*"])  # the top only
     cached = repo_folder_name(repo_id=repo, repo_type="dataset")
     folder = Path(constants.HF_HUB_CACHE) / cached / "snapshots" / release.revision
-    if wanted and not absent(folder, wanted) and all(unpacked(folder / a, folder).exists() for a in release.archives):
+    if wanted and not absent(folder, wanted) and all(is_unpacked(folder / a, folder) for a in release.archives):
         return folder
-    with checkpoint.build_lock(Path(constants.HF_HUB_CACHE) / ".locks" / cached / "vlr"):
+    try:
+        return _fetch_locked(release, flag, folder, patterns, Path(constants.HF_HUB_CACHE) / ".locks" / cached / "vlr")
+    except OSError as e:  # the lock: what happens under it is said in sentences already
+        raise UserError(f"{flag}: {repo} needs its files fetched or unpacked in {constants.HF_HUB_CACHE}, which "
+                        f"cannot be written ({e.strerror or e}); fetch and unpack it once where it can") from None
+
+
+def _fetch_locked(release: Release, flag: str, folder: Path, patterns: dict, lock: Path) -> Path:
+    """`fetch`'s download and unpacking, under `lock`."""
+    repo, wanted = release.repo, release.files + release.archives
+    with checkpoint.build_lock(lock):
         try:  # a pinned commit's files never change: once all are cached (also by the process before), not asked
             if not wanted or absent(folder, wanted):
                 folder = Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=release.revision,
@@ -193,13 +208,25 @@ def unpacked(archive: Path, into: Path) -> Path:
     return into / f".{archive.name}.unpacked"
 
 
+def is_unpacked(archive: Path, into: Path) -> bool:
+    """Done: its marker is there, or (unpacked by hand: `unzip`) every member is a file of its size."""
+    if unpacked(archive, into).exists():
+        return True
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return all(m.is_dir() or (into / m.filename).is_file() and (into / m.filename).stat().st_size == m.file_size
+                       for m in z.infolist())
+    except (zipfile.BadZipFile, OSError):  # unpack says what is wrong with it
+        return False
+
+
 def unpack(archive: Path, into: Path):
     """Unpack a zip archive into `into` once: a done-marker beside it says so, and an unpacking cut
     short (no marker) is done again from the start. Every member is checked before any is written:
     none may land outside `into` (an absolute path, a `..`, a link, or a path through a link, such
     as the hub's own files, which are links into its blob store)."""
     marker = unpacked(archive, into)
-    if marker.exists():
+    if is_unpacked(archive, into):
         return
     root = into.resolve()
     try:

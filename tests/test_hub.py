@@ -288,6 +288,38 @@ def test_an_existing_path_wins_over_a_hub_id(cache, virl, tmp_path, monkeypatch)
     assert list(cache.iterdir()) == []
 
 
+def test_an_archive_unpacked_by_hand_is_read_as_it_is_and_an_unwritable_place_is_a_sentence(cache, virl, tmp_path,
+                                                                                          monkeypatch):
+    """A folder as `hf download --local-dir` and `unzip` leave it (no marker of ours) is read without
+    writing anything, as a read-only mount must be; an archive not unpacked where nothing can be
+    written (the folder, or the hub's cache) is one sentence, not a traceback."""
+    parquet, archive = virl
+    folder = tmp_path / "by-hand"
+    folder.mkdir()
+    (folder / parquet.name).write_bytes(parquet.read_bytes())
+    (folder / archive.name).write_bytes(archive.read_bytes())
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(folder)
+        first = next(m for m in z.infolist() if not m.is_dir())
+    before = sorted(folder.rglob("*"))
+    monkeypatch.setattr(hub.checkpoint, "build_lock", lambda path: pytest.fail(f"{path} written"))
+    assert hub.data_file(str(folder)) == str(folder / parquet.name) and sorted(folder.rglob("*")) == before
+
+    def read_only(path):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(hub.checkpoint, "build_lock", read_only)
+    (folder / first.filename).write_bytes(b"cut short")  # a member of another size: not unpacked
+    with pytest.raises(UserError, match=rf"^--data {re.escape(str(folder))}: images.zip not unpacked, and "
+                                        rf"{re.escape(str(folder))} cannot be written \(Read-only file system\); "
+                                        r"unpack it there once \(unzip\)"):
+        hub.data_file(str(folder))
+    cache_virl(cache, virl)  # the hub's cache: the files there, the archive not unpacked
+    with pytest.raises(UserError, match=r"^--data: TIGER-Lab/ViRL39K needs its files fetched or unpacked in \S+, which "
+                                        r"cannot be written \(Read-only file system\)"):
+        hub.data_file("TIGER-Lab/ViRL39K")
+
+
 def test_a_release_all_there_is_read_without_writing_and_the_hubs_failures_are_sentences(cache, virl, tmp_path,
                                                                                           monkeypatch):
     """A cache (or a folder) whose files and unpacked archives are all there is used without its
