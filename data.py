@@ -144,6 +144,18 @@ def prompts_for_step(n_data: int, step: int, per_step: int, rank: int, world: in
     return out
 
 
+def identity(records) -> str:
+    """What prompts_for_step draws from, in one line: its size and a hash of each record's id,
+    question and answer in order (the toy task, which its flags make: its split and size). Prompts
+    are drawn by position, so two lists that differ give other prompts at the same step."""
+    if isinstance(records, ToyTask):
+        return f"the toy task's {records.split} split of {len(records)}"
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.id, r.question, r.answer]).encode())
+    return f"{len(records)} records (sha256 {h.hexdigest()[:12]})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Data files
 # ---------------------------------------------------------------------------------------------

@@ -293,6 +293,7 @@ def setup(cfg: Config) -> Run:
             raise UserError(f"--resume: {ckpt} was written by {len(state['generators'])} process(es), this launch has "
                             f"{world}: a run continues exactly only on as many; launch it with "
                             f"{len(state['generators'])}")
+    check_same_data(cfg, data.identity(train_set), world, state)
     # --shard: loaded on the CPU, so that each layer goes to the GPU as a shard (shard.shard_model)
     model, processor = load_policy(cfg, "cpu" if cfg.shard else device, ckpt if state else None)
     base = lora.base_record(model, models.location(cfg.model)) if cfg.lora_rank else None
@@ -332,6 +333,19 @@ def setup(cfg: Config) -> Run:
                train_set=train_set, test_set=test_set, start=start, low_format_steps=low_format_steps,
                logged=logged[0]["step"] if logged else -1,
                log=checkpoint.open_log(out, asdict(cfg), start, cfg.overwrite) if rank == 0 else None)
+
+
+def check_same_data(cfg: Config, mine: str, world: int, state: dict | None):
+    """Every process, and the checkpoint resumed, hold the same training records (data.identity):
+    prompts are drawn by position, so a list that changed (--skip-bad after a picture came back, a
+    dataset read at its hub's main branch that moved) would repeat some prompts and skip others."""
+    every = gather(mine, world)
+    if len(set(every)) > 1:
+        raise UserError(f"--data {cfg.data}: the processes loaded different records ("
+                        + "; ".join(f"rank {r}: {x}" for r, x in enumerate(every)) + "); give each the same data")
+    if state and state.get("data", mine) != mine:  # a checkpoint from before the check has none
+        raise UserError(f"--resume: the run trained on {state['data']}, --data {cfg.data} now holds {mine}; "
+                        "resume it on the data it trained on")
 
 
 def reference(cfg: Config, model, device) -> grpo.Reference:
@@ -550,14 +564,14 @@ def check_collapse(cfg: Config, step: int, m: dict, low_format_steps: int) -> in
 
 def save(run: Run, next_step: int):
     """A checkpoint that resumes exactly: weights, optimizer, schedule, every rank's generator and
-    replay buffer, the collapse guard's count and the host RNGs. Refused when the processes disagree
+    replay buffer, the collapse guard's count, the host RNGs, and which records it trained on. Refused when the processes disagree
     on the weights (under --shard each weight lives on one process: no second copy to disagree with,
     no checksums)."""
     sums = [] if run.cfg.shard else gather(checkpoint.param_checksum(run.model), run.world)
     if len(set(sums)) > 1:
         raise SystemExit(f"step {next_step - 1}: processes disagree on the weights (checksums {sums}); not saving")
-    state = {"step": next_step, "low_format_steps": run.low_format_steps, "checksums": sums, "base": run.base,
-             "optimizer": None if run.cfg.shard else run.opt.state_dict(),
+    state = {"step": next_step, "low_format_steps": run.low_format_steps, "data": data.identity(run.train_set),
+             "checksums": sums, "base": run.base, "optimizer": None if run.cfg.shard else run.opt.state_dict(),
              "scheduler": run.sched.state_dict(), "generators": gather(run.gen.get_state(), run.world),
              "buffers": gather(run.buffer.state_dict(), run.world), "torch_rng": torch.get_rng_state(),
              "python_rng": random.getstate()}

@@ -1,5 +1,6 @@
 """data.py: jsonl and parquet (ViRL39K) validation, the prompt, and the toy task's splits."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,29 @@ def test_trainer_stops_before_training_on_bad_data(tmp_path):
     reported = [l for l in run.stderr.splitlines() if l.startswith(f"{path}:")]
     assert len(reported) == len(BAD_LINES), run.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_resume_or_a_process_on_other_records_is_refused(tmp_path, monkeypatch):
+    """Prompts are drawn by position (data.prompts_for_step): a run resumed after --skip-bad kept
+    another set of lines (a picture came back), or processes that loaded different records, would
+    repeat some prompts and skip others. The checkpoint holds data.identity; both are refused."""
+    path = write_jsonl(tmp_path, [dict(GOOD, id=f"g{i}", answer=str(i)) for i in range(6)])
+    assert data.identity(data.load_jsonl(path)[0]).startswith("6 records (sha256 ")
+    small = ["--data", str(path), "--skip-bad", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
+             "8", "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path / "run")]
+    first = procs.run([sys.executable, "vlr.py", *small, "--steps", "1"], 300, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved, lines = data.identity(data.load_jsonl(path)[0]), path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2] + [lines[2].replace("ok.png", "gone.png")] + lines[3:]) + "\n")
+    resumed = procs.run([sys.executable, "vlr.py", *small, "--steps", "1", "--resume"], 300, cwd=ROOT)
+    now = data.identity(data.load_jsonl(path, skip_bad=True)[0])
+    assert resumed.returncode != 0 and resumed.stderr.strip().splitlines()[-1] == (
+        f"--resume: the run trained on {saved}, --data {path} now holds {now}; resume it on the data it trained on")
+
+    import vlr  # two processes, one of which read a line the other could not: each is told, before any model loads
+    monkeypatch.setattr(vlr, "gather", lambda mine, world: [mine, saved])
+    with pytest.raises(vlr.UserError, match=re.escape(f"the processes loaded different records (rank 0: {now}; rank 1")):
+        vlr.check_same_data(vlr.parse_args(small), now, 2, None)
 
 
 def test_question_text_lists_lettered_choices():
