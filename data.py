@@ -24,7 +24,9 @@ IMAGE = "<image>"
 
 # The paper's prompt (published code, template "default"): no system prompt of its own (the chat
 # template adds Qwen's default one); the user turn is the image(s), the question, then this line.
-# (The published code, too, puts an image at each `<image>` of the question, else first.)
+# The published code, too, puts an image at each `<image>` of the question; a question without one
+# gets a single image block before the whole prompt, ahead of the system turn, however many images
+# it has (data_processor.py `handle_placeholders`); ours puts them at the start of the user turn.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 # The published training bounds every image to 256..1280 visual tokens (28 x 28 pixels each). The
@@ -165,9 +167,19 @@ def load_records(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
     skip_bad dropped; see `load_parquet` and `load_jsonl`."""
     loaders = {".jsonl": load_jsonl, ".parquet": load_parquet}
     suffix = Path(path).suffix
+    if not suffix and not Path(path).exists():  # a mistyped folder's name: not "unsupported file type ''"
+        raise DataError(f"{path}: file not found")
     if suffix not in loaders:
         raise DataError(f"{path}: unsupported file type '{suffix}'; expected .parquet or .jsonl")
     return loaders[suffix](path, skip_bad)
+
+
+def _lists_paths(kind) -> bool:
+    """Whether a parquet column of this type holds lists of strings (ViRL39K's `image`: paths)."""
+    import pyarrow as pa
+
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
+        pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type))
 
 
 def _is_paths(value) -> bool:
@@ -312,20 +324,24 @@ def _check_row(row: dict, base: Path):
 def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
     """Read and validate every row of a ViRL39K parquet (image paths are relative to the file);
     bad rows are reported as `file:row N: reason` (N from 1), or dropped and counted with skip_bad.
-    A missing column is reported before any row is read."""
+    A missing column, or an image column that is not lists of paths, is said before any row is read."""
     import pyarrow.parquet as pq  # here, not at the top: most runs never read a parquet
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        missing = [c for c in PARQUET_COLUMNS if c not in pq.read_schema(path).names]
-        rows = [] if missing else pq.read_table(path).to_pylist()
+        schema = pq.read_schema(path)
+        missing = [c for c in PARQUET_COLUMNS if c not in schema.names]
+        rows = [] if missing or not _lists_paths(schema.field("image").type) else pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow's errors for a truncated or non-parquet file vary
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
                         f"a ViRL39K parquet has {', '.join(PARQUET_COLUMNS)}")
+    if not _lists_paths(kind := schema.field("image").type):  # said once, not for each of 38,870 rows
+        raise DataError(f"{path}: column 'image' holds {kind}; a ViRL39K parquet lists each row's image paths "
+                        "(strings, relative to the file): pictures stored in the file are not read")
     return _gather(path, ((f"row {n}", _check_row(r, path.parent)) for n, r in enumerate(rows, 1)), skip_bad, "row")
 
 

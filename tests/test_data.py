@@ -283,6 +283,18 @@ def test_parquet_missing_columns_are_named_before_any_row_is_read(tmp_path, monk
     assert str(err.value) == (f"{path}: missing column(s) answer, image; "
                               "a ViRL39K parquet has qid, question, answer, image")
     assert opened == []  # no row's image was looked at
+    # pictures stored in the file (a re-upload's {"bytes", "path"} structs): said once, not once a row
+    embedded = pa.array([[{"bytes": b"\x89PNG", "path": "x.png"}]] * 3,
+                        pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())])))
+    pq.write_table(pa.table({"qid": ["a", "b", "c"], "question": ["q"] * 3, "answer": ["1"] * 3, "image": embedded}),
+                   tmp_path / "embedded.parquet")
+    with pytest.raises(data.DataError) as err:
+        data.load_records(str(tmp_path / "embedded.parquet"))
+    assert str(err.value) == (f"{tmp_path / 'embedded.parquet'}: column 'image' holds list<element: struct<bytes: "
+                              "binary, path: string>>; a ViRL39K parquet lists each row's image paths (strings, "
+                              "relative to the file): pictures stored in the file are not read")
+    with pytest.raises(data.DataError, match=r"virl39k_typo: file not found$"):  # a folder's name: not "file type ''"
+        data.load_records(str(tmp_path / "virl39k_typo"))
 
 
 BAD_ROWS = [  # rows 2..8, each with the reason it must be reported for
