@@ -211,7 +211,9 @@ def _mean_std(xs: list) -> str:
     if not xs:
         return "-"
     mean = sum(xs) / len(xs)
-    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    if len(xs) == 1:  # one seed: no spread to show, not a spread of 0
+        return f"{mean:.3f}"
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
     return f"{mean:.3f} ± {std:.3f}"
 
 
@@ -222,8 +224,9 @@ def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
     over all steps, the share of steps on which SSR replayed a sample of an earlier step, the first
     eval step at which eval accuracy reached `target` (mean over the seeds that reached it, and how
     many did), the reflection rate and the revision rate (a reflection that changes the answer) of
-    the last eval, and rethink_fixed (the share of triggered responses that rethinking turned from
-    wrong to right), averaged over steps."""
+    the last eval, and rethink_fixed (the share of triggered responses whose first answer was wrong
+    and continuation right, kept or not), averaged over steps; a column that only evals give (final
+    accuracy, reflection, revision) says how many of the seeds had one when not all did."""
     groups, names = {}, _run_names(run_dirs)
     for d in run_dirs:
         groups.setdefault(names[d], []).append(read_metrics(d))
@@ -240,8 +243,10 @@ def compare_table(run_dirs: list[str], target: float = 0.8) -> str:
         reflect = [e[-1]["eval_reflect"] for e in evals if e and "eval_reflect" in e[-1]]
         revise = [e[-1]["eval_revise"] for e in evals if e and "eval_revise" in e[-1]]
         fixed = [sum(m.get("rethink_fixed", 0.0) for m in rows) / len(rows) for rows in runs]
-        lines.append(f"| {name} | {len(runs)} | {_mean_std(final)} | {_mean_std(zero)} | {_mean_std(replaying)} | "
-                     f"{steps} | {_mean_std(reflect)} | {_mean_std(revise)} | {_mean_std(fixed)} |")
+        some = {k: _mean_std(v) + (f" ({len(v)}/{len(runs)})" if 0 < len(v) < len(runs) else "")
+                for k, v in (("final", final), ("reflect", reflect), ("revise", revise))}
+        lines.append(f"| {name} | {len(runs)} | {some['final']} | {_mean_std(zero)} | {_mean_std(replaying)} | "
+                     f"{steps} | {some['reflect']} | {some['revise']} | {_mean_std(fixed)} |")
     return "\n".join(lines)
 
 

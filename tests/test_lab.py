@@ -62,8 +62,12 @@ def test_compare_table_pools_seeds_and_matches_hand_counts(tmp_path):
     # revision 0.1 and 0.0 -> 0.05 +- 0.0707; rethink_fixed 0.1 and 0.0 -> 0.05 +- 0.0707
     assert lines[2] == ("| full | 2 | 0.800 ± 0.141 | 0.250 ± 0.000 | 0.250 ± 0.354 | 3 (2/2) | 0.300 ± 0.141 "
                         "| 0.050 ± 0.071 | 0.050 ± 0.071 |")
-    assert lines[3] == ("| plain | 1 | 0.300 ± 0.000 | 0.250 ± 0.000 | 0.000 ± 0.000 | never (0/1) | 0.000 ± 0.000 "
-                        "| 0.000 ± 0.000 | 0.000 ± 0.000 |")
+    assert lines[3] == "| plain | 1 | 0.300 | 0.250 | 0.000 | never (0/1) | 0.000 | 0.000 | 0.000 |"  # one seed: no spread
+    # a seed killed before its first eval: the eval columns say how many seeds they hold (0.9 at step 4: 0.8 reached)
+    lines = lab.compare_table([run("cut-s0", [(3, 0.9, 0.2, 0.1)], [0.5] * 4, [0.0] * 4, [0] * 4),
+                               run("cut-s1", [], [0.5] * 4, [0.0] * 4, [0] * 4)]).splitlines()
+    assert lines[2] == ("| cut | 2 | 0.900 (1/2) | 0.500 ± 0.000 | 0.000 ± 0.000 | 4 (1/2) | 0.200 (1/2) | 0.100 (1/2) "
+                        "| 0.000 ± 0.000 |")
     other = tmp_path / "other-lab"  # another lab's arm of the same name: a row of its own
     other.mkdir()
     (tmp_path / "plain-s0").rename(other / "plain-s0")
@@ -82,7 +86,7 @@ def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     # a: final acc 0.5 and 0.7 -> 0.6 +- 0.1414, reached 0.8 never; b: 0.9 at step 0 -> 1 step
     assert lines[2] == "| a | 2 | 0.600 ± 0.141 | 0.500 ± 0.000 | 0.000 ± 0.000 | never (0/2) | 0.000 ± 0.000 | - | 0.000 ± 0.000 |"
-    assert lines[3] == "| b | 1 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.000 ± 0.000 | 1 (1/1) | 0.000 ± 0.000 | - | 0.000 ± 0.000 |"
+    assert lines[3] == "| b | 1 | 0.900 | 0.500 | 0.000 | 1 (1/1) | 0.000 | - | 0.000 |"
     assert lines[4] == f"wrote {out}" and Image.open(out).size == (2750, 418)
     with pytest.raises(data.DataError, match=r"nowhere/metrics.jsonl: file not found"):
         lab.main(["--compare", str(tmp_path / "nowhere")])
@@ -99,7 +103,7 @@ def test_compare_reads_a_run_still_writing_its_last_line_and_refuses_a_line_torn
               "response": "\\boxed{red}", "correct": True, "reflects": False, "revises": False}
     (run / "samples.jsonl").write_text(json.dumps(sample) + '\n{"step": 2, "kind": "ev')
     assert lab.read_metrics(str(run)) == metrics
-    assert lab.compare_table([str(run)]).splitlines()[2].startswith("| run | 1 | 0.750 ± 0.000 |")
+    assert lab.compare_table([str(run)]).splitlines()[2].startswith("| run | 1 | 0.750 |")
     assert lab.side_by_side([str(run)]).splitlines()[1] == f"  {run} (step 2, right): \\boxed{{red}}"
     (run / "metrics.jsonl").write_text(json.dumps(metrics[0]) + '\n{"step": 1, "rew\n' + json.dumps(metrics[1]) + "\n")
     with pytest.raises(UserError, match=r"run/metrics.jsonl:2: not a JSON line"):
