@@ -398,7 +398,8 @@ def train(cfg: Config):
     try:
         run = setup(cfg)
     except (data.DataError, UserError) as e:  # recorded, or a preempted run's requeues would meet it forever
-        faults.refused_start(run_folder(cfg), str(e))
+        if cfg.resume or cfg.auto_resume:  # this run's relaunch; not another command refused its folder
+            faults.refused_start(run_folder(cfg), str(e))
         raise
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)

@@ -282,7 +282,8 @@ def test_a_fault_is_planned_for_one_rank_and_one_launch(monkeypatch):
 def test_a_relaunch_refused_before_its_first_step_is_recorded_so_a_preempted_run_is_not_requeued_forever(tmp_path):
     """docs/cluster.md's script requeues a run while its status says preempted: a relaunch refused
     in its set-up (here a flag changed) records the refusal as not to retry. A new run refused
-    leaves no folder, and a finished run's status stays finished."""
+    leaves no folder, and a finished run's status stays finished. Another command refused the
+    folder (neither --resume nor --auto-resume: a typo, a plain launch) leaves the run's status."""
     before = signal.getsignal(signal.SIGUSR1)
     out, fresh, done = tmp_path / "run", tmp_path / "fresh", tmp_path / "done"
     a_run(out)
@@ -290,6 +291,10 @@ def test_a_relaunch_refused_before_its_first_step_is_recorded_so_a_preempted_run
     a_run(done, finished=True)
     faults.write_status(done, "finished", "finished: 4 steps", step=4, checkpoint=4)
     try:
+        for stray in ([], ["--lr", "0.1"]):
+            with pytest.raises(UserError, match="holds a run"):
+                vlr.train(vlr.parse_args([*FLAGS, "--out", str(out), *stray]))
+            assert status(out)["state"] == "preempted"
         for folder in (out, done):
             with pytest.raises(UserError, match="different configuration"):
                 vlr.train(vlr.parse_args([*FLAGS, "--out", str(folder), "--auto-resume", "--lr", "0.1"]))
