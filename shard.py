@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -164,17 +165,24 @@ class DCPGlobals(pickle.Unpickler):
 def check_metadata(folder: Path):
     """DCP's own reader unpickles the metadata file (torch 2.14 `filesystem.py`
     `FileSystemReader.read_metadata`): read first with DCPGlobals, it is refused if it names
-    anything else. The name is DCP's; without the file DCP would look for each rank's: refused too."""
+    anything else or is not DCP's Metadata. Where that read fails, DCP falls back to a rank's own
+    file (`__<rank>.metadata`, `state_dict_loader.py`), which a save by every process never writes:
+    a folder that holds one is refused too, and without the file DCP would look for them."""
     path = folder / ".metadata"
+    if ranks := sorted(p.name for p in folder.glob("__*.metadata")):
+        raise UserError(f"{folder} holds {', '.join(ranks)}, which --shard's saves never write and DCP would "
+                        f"unpickle: not loaded; resume only --shard checkpoints you wrote")
     try:
         with open(path, "rb") as f:
-            DCPGlobals(f).load()
+            read = DCPGlobals(f).load()
     except OSError as e:
         raise UserError(f"could not read {path} ({checkpoint.first_line(e)})") from None
     except Unsafe as e:
         raise UserError(f"{path} {e}") from None
     except Exception as e:  # a pickle of DCP's records, built with other arguments
         raise UserError(f"{path} is not metadata that DCP writes ({checkpoint.first_line(e)}): not loaded") from None
+    if not isinstance(read, Metadata) or not isinstance(read.storage_meta, (StorageMeta, type(None))):
+        raise UserError(f"{path} is not metadata that DCP writes (it holds {type(read).__name__}): not loaded")
 
 
 class Planner(DefaultLoadPlanner):

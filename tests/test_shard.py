@@ -199,3 +199,11 @@ def test_the_optimizer_shards_load_without_unpickling_what_dcp_does_not_write(tm
     (tmp_path / "metadata" / "optimizer" / ".metadata").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match=r"\.metadata is not metadata that DCP writes \(.*\): not loaded$"):
         shard.load_optimizer(*adamw(1), tmp_path / "metadata")
+    # where reading .metadata fails, DCP falls back to a rank's own file, which it unpickles unchecked
+    (tmp_path / "metadata" / "optimizer" / ".metadata").write_bytes(pickle.dumps(None))
+    with pytest.raises(UserError, match=r"\.metadata is not metadata that DCP writes \(it holds NoneType\)"):
+        shard.load_optimizer(*adamw(1), tmp_path / "metadata")
+    (tmp_path / "metadata" / "optimizer" / "__0.metadata").write_bytes(pickle.dumps(Touches(marker)))
+    with pytest.raises(UserError, match=r"optimizer holds __0\.metadata, which --shard's saves never write"):
+        shard.load_optimizer(*adamw(1), tmp_path / "metadata")
+    assert not marker.exists()
