@@ -53,8 +53,11 @@ def write_atomically(out: Path, write) -> None:
     rename that fails puts it back, and a writer that fails (a full disk) leaves it untouched and
     stops with one sentence. Two processes writing the same folder at once (torchrun ranks
     building a model) both end with a complete folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
+    try:  # a full disk can refuse the temporary folder itself
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
+    except OSError as e:
+        raise write_failed(out, e) from e
     try:
         os.chmod(tmp, 0o755)  # a plain folder, not mkdtemp's private one
         try:
@@ -73,8 +76,10 @@ WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def write_failed(out: Path, e: Exception) -> UserError:
-    """The sentence of a folder not written (a full disk): the previous one is still there."""
-    return UserError(f"could not write {out} ({first_line(e)}); the previous {out.name} is left as it was")
+    """The sentence of a folder not written (a full disk): the previous one is still there. torch.save's
+    error on a full disk does not say so ("unexpected pos ..."): the space left is said beside it."""
+    free = "" if isinstance(e, OSError) else f"; {shutil.disk_usage(out.parent).free / 2**20:.0f} MB free there"
+    return UserError(f"could not write {out} ({first_line(e)}{free}); the previous {out.name} is left as it was")
 
 
 def first_line(e: Exception) -> str:
@@ -132,9 +137,13 @@ def replace_text(path: Path, text: str):
     metrics.jsonl cut back on resume. A kill, or a crash of the machine, leaves the old text or the
     new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        fsync(tmp)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: the old file stays, and no half-written temporary beside it
+        tmp.unlink(missing_ok=True)
+        raise
     fsync(path.parent)
 
 
@@ -178,6 +187,9 @@ def load_state(ckpt: Path) -> dict:
         raise UserError(f"{path} holds objects that only unpickling would rebuild, which could run code "
                         "(a checkpoint written before vlr saved plain values, or not by vlr): not loaded; "
                         "start afresh with --overwrite") from e
+    except (OSError, RuntimeError, EOFError, LookupError, ValueError) as e:  # cut short, emptied, not torch's
+        raise UserError(f"{path} does not read ({type(e).__name__}: {first_line(e)}): the checkpoint is damaged; "
+                        "not loaded") from None
 
 
 # may differ on resume (--steps shapes the lr schedule; --no-share-vision changes how, not what, is computed)
@@ -197,6 +209,10 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
     with another configuration (`config`: the run's, as a dict) than the saved one."""
     if resume and overwrite:
         raise UserError("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    where = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder that would hold it
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot be written here ({where} is "
+                        f"{'a file' if not where.is_dir() else 'a folder this user cannot write'})")
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not resume and not overwrite:
         raise UserError(f"{out} holds a run ({', '.join(held)}): continue it with --resume, or start a new one "
@@ -205,7 +221,11 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
         return
     if not (out / "config.json").exists():
         raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
-    saved = {**ADDED, **json.loads((out / "config.json").read_text())}
+    try:
+        saved = {**ADDED, **json.loads((out / "config.json").read_text())}
+    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 that does not decode
+        raise UserError(f"--resume: {out / 'config.json'} does not read ({first_line(e)}); it is the run's record of "
+                        "its flags: restore it, or start afresh with --overwrite") from None
     diff = [k for k, v in config.items() if k not in RESUMABLE and (k not in saved or saved[k] != v)]
     if diff:  # a flag newer than the saved run: its default may not be what that run did, so no guess
         raise UserError(f"--resume with a different configuration than {out}/config.json: " + ", ".join(
@@ -217,15 +237,18 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
 def open_log(out: Path, config: dict, start: int, overwrite: bool):
     """The run's config.json written and its metrics.jsonl opened to append to, it and samples.jsonl
     cut back to step `start` on resume (those steps run again, identically); with `overwrite` the old
-    run goes first."""
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        clear_run(out)
-    replace_text(out / "config.json", json.dumps(config, indent=1))
-    for path in (out / name for name in LOGS):
-        lines = logged_lines(path) if start and path.exists() else []
-        replace_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
-    return open(out / LOGS[0], "a")
+    run goes first. A folder that cannot be written (a full disk) is a sentence."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            clear_run(out)
+        replace_text(out / "config.json", json.dumps(config, indent=1))
+        for path in (out / name for name in LOGS):
+            lines = logged_lines(path) if start and path.exists() else []
+            replace_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+        return open(out / LOGS[0], "a")
+    except OSError as e:
+        raise UserError(f"could not write the run's logs in {out} ({e.strerror or e})") from None
 
 
 def records(path: Path) -> list[dict]:

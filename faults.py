@@ -29,6 +29,7 @@ import resource
 import secrets
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -84,6 +85,9 @@ def auto_resume(out: Path, config: dict) -> tuple[bool, bool]:
             return False, True
     if (out / "final").exists():  # written atomically, after the last step
         if rank_world()[0] == 0:
+            if status.get("state") != "finished":  # killed between final/ and its status
+                write_status(out, "finished", f"finished: {config['steps']} steps, the model in {out}/final",
+                             step=config["steps"], checkpoint=status.get("checkpoint"))
             print(f"{out} holds this run, finished ({config['steps']} steps, the model in {out}/final): nothing to do")
         raise SystemExit(0)
     return True, False
@@ -164,7 +168,10 @@ def write_status(out: Path, state: str, message: str, **fields):
     """<out>/status.json, atomically: {"state": running | preempted | finished | failed, "message": a
     sentence for a person, "step", "checkpoint": the step the next launch continues from, ...}."""
     status = {"state": state, "message": message, **fields, "time": datetime.now().isoformat(timespec="seconds")}
-    checkpoint.replace_text(out / STATUS, json.dumps(status, indent=1) + "\n")
+    try:
+        checkpoint.replace_text(out / STATUS, json.dumps(status, indent=1) + "\n")
+    except OSError as e:  # a full disk: the status said on stderr; the error it would record is not lost
+        print(f"{out / STATUS} not written ({e.strerror or e}): {state}: {message}", file=sys.stderr, flush=True)
 
 
 def refused_start(out: Path, message: str):

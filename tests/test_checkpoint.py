@@ -5,6 +5,7 @@ disk, kills): test_faults.py."""
 import errno
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +38,7 @@ def test_a_save_replaces_the_folder_whole_and_leaves_nothing_beside_it(tmp_path)
     assert contents(out) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_a_writer_that_fails_leaves_the_previous_folder_whole_and_says_so_in_one_sentence(tmp_path):
+def test_a_writer_that_fails_leaves_the_previous_folder_whole_and_says_so_in_one_sentence(tmp_path, monkeypatch):
     """A full disk as each writer reports it: an OSError, torch.save's RuntimeError."""
     out = folder(tmp_path / "ckpt", "old")
     for error in (OSError(errno.ENOSPC, "No space left on device"),
@@ -52,6 +53,15 @@ def test_a_writer_that_fails_leaves_the_previous_folder_whole_and_says_so_in_one
         assert said.startswith(f"could not write {out} (") and said.endswith("the previous ckpt is left as it was")
         assert "\n" not in said and contents(out) == "old"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
+        assert ("MB free there" in said) == isinstance(error, RuntimeError)  # torch.save's error does not say why
+
+    def no_room(**kw):  # a disk too full for the temporary folder itself
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkdtemp", no_room)
+    with pytest.raises(UserError, match=r"^could not write .*ckpt \(\[Errno 28\] No space left on device\); the "):
+        checkpoint.write_atomically(out, writes("new"))
+    assert contents(out) == "old"
 
 
 def test_a_rename_that_fails_puts_the_previous_folder_back(tmp_path, monkeypatch):
@@ -125,6 +135,35 @@ def test_samples_that_hold_any_character_are_cut_back_on_resume_byte_for_byte(tm
     checkpoint.open_log(tmp_path, {"seed": 0}, 2, False).close()
     assert log.read_bytes() == kept
     assert [r["response"] for r in checkpoint.records(log)] == [json.loads(line)["response"] for line in lines[:2]]
+
+
+def test_damaged_run_files_and_a_disk_that_refuses_them_are_sentences(tmp_path, monkeypatch):
+    """A train state cut short, emptied or not torch's, a config.json that does not read, a --out
+    below a file: one sentence each, before anything loads. A log or status write on a full disk
+    leaves no temporary file beside the old one."""
+    state = tmp_path / "ckpt" / "train_state.pt"
+    state.parent.mkdir()
+    torch.save({"step": 3, "weights": torch.zeros(1000)}, state)
+    whole = state.read_bytes()
+    for damaged in (b"", whole[:len(whole) // 2], b"step: 3\n", bytes(4096)):
+        state.write_bytes(damaged)
+        with pytest.raises(UserError, match=r"train_state.pt does not read \(\w+: .*\): the checkpoint is damaged"):
+            checkpoint.load_state(state.parent)
+    config = asdict(vlr.parse_args(["--out", str(tmp_path)]))
+    (tmp_path / "config.json").write_text('{"seed": 0, "lr"')
+    with pytest.raises(UserError, match=r"^--resume: .*config.json does not read \(.*\); it is the run's record"):
+        checkpoint.check_run_folder(tmp_path, config, resume=True, overwrite=False)
+    with pytest.raises(UserError, match=r"cannot be written here \(.*config.json is a file\)$"):
+        checkpoint.check_run_folder(tmp_path / "config.json" / "run", config, resume=False, overwrite=False)
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "fsync", full)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"^could not write the run's logs in .* \(No space left on device\)$"):
+        checkpoint.open_log(tmp_path, config, 0, False)
+    assert (tmp_path / "config.json").read_text() == "{}" and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_a_train_state_that_needs_unpickling_is_refused_in_one_sentence(tmp_path):

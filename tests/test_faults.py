@@ -308,3 +308,24 @@ def test_a_relaunch_refused_before_its_first_step_is_recorded_so_a_preempted_run
     with pytest.raises(UserError, match="for a reason a relaunch would meet again"):
         faults.auto_resume(out, config(out))
     assert status(done)["state"] == "finished" and not fresh.exists()
+
+
+def test_a_status_the_disk_refuses_is_said_on_stderr_and_a_finished_run_left_running_is_recorded(tmp_path, monkeypatch,
+                                                                                                  capsys):
+    """status.json is a help, not the error: on a full disk its line goes to stderr and whatever was
+    raised stays what is raised. A run killed between writing final/ and its status reads 'finished'
+    once --auto-resume looks at it."""
+    done = tmp_path / "done"
+    a_run(done, finished=True)
+    faults.write_status(done, "running", "running; the last checkpoint continues from step 4", step=3, checkpoint=4)
+    with pytest.raises(SystemExit) as left:
+        faults.auto_resume(done, config(done))
+    assert left.value.code == 0 and status(done)["state"] == "finished" and status(done)["step"] == 4
+
+    def full(path):
+        raise OSError(28, "No space left")
+
+    monkeypatch.setattr(faults.checkpoint, "fsync", full)
+    faults.write_status(done, "failed", "could not write it", retry=False)
+    assert status(done)["state"] == "finished" and not list(done.glob(".status.json.tmp"))
+    assert capsys.readouterr().err == f"{done / 'status.json'} not written (No space left): failed: could not write it\n"
