@@ -209,10 +209,8 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
     with another configuration (`config`: the run's, as a dict) than the saved one."""
     if resume and overwrite:
         raise UserError("--resume continues the run in --out, --overwrite deletes it: give one of them")
-    where = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder that would hold it
-    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot be written here ({where} is "
-                        f"{'a file' if not where.is_dir() else 'a folder this user cannot write'})")
+    if why := cannot_write(out):
+        raise UserError(f"--out {out}: cannot be written here ({why})")
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not resume and not overwrite:
         raise UserError(f"{out} holds a run ({', '.join(held)}): continue it with --resume, or start a new one "
@@ -232,6 +230,15 @@ def check_run_folder(out: Path, config: dict, resume: bool, overwrite: bool):
             f"{k}: saved {saved[k]!r}, now {config[k]!r}" if k in saved else
             f"{k}: not saved (a flag newer than the run), now {config[k]!r}" for k in diff))
     checkpoint_dir(out)
+
+
+def cannot_write(path: Path) -> str:
+    """Why nothing could be written at `path` (a folder, made if need be): the nearest path that
+    exists on the way to it is a file, or a folder this user cannot write; "" when it can be."""
+    where = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not where.is_dir():
+        return f"{where} is a file"
+    return "" if os.access(where, os.W_OK | os.X_OK) else f"{where} is a folder this user cannot write"
 
 
 def open_log(out: Path, config: dict, start: int, overwrite: bool):

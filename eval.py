@@ -20,7 +20,6 @@ the share of responses with self-reflection phrases.
 """
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
@@ -248,6 +247,7 @@ def main(argv=None):
     rows = run(args, records)
     if rows is None:
         return
+    out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.replace_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = summarize(rows, args.bench)
     print(f"{args.bench}: {args.model}, {len(rows)} records, per-sample results in {out}")
@@ -265,12 +265,8 @@ def output_file(out: str | None, bench: str, model: str) -> Path:
     path = Path(out or f"runs/eval-{bench}-{re.sub(r'[^A-Za-z0-9_.]+', '-', model).strip('-.')}.jsonl")
     if path.is_dir():
         raise distributed.UserError(f"--out {path}: is a folder; give the file to write (.jsonl)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise distributed.UserError(f"--out {path}: cannot create the folder {path.parent} ({e.strerror})") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise distributed.UserError(f"--out {path}: cannot write into {path.parent}")
+    if why := checkpoint.cannot_write(path.parent):
+        raise distributed.UserError(f"--out {path}: cannot create the folder {path.parent} ({why})")
     return path
 
 
