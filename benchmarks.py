@@ -116,13 +116,18 @@ def _need(r: dict, *keys):
     return [r[k] for k in keys]
 
 
-def _options(answer, choices: list, as_text=False):
-    """(letter, option texts): the gold option is given as a letter or, by MathVista, as its text."""
+def _option_texts(choices) -> list[str]:
+    """The options as text: a list of 2 to 10 strings or numbers."""
     if not isinstance(choices, (list, tuple)) or None in map(data.text, choices):
         raise DataError(f"the options must be a list of strings or numbers, not {str(choices)[:60]!r}")
-    choices, answer = [data.text(c) for c in choices], str(answer).strip()
     if not 2 <= len(choices) <= len(data.LETTERS):
         raise DataError(f"expected 2 to {len(data.LETTERS)} options, got {len(choices)}")
+    return [data.text(c) for c in choices]
+
+
+def _options(answer, choices: list, as_text=False):
+    """(letter, option texts): the gold option is given as a letter or, by MathVista, as its text."""
+    choices, answer = _option_texts(choices), str(answer).strip()
     if as_text and answer in choices:
         return data.LETTERS[choices.index(answer)], choices
     if not as_text and len(answer) == 1 and answer in data.LETTERS[:len(choices)]:
@@ -172,7 +177,7 @@ def mathverse(r, base):
         question, texts = question[:at.start()].strip(), [m[2] for m in lines]
         several = answer.split(", ")
         if len(several) > 1 and set(several) <= set(data.LETTERS[:len(texts)]):
-            choices = _options("A", texts)[1]
+            choices = _option_texts(texts)
         else:  # a letter first: an option's text may be a letter too
             letter = len(answer) == 1 and answer in data.LETTERS[:len(texts)]
             answer, choices = _options(answer, texts, as_text=not letter and answer in texts)
