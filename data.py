@@ -333,13 +333,15 @@ def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
     try:
         schema = pq.read_schema(path)
         missing = [c for c in PARQUET_COLUMNS if c not in schema.names]
-        rows = [] if missing or not _lists_paths(schema.field("image").type) else pq.read_table(path).to_pylist()
+        kind = None if missing else schema.field("image").type
+        paths = kind is not None and _lists_paths(kind)
+        rows = pq.read_table(path).to_pylist() if paths else []
     except Exception as e:  # pyarrow's errors for a truncated or non-parquet file vary
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
                         f"a ViRL39K parquet has {', '.join(PARQUET_COLUMNS)}")
-    if not _lists_paths(kind := schema.field("image").type):  # said once, not for each of 38,870 rows
+    if not paths:  # said once, not for each of 38,870 rows
         raise DataError(f"{path}: column 'image' holds {kind}; a ViRL39K parquet lists each row's image paths "
                         "(strings, relative to the file): pictures stored in the file are not read")
     return _gather(path, ((f"row {n}", _check_row(r, path.parent)) for n, r in enumerate(rows, 1)), skip_bad, "row")
