@@ -303,7 +303,7 @@ def plot(run_dirs: list[str], out: str, panels=PLOTTED) -> str:
         label = None if name in labelled else name
         labelled.add(name)
         for ax, (key, _, _) in zip(axes, panels):
-            pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
+            pts = [(m["step"] + 1, m[key]) for m in rows if m.get(key) is not None]  # counted from 1, as the table
             if not pts:
                 continue
             steps, vals = zip(*pts)

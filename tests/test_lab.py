@@ -40,6 +40,22 @@ def test_compare_plots_runs_and_rejects_bad_metrics(tmp_path):
         lab.plot([str(tmp_path / "bad")], str(tmp_path / "x.png"))
 
 
+def test_plot_counts_steps_from_one_as_the_table_does(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "a").mkdir()
+    write_jsonl(tmp_path / "a" / "metrics.jsonl",
+                [dict({"step": s, "reward_mean": 0.1 * s, "zero_adv_frac": 0.5},
+                      **({"eval_acc": 0.9} if s == 4 else {})) for s in range(6)])
+    figures = []
+    monkeypatch.setattr(lab.plt, "close", figures.append)  # keep the figure to read its lines
+    lab.plot([str(tmp_path / "a")], str(tmp_path / "a.png"))
+    reward, *_ = figures[0].axes[0].lines
+    assert list(reward.get_xdata()) == [1, 2, 3, 4, 5, 6]  # metrics.jsonl's step 0 is the first step
+    (evals,) = figures[0].axes[2].lines
+    assert list(evals.get_xdata()) == [5]
+    assert "| 5 (1/1) |" in lab.compare_table([str(tmp_path / "a")], target=0.8)  # where the table puts it
+
+
 def test_compare_table_pools_seeds_and_matches_hand_counts(tmp_path):
     def run(name, evals, zero, fixed, replayed):
         (tmp_path / name).mkdir()
