@@ -128,13 +128,22 @@ def prepare(out: Path, rank: int, world: int):
 def check_shared(out: Path, rank: int, world: int):
     """Rank 0 writes a file with a random name into --out; every process must read it back."""
     created = not out.exists()
-    token = None
+    token, failed = None, None
     if rank == 0:
         token = secrets.token_hex(8)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f".shared-{token}").write_text(token)
-    token = gather(token, world)[0]  # after rank 0 wrote it
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f".shared-{token}").write_text(token)
+        except OSError as e:  # a disk filled since --out was checked: said by every process, none left waiting
+            failed = f"--out {out}: rank 0 could not write a file there ({e.strerror or e})"
+    token, failed = gather((token, failed), world)[0]  # after rank 0 wrote it
     probe = out / f".shared-{token}"
+    if failed:
+        if rank == 0:
+            probe.unlink(missing_ok=True)
+            if created and out.is_dir():
+                out.rmdir()
+        raise UserError(failed)
     seen = gather((socket.gethostname(), reads_back(probe, token)), world)
     if rank == 0:
         probe.unlink()

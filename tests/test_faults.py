@@ -266,6 +266,26 @@ def test_sigusr1_asks_for_a_stop_after_the_step(tmp_path, monkeypatch):
         signal.signal(signal.SIGUSR1, before)
 
 
+def test_a_probe_the_disk_refuses_is_one_sentence_on_every_process_and_leaves_nothing(tmp_path, monkeypatch):
+    """The disk fills between the check of --out and rank 0's probe: rank 0 and rank 1 (its gather
+    stubbed with what rank 0 sends) both stop on the same sentence, rank 1 without waiting to read a
+    probe that was never written, and the folder this launch made is gone."""
+    sent = []
+    monkeypatch.setattr(faults, "gather", lambda x, world: sent.append(x) or [sent[0]] * world)
+
+    def full(self, text):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "run"
+    said = f"--out {out}: rank 0 could not write a file there (No space left on device)"
+    for rank in (0, 1):
+        start = time.monotonic()
+        with pytest.raises(UserError) as e:
+            faults.check_shared(out, rank, 2)
+        assert str(e.value) == said and time.monotonic() - start < 1
+    assert not out.exists()
+
+
 def test_a_fault_is_planned_for_one_rank_and_one_launch(monkeypatch):
     monkeypatch.setenv(faults.FAULT, "SIGKILL step=3 rank=1")
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
