@@ -31,7 +31,8 @@ from distributed import UserError
 KINDS = ("tensorboard", "wandb", "trackio")  # --report-to's names; "none" for no logger
 PROJECT = "vlr"  # the W&B / trackio project (WANDB_PROJECT / TRACKIO_PROJECT override it)
 CUT, MODEL = "⟨cut⟩", "⟨model⟩"  # in a rethought sample: where the first response was cut; where the model goes on
-TEXTS = ("question", "response", "text")  # a sample's fields that are the model's or the task's words
+TEXTS = ("question", "response", "text")
+TRACKIO_SENT = "trackio_sent"  # tracking.json's key for the last step trackio was sent  # a sample's fields that are the model's or the task's words
 
 
 def kinds(flag: str) -> list[str]:
@@ -110,7 +111,7 @@ class TensorBoard:
             self.writer.add_text(tag, markdown(rows), step)
         self.writer.flush()
 
-    def close(self):
+    def close(self, failed: bool = False):
         self.writer.close()
 
 
@@ -118,28 +119,33 @@ class Hosted:
     """W&B or trackio: the same calls (trackio copies W&B's init/log/Table/finish). W&B continues a
     run by its id, trackio by its name in the project. `held`: the last step the run holds. W&B
     says it (`Run.step`: the step of the next log), also when a kill lost what it had not yet sent;
-    trackio does not, so it is `logged`, the last step of metrics.jsonl at this launch (its sender
-    batches: a kill can lose its last seconds, steps that are then missing from its charts; and
-    after two kills, the second before the first's last step, trackio is sent the steps between
-    again, with the same values)."""
+    trackio does not, so `sent` is the last step an earlier launch sent it, which `record` keeps in
+    tracking.json after each log (its sender batches: a kill can lose its last seconds, steps that
+    are then missing from its charts)."""
 
-    def __init__(self, kind: str, run_id: str, name: str, config: dict, folder: Path, again: bool, logged: int):
-        self.lib = importlib.import_module(kind)
+    def __init__(self, kind: str, run_id: str, name: str, config: dict, folder: Path, again: bool, sent: int,
+                 record=None):
+        self.lib, self.kind, self.record = importlib.import_module(kind), kind, record
         project = os.environ.get(f"{kind.upper()}_PROJECT", PROJECT)
         if kind == "wandb":  # a run of its own id, continued when `again`
             run = self.lib.init(project=project, id=run_id, name=name, config=config, dir=str(folder), resume="allow")
             self.held = run.step - 1
         else:  # the id is the name: a folder run again after --overwrite is a new run
             self.lib.init(project=project, name=run_id, config=config, resume="allow" if again else "never")
-            self.held = logged if again else -1
+            self.held = sent if again else -1
 
     def log(self, step: int, values: dict, texts: dict):
         tabled = {tag: self.lib.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
                   for tag, rows in texts.items()}
         self.lib.log({**values, **tabled}, step=step)
+        if self.record:
+            self.record(step)
 
-    def close(self):
-        self.lib.finish()
+    def close(self, failed: bool = False):
+        if self.kind == "wandb" and failed:  # shown as failed, not finished (trackio's finish takes no code)
+            self.lib.finish(exit_code=1)
+        else:
+            self.lib.finish()
 
 
 class Loggers:
@@ -161,11 +167,17 @@ class Loggers:
             self.samples.flush()
             os.fsync(self.samples.fileno())  # on the disk before the step's metrics line (vlr.log_step)
 
-    def close(self):
+    def close(self, failed: bool = False):
         if self.samples:
             self.samples.close()
         for logger in self.loggers:
-            logger.close()
+            logger.close(failed)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        self.close(failed=error is not None)
 
 
 def open_loggers(names: list[str], out: Path, config: dict, logged: int) -> Loggers:
@@ -174,13 +186,20 @@ def open_loggers(names: list[str], out: Path, config: dict, logged: int) -> Logg
     holds it already, and samples.jsonl to append to. `logged`: the last step an earlier launch of
     this run logged (-1: none). TensorBoard starts afresh from the history; W&B and trackio continue
     the run they logged to before (its id in tracking.json), sent the steps it lacks (`Hosted`: a
-    resumed run repeats the steps after its checkpoint identically)."""
+    resumed run repeats the steps after its checkpoint identically). A logger that cannot start is
+    one sentence naming it."""
     ids_path = out / "tracking.json"
     before = json.loads(ids_path.read_text()) if ids_path.exists() else {}
     ids = {**new_ids(names, out.name), **before}
+    if "trackio" in ids:  # the last step trackio was sent: none in a new run; in a folder from before this record, `logged`
+        ids.setdefault(TRACKIO_SENT, logged if "trackio" in before else -1)
     if ids != before:  # before any run starts: a kill after it cannot leave a run that no launch continues
         checkpoint.replace_text(ids_path, json.dumps(ids))
-    loggers, sent = make_loggers(names, out, config, ids, set(before), logged)
+
+    def record(step: int):  # trackio's last step, for a later launch (a run may drop it for a launch and add it back)
+        ids[TRACKIO_SENT] = step
+        checkpoint.replace_text(ids_path, json.dumps(ids))
+    loggers, sent = make_loggers(names, out, config, ids, set(before), ids.get(TRACKIO_SENT, -1), record)
     by_step = {}
     for s in checkpoint.records(out / "samples.jsonl"):
         by_step.setdefault(s["step"], []).append(s)
@@ -195,19 +214,27 @@ def new_ids(names: list[str], name: str) -> dict:
     return {kind: f"{name}-{uuid.uuid4().hex[:8]}" for kind in names if kind != "tensorboard"}
 
 
-def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, known: set, logged: int):
+def make_loggers(names: list[str], folder: Path, config: dict, ids: dict, known: set, sent_trackio: int,
+                 record=None):
     """The loggers of `names` writing for `folder` (TensorBoard into folder/tb, afresh), and the last
     step each already holds (`Hosted`). `ids`: the W&B/trackio run of each kind; those of the kinds
-    in `known` were run by an earlier launch, which sent them the steps up to `logged`."""
+    in `known` were run by an earlier launch, which sent trackio the steps up to `sent_trackio`.
+    `record(step)`: called after each step trackio is sent."""
     loggers, sent = [], []
     for kind in names:
-        if kind == "tensorboard":
-            shutil.rmtree(folder / "tb", ignore_errors=True)
-            loggers.append(TensorBoard(folder / "tb", config))
-            sent.append(-1)
-        else:
-            loggers.append(Hosted(kind, ids[kind], folder.name, config, folder, kind in known, logged))
-            sent.append(loggers[-1].held)
+        try:
+            if kind == "tensorboard":
+                shutil.rmtree(folder / "tb", ignore_errors=True)
+                loggers.append(TensorBoard(folder / "tb", config))
+            else:
+                loggers.append(Hosted(kind, ids[kind], folder.name, config, folder, kind in known, sent_trackio,
+                                      record if kind == "trackio" else None))
+        except Exception as e:  # a login, a server, a folder: the library's own error, said as ours
+            for started in loggers:
+                started.close(failed=True)
+            raise UserError(f"--report-to {kind}: the logger did not start ({type(e).__name__}: "
+                            f"{checkpoint.first_line(e)}); fix it, or leave {kind} out of --report-to") from e
+        sent.append(loggers[-1].held if kind != "tensorboard" else -1)
     return loggers, sent
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import time
-from contextlib import closing, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -404,9 +404,9 @@ def train(cfg: Config):
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                dynamic_ncols=True)
     last_eval = float("nan")
-    loggers = tracking.open_loggers(tracking.kinds(cfg.report_to), run.out, asdict(cfg), run.logged) if run.rank == 0 else None
     with (faults.Watch(run.out, run.rank, run.world, run.start) as watch,  # status.json; a failure recorded
-          closing(loggers) if loggers else nullcontext()):
+          tracking.open_loggers(tracking.kinds(cfg.report_to), run.out, asdict(cfg), run.logged)
+          if run.rank == 0 else nullcontext() as loggers):  # a logger that cannot start: a failure recorded too
         for step in bar:
             watch.step = step
             t0 = time.time()

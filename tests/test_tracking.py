@@ -17,6 +17,7 @@ import lab
 import tracking
 import vlr
 from distributed import UserError
+import test_vlr
 from test_vlr import SMALL, TIMINGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +34,7 @@ def stand_in(kind: str, calls: list) -> types.ModuleType:
     mod.init = init
     mod.log = lambda data, step=None: calls.append(("log", step, data))
     mod.Table = lambda columns, data: {"columns": columns, "data": data}
-    mod.finish = lambda: calls.append(("finish",))
+    mod.finish = lambda **kw: calls.append(("finish", *kw.values()))  # W&B's takes exit_code
     return mod
 
 
@@ -85,13 +86,62 @@ def test_wandb_and_trackio_get_the_config_and_every_step_once_across_a_crash_and
                 assert (table is None) == (not rows), (step, name)
                 if rows:
                     assert table["data"] == [[v for k, v in r.items() if k not in ("step", "kind")] for r in rows]
-        assert recorded.count(("finish",)) == len(inits)
+        finishes = [c for c in recorded if c[0] == "finish"]  # W&B is told that the first launch failed
+        assert finishes == ([("finish", 1), ("finish",)] if kind == "wandb" else [("finish",)])
     assert any(s["kind"] == "rethink" for s in samples)  # the rethink tables above were compared, not skipped
     evals = [s for s in samples if s["kind"] == "eval"]
     assert len(evals) == 3 and {s["step"] for s in evals} == {3}
     assert set(evals[0]) == {"step", "kind", "id", "category", "question", "gold", "response", "correct",
                              "reflects", "revises"}
     assert len({s["category"] for s in evals}) == 3  # the test split takes its tiers in turn
+
+
+def crash_at(step_to_crash: int, real, monkeypatch):
+    """vlr.train_step (`real`) that raises as step `step_to_crash` begins: a kill after the step before."""
+    def crashing(run, step):
+        if step == step_to_crash:
+            raise RuntimeError("killed")
+        return real(run, step)
+    monkeypatch.setattr(vlr, "train_step", crashing)
+
+
+def test_trackio_left_out_of_one_launch_and_added_back_gets_every_step(tmp_path, monkeypatch):
+    """trackio's steps 0-2, then a launch without it (the checkpoint of step 2: steps 2-4 run again
+    and are logged, then a crash at 5), then trackio again: it is sent 3 and 4 from the history, which
+    it lacks, though the launch before logged them, and then 5."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "trackio", stand_in("trackio", calls))
+    out = tmp_path / "run"
+    args = [*SMALL, "--steps", "6", "--log-samples", "0", "--out", str(out)]
+    real = vlr.train_step
+    for crash, flags in ((3, ["--report-to", "trackio"]), (5, ["--report-to", "tensorboard", "--resume"])):
+        crash_at(crash, real, monkeypatch)
+        with pytest.raises(RuntimeError, match="killed"):
+            vlr.train(vlr.parse_args(args + flags))
+    assert [m["step"] for m in test_vlr.metrics(out)] == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(vlr, "train_step", real)
+    vlr.train(vlr.parse_args(args + ["--report-to", "tensorboard,trackio", "--resume"]))
+    assert [c[1] for c in calls if c[0] == "log"] == [0, 1, 2, 3, 4, 5]
+    assert [c[1]["resume"] for c in calls if c[0] == "init"] == ["never", "allow"]
+
+
+def test_a_logger_that_does_not_start_is_a_sentence_recorded_as_the_run_s_failure(tmp_path, monkeypatch, capsys):
+    """W&B's init refuses (no login): one sentence naming the logger, and status.json records it, so
+    that a requeue script does not launch the run again and again."""
+    wandb = stand_in("wandb", [])
+
+    def no_login(**kw):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+    wandb.init = no_login
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    out = tmp_path / "run"
+    said = ("--report-to wandb: the logger did not start (RuntimeError: api_key not configured (no-tty). call "
+            "wandb.login(key=[your_api_key])); fix it, or leave wandb out of --report-to")
+    with pytest.raises(SystemExit):
+        vlr.train(vlr.parse_args([*SMALL, "--steps", "2", "--report-to", "tensorboard,wandb", "--out", str(out)]))
+    assert said + "\n" in capsys.readouterr().err  # a line of its own (after the bars' carriage returns)
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["message"] == said and status["retry"] is False
 
 
 def test_a_logger_that_is_not_installed_is_said_before_anything_loads(tmp_path, monkeypatch):
