@@ -97,13 +97,14 @@ def grade(rec: data.Record, response: str) -> float:
     return float(reward.accuracy(f"\\boxed{{{rounded}}}", rec.answer, rec.choices))
 
 
-def evaluate(model, processor, records, max_new_tokens=64, batch_size=32, temperature=0.0) -> list[dict]:
-    """One response per record (greedy at temperature 0), graded; rows in the order of `records`.
-    Runs on whatever model it is given and never touches torch.distributed: sharding is the caller's."""
+def evaluate(model, processor, records, max_new_tokens=64, batch_size=32, temperature=0.0, generator=None) -> list[dict]:
+    """One response per record (greedy at temperature 0; above it drawn from `generator`), graded;
+    rows in the order of `records`. Runs on whatever model it is given and never touches
+    torch.distributed: sharding is the caller's."""
     rows = []
     for start in range(0, len(records), batch_size):
         batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
-        out = rollout.sample(model, processor, batch, 1, rollout.Decoding(max_new_tokens, temperature))
+        out = rollout.sample(model, processor, batch, 1, rollout.Decoding(max_new_tokens, temperature), generator)
         # response_mask counts the stop token of a response that stopped; its length is without it
         lens = (out.response_mask.sum(1).cpu() - (~out.truncated).long()).tolist()
         rows += [row(rec, text, n) for rec, text, n in zip(batch, out.texts, lens)]
@@ -216,6 +217,8 @@ def parser() -> argparse.ArgumentParser:
                    help="largest image in pixels (0: the model's own; for a hub model the published 1280*28*28)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the paper evaluates")
+    p.add_argument("--seed", type=int, default=0,
+                   help="above --temperature 0, what the responses are drawn from (each process its own stream, as vlr.py's)")
     p.add_argument("--report-to", default="none",
                    help="also send the summary and the first --log-samples responses to tensorboard (into OUT without "
                         ".jsonl, /tb), wandb or trackio (comma-separated), as step 0 of a run named after --out's file")
@@ -282,7 +285,8 @@ def run(args, records) -> list[dict] | None:
     rank, world, device = distributed.setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, processor = models.load_model(args.model, device, dtype, args.min_pixels, args.max_pixels)
-    rows = evaluate(model, processor, records[rank::world], args.max_new_tokens, args.batch_size, args.temperature)
+    gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)  # vlr.setup's streams
+    rows = evaluate(model, processor, records[rank::world], args.max_new_tokens, args.batch_size, args.temperature, gen)
     if world > 1:
         parts = [None] * world if rank == 0 else None
         dist.gather_object(rows, parts, dst=0)

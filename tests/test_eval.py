@@ -99,6 +99,12 @@ def test_evaluate_grades_every_record_in_order(tiny_model, tmp_path):
         assert r["reflects"] == ev.reflects(r["response"]) and 0 < r["len"] <= 24
     again = ev.evaluate(model, processor, recs, max_new_tokens=24, batch_size=8)  # greedy: batching changes nothing
     assert [r["response"] for r in again] == [r["response"] for r in rows]
+    drawn = []
+    for seed in (7, 7, 8):  # sampled: from its generator alone, whatever the global RNG holds
+        torch.manual_seed(len(drawn))
+        drawn.append([r["response"] for r in ev.evaluate(model, processor, recs[:6], max_new_tokens=24, temperature=1.0,
+                                                          generator=torch.Generator().manual_seed(seed))])
+    assert drawn[0] == drawn[1] != drawn[2]
 
 
 def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
@@ -110,9 +116,12 @@ def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
         calls.append(("load", *args))
         return tiny_model
 
-    def evaluate(model, processor, recs, max_new_tokens, *rest):
+    def evaluate(model, processor, recs, max_new_tokens, batch_size, temperature, generator):
         calls.append(("evaluate", len(recs), max_new_tokens))
+        seeds.append(generator.initial_seed())
         return [ev.row(r, "\\boxed{A}", 1) for r in recs]
+
+    seeds = []
 
     monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(ev, "evaluate", evaluate)
@@ -120,12 +129,13 @@ def test_cli_budgets_and_the_loader(tiny_model, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "out.jsonl")
     ev.main(["--bench", "toy", "--limit", "3", "--out", out, "--min-pixels", "3136", "--max-pixels", "12544"])
     ev.main(["--bench", "mathvista", "--data", str(mv), "--out", out])
-    ev.main(["--bench", "mathvista", "--data", str(mv), "--out", out, "--max-new-tokens", "7"])
+    ev.main(["--bench", "mathvista", "--data", str(mv), "--out", out, "--max-new-tokens", "7", "--seed", "3"])
     gpu = torch.cuda.is_available()
     on = (torch.device("cuda", 0), torch.bfloat16) if gpu else (torch.device("cpu"), torch.float32)
     assert calls == [("load", "tiny", *on, 3136, 12544), ("evaluate", 3, 48), ("load", "tiny", *on, 0, 0),
                      ("evaluate", 1, 2048), ("load", "tiny", *on, 0, 0), ("evaluate", 1, 7)]
     assert ev.TOY_MAX_NEW_TOKENS == vlr.Config().max_new_tokens
+    assert seeds == [0, 0, 3000]  # --seed's stream for rank 0, as vlr.setup's
     for bad in (["--min-pixels", "-1"], ["--min-pixels", "5000", "--max-pixels", "4000"], ["--max-new-tokens", "0"],
                 ["--limit", "-1"], ["--limit", "0"], ["--batch-size", "0"], ["--temperature", "-1"]):
         with pytest.raises(SystemExit):
