@@ -22,10 +22,11 @@ class BufferedLayer(DynamicLayer):
     double when full (without a hint, or past it), so a token is copied O(1) times on average.
 
     `keys` and `values` are always the filled part: views of the buffers after `update`, and what
-    every inherited method reads. The methods that replace them by new tensors
-    (batch_select_indices, batch_repeat_interleave, reorder_cache) are not overridden: `update`
-    sees that they are no longer views of the buffers and moves them into new ones. A view taken
-    by someone else (Parked.add) keeps its values: updates write only past the filled part.
+    every inherited method reads. The methods that replace them by new tensors (the decode loop's
+    batch_select_indices as rows leave, the group's batch_repeat_interleave) drop the buffers at
+    once, else the old ones would be held beside the new tensors until the next `update`, which
+    moves the rows into new buffers (`update` sees that `keys` is no longer a view of them). A view
+    taken by someone else (Parked.add) keeps its values: updates write only past the filled part.
 
     Keys and values are stored in `dtype` (None: as they come). Under --bf16 (autocast) the
     residual stream stays fp32 and the rotary embedding returns fp32 keys: stored as they come,
@@ -51,6 +52,14 @@ class BufferedLayer(DynamicLayer):
         self.value_buf[:, :, n:end] = value_states
         self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self.key_buf = self.value_buf = None
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self.key_buf = self.value_buf = None
 
     def _move(self, key_states, value_states, capacity: int):
         """New buffers of `capacity` tokens, holding what is cached so far."""
@@ -109,3 +118,8 @@ class Parked:
         for layer, per_part in enumerate(zip(*kvs)):
             cache.update(torch.cat([k for k, _ in per_part])[order], torch.cat([v for _, v in per_part])[order], layer)
         return cache, torch.cat(attns)[order]  # [M, width]
+
+    def release(self):
+        """Drop every part: Forced Rethinking, once it has `select`ed, frees the first pass's caches
+        before the continuation decodes into its own (else both would be held at the peak)."""
+        self.parts.clear()

@@ -154,6 +154,7 @@ def continue_forced(model, ro: Rollout, forced: list[Forced], cfg: RethinkConfig
     rows, keep = torch.tensor([f.row for f in forced], device=dev), torch.tensor([f.keep for f in forced], device=dev)
     width = max(len(x) for x in chunks)
     cache, attn = c.parked.select(rows, width + cfg.max_new_tokens)  # room: the continuation
+    c.parked.release()  # one cache at the peak, not two
     slot = torch.arange(attn.shape[1], device=dev)  # [S] the parked rows' width (kv_cache.Parked.select)
     attn = attn.masked_fill(slot[None] >= c.prompt_ids.shape[1] + keep[:, None] - 1, 0)  # [M, S] from the refed token's old slot
     chunk = torch.stack([F.pad(x, (width - len(x), 0), value=s.pad) for x in chunks])  # [M, W] left-padded

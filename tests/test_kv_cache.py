@@ -1,4 +1,7 @@
 """kv_cache.py: the preallocated KV cache holds what transformers' own holds, and changes no result."""
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -72,3 +75,22 @@ def test_buffered_kv_cache_holds_what_dynamic_cache_holds(length, autocast):
     assert moves == 4  # 3 new batches (G copies, two leavings) and 1 growth; every other step in place
     assert layer.key_buf.shape[2] > layer.keys.shape[2] >= 12  # it grew past the hint, with room to spare
     assert torch.equal(*seen)
+
+
+def test_rows_leaving_or_copied_free_the_old_buffers_at_once():
+    """After batch_repeat_interleave (the group) and batch_select_indices (rows leaving) nothing holds
+    the buffers the rows were in: the cache is not held twice until the next update moves them."""
+    cache = kv_cache.new_cache(torch.device("cpu"), 16)
+    keys = torch.randn(2, 2, 5, 4)
+    cache.update(keys, keys.clone(), 0)
+    layer = cache.layers[0]
+    for change, expect in ((lambda: cache.batch_repeat_interleave(3), lambda k: k.repeat_interleave(3, 0)),
+                           (lambda: cache.batch_select_indices(torch.tensor([0, 4])), lambda k: k[[0, 4]])):
+        old = weakref.ref(layer.key_buf), weakref.ref(layer.value_buf)
+        change()
+        gc.collect()
+        assert old[0]() is None and old[1]() is None
+        step = torch.randn(len(expect(keys)), 2, 1, 4)
+        keys = torch.cat([expect(keys), step], 2)
+        cache.update(step, step.clone(), 0)
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, keys)

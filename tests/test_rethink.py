@@ -3,7 +3,9 @@
 A rethought response is checked token by token: the first response cut at k, the trigger, a
 continuation that stopped; its log-probs against the trainer's forward and a plain reference
 (helpers.check_logprobs), so that the continued KV cache is shown to mask exactly the cut tail."""
+import gc
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -158,6 +160,24 @@ def rethink_rollout(tiny_model, train_trigger, cut_prob=1.0, cut=None, max_new_t
                   for i, body in enumerate(bodies(ro)) if not ro.truncated[i]]
     done = rethink.rethink(model, processor.tokenizer, ro, grades, always_right, cfg, forced)
     return ro, done, [(bodies(ro)[f.row], f.keep) for f in done.forced]
+
+
+def test_the_first_pass_caches_are_freed_before_the_continuation_decodes(tiny_model, monkeypatch):
+    """rethink holds one KV cache at the peak: when the continuation's decode starts, nothing holds
+    the parked caches of the first pass any more."""
+    model, processor = tiny_model
+    ro, grades = first_pass(tiny_model)
+    parked = [weakref.ref(x) for _, _, kv in ro.caches.parked.parts for layer in kv for x in layer]
+    alive, decode = [], rollout.decode
+
+    def spy(*args, **kw):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in parked))
+        return decode(*args, **kw)
+
+    monkeypatch.setattr(rollout, "decode", spy)
+    done = rethink.rethink(model, processor.tokenizer, ro, grades, always_right, rules(**EVERYONE))
+    assert int(done.triggered.sum()) > 0 and alive == [0] and len(parked) >= 4
 
 
 def test_fixed_is_a_triggered_response_whose_first_answer_was_wrong_and_whose_rethought_one_is_right(tiny_model):
