@@ -1,6 +1,7 @@
 """Rollouts: G sampled responses per prompt with a hand-written KV-cache loop, and their log-probs.
 
-Two things live here, and both must agree with the trainer to the last bit:
+Two things live here, and both must agree with the trainer (to float rounding: ~1e-6 in fp32,
+docs/memory.md gives the drift under bf16):
   * `sample` draws the group of responses (paper, Section 2: GRPO needs G responses per question)
     and records each token's log-probability. It knows nothing of rewards or of Forced Rethinking
     (rethink.py), which continues the caches that `sample` parks for it.
@@ -14,8 +15,9 @@ Qwen2.5-VL details that matter (transformers 5.x):
     `model.model.get_rope_index`, built from `mm_token_type_ids` (1 on image tokens); text after
     the prompt continues at max(prompt position) + 1. We always pass `position_ids` ourselves,
     so the model's hidden `rope_deltas` state is never used.
-  * A sampled `<|image_pad|>` would make the next forward fail (image features and image tokens
-    no longer match), so vision special tokens get probability 0, in sampling and in training.
+  * A sampled `<|image_pad|>` would make the training forward fail (more image tokens than the
+    images have features), so vision special tokens get probability 0, in sampling and in training
+    (docs/differences.md: the published code samples from the full softmax).
 """
 from dataclasses import dataclass
 
@@ -68,7 +70,8 @@ def logprobs(model, prompts: dict, response_ids, response_mask, temperature: flo
     """Log-probability of each response token given prompt + earlier tokens, in one forward pass.
 
     The sequence is [left-padded prompt | right-padded response]; padding is masked out of
-    attention and gets no position, so every real token sees exactly what it saw while sampled.
+    attention (its position, 0, is read by no real token), so every real token sees exactly what
+    it saw while sampled.
     `share_vision`: each distinct image of the batch goes through the vision tower once
     (`embed_shared`); False runs it once per row's image, as the model's own forward does (the
     reference path, kept for bench.py). Returns [N, T], zero where response_mask is 0."""
@@ -201,7 +204,7 @@ def draw(probs, generator, rows=None, n: int = 0) -> torch.Tensor:
     else:
         q = probs.new_empty(n, v).exponential_(generator=generator)  # [n, V]
         q = q if rows is None else q[rows]  # [B, V]
-    return (probs / q).argmax(-1)  # [B]
+    return torch.where(probs > 0, probs / q, 0.0).argmax(-1)  # [B] 0/0 (q = 0 from u = 0) would win as NaN
 
 
 @dataclass
@@ -306,7 +309,7 @@ def sample(model, processor, records, g: int, how: Decoding, generator=None, par
     start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(g)  # [N] text after the prompt: max position + 1
     d = decode(model, cache, logits, attn, start, how.max_new_tokens, s, park)
     ids = [d.tokens[i][d.real[i]] for i in range(len(d.tokens))]
-    return Rollout(group_size=g, prompts={k: v.cpu() for k, v in data.repeat_prompts(batch, g).items()},
+    return Rollout(group_size=g, prompts=data.repeat_prompts({k: v.cpu() for k, v in batch.items()}, g),  # G copies off the GPU
                    response_ids=pad(ids, s.pad).cpu(), response_mask=pad([torch.ones_like(x) for x in ids], 0).cpu(),
                    logp=pad([d.logp[i][d.real[i]] for i in range(len(ids))], 0.0).cpu(),
                    loss_mask=pad([torch.ones(len(x), device=dev) for x in ids], 0.0).cpu(),

@@ -140,6 +140,14 @@ def test_draw_is_torch_multinomial_and_a_row_keeps_its_noise_in_a_smaller_batch(
     assert (expect >= 20).all()
 
 
+def test_a_uniform_of_zero_never_draws_a_token_of_probability_zero(monkeypatch):
+    """torch.rand may give 0.0: its exponential noise is then 0, and 0 / 0 = NaN, which argmax would pick."""
+    probs = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.0, 0.8]])
+    zeros = lambda n, v, **kw: torch.full((n, v), 0.5, dtype=kw["dtype"]).index_fill_(1, torch.tensor([0, 1]), 0.0)
+    monkeypatch.setattr(torch, "rand", zeros)  # on the CPU, draw's noise is -log1p(-u) of these uniforms
+    assert rollout.draw(probs, None).tolist() == [1, 0]  # noise 0 on tokens 0 and 1: of those, the one with mass
+
+
 def test_finished_rows_leave_the_batch_and_change_no_token(tiny_model):
     """The same rollouts with rows leaving the decode batch (Decoding.leave_at) and without: the
     same tokens, texts, masks and generator state after; log-probs equal up to the last bits of a
