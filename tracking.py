@@ -44,7 +44,7 @@ def kinds(flag: str) -> list[str]:
     for k in names:
         if k != "none" and importlib.util.find_spec(k) is None:
             raise UserError(f"--report-to {k}: the {k} package is not installed (vlr does not need it otherwise): "
-                            f"pip install {k}")
+                            f"pip install {k}" + (", or --report-to none" if k == "tensorboard" else ""))  # the default
     return [k for k in names if k != "none"]
 
 

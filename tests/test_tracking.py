@@ -156,6 +156,9 @@ def test_a_logger_that_is_not_installed_is_said_before_anything_loads(tmp_path, 
         with pytest.raises(UserError, match="give 'none' or loggers from tensorboard, wandb, trackio"):
             tracking.kinds(bad)
     assert tracking.kinds("none") == [] and tracking.kinds(" tensorboard ") == ["tensorboard"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(UserError, match=r": pip install tensorboard, or --report-to none$"):  # the default: not asked for
+        vlr.check_flags(vlr.parse_args(["--out", str(tmp_path / "x")]))
 
 
 def test_eval_sends_its_summary_and_samples_to_tensorboard(tmp_path, tiny_model):
