@@ -204,6 +204,23 @@ def misplaced(question: str, images: int) -> str | None:
     return _mismatch(placeholders, images) if placeholders and placeholders != images else None
 
 
+# Qwen2.5's control tokens written out: its tokenizer reads each as that one token, not as text, so a
+# question holding one would end the user turn early (<|im_end|>) or add image tokens that no image
+# fills (<|image_pad|>: the processor's error at the first rollout, naming no record).
+CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<|fim_prefix|>",
+                  "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+
+
+def control_token(question: str, choices=None) -> str | None:
+    """Why a question or its options cannot go to the model as text (`CONTROL_TOKENS`), or None."""
+    for field, value in [("question", question), *(("choices", c) for c in choices or [])]:
+        if found := next((t for t in CONTROL_TOKENS if t in value), None):
+            return f"field '{field}' writes the control token {found}, which the tokenizer reads as that token, not as text"
+    return None
+
+
 def bad_image(base: Path, p: str) -> str | None:
     """Why the image file `p` (a path relative to the data file's folder `base`) cannot be used, or
     None. A path must stay inside that folder: a downloaded file names its images, not the rest of
@@ -273,6 +290,8 @@ def _check_line(line: bytes, base: Path):
             return f"field 'choices' must be a list of 2 to {len(LETTERS)} options, each a string or a number"
         if answer not in LETTERS[:len(choices)] or len(answer) != 1:  # Record.choices: the gold is a letter
             return f"field 'answer' must be the letter of an option, A to {LETTERS[len(choices) - 1]}, not {answer!r}"
+    if reason := control_token(row["question"], [text(c) for c in choices or []]):
+        return reason
     return Record(id=text(row["id"]), images=images, question=row["question"], answer=answer,
                   choices=[text(c) for c in choices] if choices else None, category=row.get("category") or "")
 
@@ -316,6 +335,8 @@ def _check_row(row: dict, base: Path):
     images = _check_images(row["image"], row["question"], base)
     if isinstance(images, str):
         return images
+    if reason := control_token(row["question"]):
+        return reason
     meta = {k: v for k, v in row.items() if k not in PARQUET_COLUMNS + ("category",)}
     return Record(id=str(row["qid"]), images=images, question=row["question"], answer=row["answer"].strip(),
                   category=str(row.get("category") or ""), meta=meta)

@@ -260,7 +260,7 @@ def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_
     one = {k: v for k, v in mathvision_rows()[0].items() if k != "decoded_image"}  # images/1.jpg, options A-E
     rows = [one, dict(one, answer="AB"), dict(one, question=5), dict(one, answer=[1]), dict(one, options="ABCDE"),
             dict(one, image="../outside.png"), dict(one, image="notes.txt"),
-            dict(one, question="<image> beside <image>", options=[])]
+            dict(one, question="<image> beside <image>", options=[]), dict(one, options=["1", "2<|im_end|>", "3", "4", "5"])]
     path = write_jsonl(tmp_path / "test.jsonl", rows)
     with pytest.raises(data.DataError) as err:
         benchmarks.load_bench("mathvision", path)
@@ -271,7 +271,8 @@ def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_
         f"{path}:5: the options must be a list of strings or numbers, not 'ABCDE'",
         f"{path}:6: ../outside.png is not inside the data file's folder (image paths are relative to it)",
         f"{path}:7: unreadable image notes.txt (UnidentifiedImageError)",
-        f"{path}:8: 2 '<image>' placeholder(s) in field 'question' for 1 image(s)"]
+        f"{path}:8: 2 '<image>' placeholder(s) in field 'question' for 1 image(s)",
+        f"{path}:9: field 'choices' writes the control token <|im_end|>, which the tokenizer reads as that token, not as text"]
     standard = mmmu_rows()[0][0]
     deep = "(" * 40_000 + ")" * 40_000  # Python's parser gives up: said, not a RecursionError
     one_image = dict(standard, question="Which painting is older?", image_1=base64.b64encode(png("red")).decode(),

@@ -41,6 +41,10 @@ BAD_LINES = [  # line 2 on: kinds of bad lines, each with the reason it must be 
      "field 'answer' must be the letter of an option, A to B, not 'Z'"),
     ({"id": "b10", "image": "../ok.png", "question": "q", "answer": "1"}, "../ok.png is not inside the data file's folder"),
     ({"id": "b11", "image": "/etc/hostname", "question": "q", "answer": "1"}, "/etc/hostname is not inside"),
+    ({"id": "b12", "image": "ok.png", "question": "q<|im_end|>", "answer": "1"},
+     "field 'question' writes the control token <|im_end|>, which the tokenizer reads as that token, not as text"),
+    ({"id": "b13", "image": "ok.png", "question": "q", "answer": "B", "choices": ["x", "<|image_pad|>"]},
+     "field 'choices' writes the control token <|image_pad|>"),
 ]
 
 
@@ -297,7 +301,7 @@ def test_parquet_missing_columns_are_named_before_any_row_is_read(tmp_path, monk
         data.load_records(str(tmp_path / "virl39k_typo"))
 
 
-BAD_ROWS = [  # rows 2..8, each with the reason it must be reported for
+BAD_ROWS = [  # rows 2..9, each with the reason it must be reported for
     (virl_row("b1", ["images/square.png"], question="  "), "field 'question' is empty or not a string"),
     (virl_row("b2", ["images/square.png"], answer=""), "field 'answer' is empty or not a string"),
     (virl_row("b3", []), "field 'image' must be a non-empty list of paths"),
@@ -306,6 +310,8 @@ BAD_ROWS = [  # rows 2..8, each with the reason it must be reported for
     (virl_row("b6", ["images/broken.png"]), "field 'image': unreadable image images/broken.png"),
     (virl_row("b7", ["images/square.png"], question="<image> or <image>?"),
      "2 '<image>' placeholder(s) in field 'question' for 1 image(s)"),
+    (virl_row("b8", ["images/square.png"], question="<image> What is <|vision_start|>?"),
+     "field 'question' writes the control token <|vision_start|>"),
 ]
 
 
@@ -314,8 +320,8 @@ def test_every_bad_parquet_row_is_reported_with_file_and_row(tmp_path):
     with pytest.raises(data.DataError) as err:
         data.load_records(str(path))
     head, *lines = str(err.value).splitlines()
-    assert head == f"7 bad row(s) in {path}:"
-    assert len(lines) == 7
+    assert head == f"8 bad row(s) in {path}:"
+    assert len(lines) == 8
     for n, (line, (_, reason)) in enumerate(zip(lines, BAD_ROWS), start=2):
         assert line.startswith(f"{path}:row {n}: {reason}"), line
 
@@ -323,7 +329,7 @@ def test_every_bad_parquet_row_is_reported_with_file_and_row(tmp_path):
 def test_parquet_skip_bad_keeps_the_good_rows(tmp_path):
     path = write_parquet(tmp_path, [TWO] + [r for r, _ in BAD_ROWS] + [virl_row("g2", ["images/square.png"])])
     records, skipped = data.load_records(str(path), skip_bad=True)
-    assert skipped == 7
+    assert skipped == len(BAD_ROWS)
     assert [r.id for r in records] == ["two", "g2"]
     assert records[1].images == [str(tmp_path / "virl" / "images" / "square.png")]
 
