@@ -413,7 +413,10 @@ class _Parser:
             index = self.enclosed("[") if self.eat("[") else sympy.Integer(2)
             if not (index.is_Integer and 2 <= index <= MAX_EXPONENT):
                 raise _Reject
-            return _checked_call(sympy.root, self.arg(), index)
+            radicand = self.arg()
+            if index % 2 and radicand.is_negative:  # \sqrt[3]{-8} is -2, sympy.root's principal root is complex
+                return -_checked_call(sympy.root, -radicand, index)
+            return _checked_call(sympy.root, radicand, index)
         if name in _FUNCTIONS:
             if name == "log" and self.eat("_"):  # \log_{2} 8
                 base = self.arg()

@@ -225,15 +225,20 @@ def _unbox(s: str) -> str:
 
 
 _LETTER = re.compile(r"\(?([A-Za-z])(?:[).:]|$)(?=\s|$)")  # B, (B), B), B., B: and B. 12 -- not "Blue", "B 12", "S.A."
+# After a letter, what names more than one option: "(A) or (B)", "(A) (B) (C) (D)", "A) not sure, maybe B"
+_HEDGE = re.compile(r"(?i:\b(?:or|and|maybe|perhaps)\b)|(?<![\w\\])[A-Z](?![\w'])")
 
 
-def _choice_index(s: str, gold: bool) -> int | None:
+def _choice_index(s: str, gold: bool, options=()) -> int | None:
     """The option `s` names by letter (0 for A), else None. A gold letter must be upper case:
-    a lower-case gold like "x" is an answer, not an option."""
+    a lower-case gold like "x" is an answer, not an option. A prediction whose letter is followed
+    by more than its option's text and that names another letter or hedges names no one option."""
     m = _LETTER.match(s)
     if m is None or (gold and not m.group(1).isupper()):
         return None
-    return ord(m.group(1).upper()) - ord("A")
+    i, rest = ord(m.group(1).upper()) - ord("A"), s[m.end():]
+    own = i < len(options) and _text_key(rest) == _text_key(options[i])
+    return None if not gold and not own and _HEDGE.search(rest) else i
 
 
 def _letter_set(s: str, gold: bool) -> frozenset | None:
@@ -253,7 +258,7 @@ def _matches(pred: str, gold: str, options: list[str]) -> bool:
         return False
     if (several := _letter_set(gold, gold=True)) is not None:
         return _letter_set(pred, gold=False) == several
-    g, p = _choice_index(gold, gold=True), _choice_index(pred, gold=False)
+    g, p = _choice_index(gold, gold=True), _choice_index(pred, gold=False, options=options)
     if p is not None and 0 < len(options) <= p:  # no option has that letter: an option's text (MathVision: K, E, N, G, U)
         p = None
     if g is not None:
@@ -271,14 +276,17 @@ def _matches(pred: str, gold: str, options: list[str]) -> bool:
 
 _DROP = re.compile(r"\\[,;:! {}\[\]]|\\q?quad(?![a-zA-Z])|\\(?:left|right|displaystyle)(?![a-zA-Z])"
                    r"|(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°)(?:\s*T(?![a-zA-Z]))?|\\?%|\\?\$")  # 212°T: a bearing
-_UNIT_TEXT = re.compile(r"(?:(?<=[\d}.])|(?<=\\pi))\s*(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|\{[a-zA-Z]{3,}\}$)"
+_UNIT_TEXT = re.compile(r"(?:(?<=[\d}.])|(?<=\\pi))\s*(?:\\(?:text|mathrm|mbox)\s*\{(?![^{}]*\b(?:or|and|not)\b)[^{}]*\}"
+                        r"|\{[a-zA-Z]{3,}\}$)"
                         r"(?:\s*\^\s*\{?[23]\}?)?")  # 12\text{ cm}^2, 69{degrees}
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
 # Words after a number are its unit ("3 square units", "4.4 m"), but a single letter is a variable, as MathVerse
 # writes "0.5 y^2" and "36 t-4 t^3" (only m, g and L are units; m also glued on: 4.4m, 10√{3}m); a word of the math
-# subset (pi, sin) is math.
-_UNIT_WORDS = re.compile(r"(?:(?<=\d)\s+(?!(?:sqrt|pi|sin|cos|tan|cot|sec|csc|arc\w+|ln|log|exp)\b)"
-                         r"(?:[a-zA-Z]{2,}|[mgL])\.?(?:\s+[a-zA-Z]+\.?){0,2}"
+# subset (pi, sin) is math; a word that changes what the number says ("5 or more", "5 is wrong") is no unit.
+_NOT_UNIT = r"(?:sqrt|pi|sin|cos|tan|cot|sec|csc|arc\w+|ln|log|exp|or|and|not|nor|is|are|more|less|than|to|plus|minus" \
+            r"|times|over|maybe|but|either|least|most)\b"
+_UNIT_WORDS = re.compile(rf"(?:(?<=\d)\s+(?!{_NOT_UNIT})"
+                         rf"(?:[a-zA-Z]{{2,}}|[mgL])\.?(?:\s+(?!{_NOT_UNIT})[a-zA-Z]+\.?){{0,2}}"
                          r"|(?:(?<=[\d})])|(?<=\\pi))\s*(?:cm|mm|km|kg|ft|inches|feet|(?:square |cubic )?units?"
                          r"|degrees?|dollars?|meters?|metres?|hours?|minutes?|seconds?|m))(?:\s*\^\s*\{?[23]\}?|²|³)?$")
 # The signs the benchmarks write in unicode (MathVista's options: 2√{3}, 3πcm, 100°; MathVerse's "118掳T" is its
@@ -290,16 +298,20 @@ _UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "⋅": "
 # What may stand left of "=" in a value's name: Area, S.A. of rectangular prism, y_2, f(x), (x, y)
 _NAME = re.compile(r"[a-zA-Z\\. ]{0,30}(?:_\{?\w+\}?)?\s*(?:\(\s*[a-z]\s*(?:,\s*[a-z]\s*)*\))?\s*")
 _DECIMAL = re.compile(r"-?\d*\.(\d+)")
+_MIXED = re.compile(r"(?<![\w.}^_])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")  # 1\frac{1}{2}: a mixed number, 1.5
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 
 
 def clean(s: str) -> str:
     """Step 3 (the module's docstring), first half: an answer or option without its box (`_unbox`)
     and its LaTeX dress: $, spacing, \\left/\\right, degrees, %, \\text{...} and friends."""
-    s = re.sub(r"^\s*(?:\\\\\s*)+|(?:\s*\\\\)+\s*$", "", _unbox(s).translate(_UNICODE))  # a line break: 5 \\
+    s = _unbox(s).translate(_UNICODE).strip()
+    while s[:2] == "\\\\" or s[-2:] == "\\\\":  # a line break: 5 \\ (a loop: a regex for it is quadratic in spaces)
+        s = s.removeprefix("\\\\").removesuffix("\\\\").strip()
     s = _DROP.sub("", s).replace("{,}", ",")  # 1{,}000: LaTeX's thousands comma
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = _MIXED.sub(lambda m: f"({m[1]}+\\frac{{{m[2]}}}{{{m[3]}}})" if int(m[2]) < int(m[3]) else m[0], s)
     s = _UNIT_TEXT.sub("", s)
     for _ in range(3):  # innermost first: \text{\textbf{B}}
         s = _WRAPPER.sub(r"\1", s)
@@ -327,9 +339,12 @@ def _text_key(s: str) -> str:
 
 
 def _equivalent(pred: str, gold: str) -> bool:
+    written = pred, gold
     pred, gold = normalize(pred), normalize(gold)
     if _text_key(pred) == _text_key(gold):
         return True
+    if ("=" in pred) != ("=" in gold) and all(w.count("=") == 1 for w in written):  # y=2x+1 lost its "y =", 2y=4x+2
+        return latex.equivalent(*written)  # did not: both are equations, compared as relations
     # A gold written as a rounded decimal (MathVista's "1.73") accepts an exact answer that rounds to
     # it (\sqrt{3}); a decimal answer still has to agree within latex.REL_TOL, so 1.7 is not 1.73. A gold
     # of one significant digit (0.2) says too little: 1/6 rounds to it, and 0.2 is more likely exact.

@@ -171,7 +171,32 @@ WRITTEN = [
     (boxed("1131"), r"Area $=1131 \mathrm{~cm}^{2}$", 1.0),
     (boxed("5"), "5=s", 1.0),
 ]
-CASES = NUMBERS + EXPRESSIONS + LISTS + CHOICE_LETTERS + TEXT + EXTRACTION + WRITTEN
+# A review's cases (2026-12-07): hedged letters, mixed numbers, words that are no unit, "or" in \text,
+# equations that lost their "y =", odd roots of negative numbers
+REVIEWED = [
+    (boxed("(A) or (B)"), "A", 0.0),
+    (boxed("(A) (B) (C) (D)"), "A", 0.0),
+    (boxed("A) not sure, maybe B"), "A", 0.0),
+    (boxed("(A) and (B)"), "A", 0.0),
+    (boxed(r"1\frac{1}{2}"), "1.5", 1.0),
+    (boxed(r"1\frac{1}{2}"), "0.5", 0.0),
+    (boxed(r"2\frac{1}{3}"), r"\frac{2}{3}", 0.0),
+    (boxed(r"-1\frac{1}{2}"), "-1.5", 1.0),
+    (boxed("5 is wrong"), "5", 0.0),
+    (boxed("5 or six"), "5", 0.0),
+    (boxed("12 or more"), "12", 0.0),
+    (boxed(r"5\text{ or more}"), "5", 0.0),
+    (boxed(r"2 \text{ or } -2"), "0", 0.0),
+    (boxed(r"x = 3 \text{ or } -1"), "2", 0.0),
+    (boxed("2y=4x+2"), "y=2x+1", 1.0),
+    (boxed("y-2x=1"), "y=2x+1", 1.0),
+    (boxed("x^2-y=0"), "y=x^2", 1.0),
+    (boxed("2y=4x+3"), "y=2x+1", 0.0),
+    (boxed(r"\sqrt[3]{-8}"), "-2", 1.0),
+    (boxed("-2"), r"\sqrt[3]{-8}", 1.0),
+    (boxed(r"\sqrt[3]{-8}"), "2", 0.0),
+]
+CASES = NUMBERS + EXPRESSIONS + LISTS + CHOICE_LETTERS + TEXT + EXTRACTION + WRITTEN + REVIEWED
 
 COLOURS = ["red", "green", "blue", "yellow"]
 # (response, gold answer, choices, expected accuracy): options make a letter and a text interchangeable
@@ -180,6 +205,9 @@ CHOICE_TEXTS = [
     (boxed("Green"), "B", COLOURS, 1.0),
     (boxed("red"), "B", COLOURS, 0.0),
     (boxed("A. green"), "B", COLOURS, 0.0),  # a wrong letter is wrong whatever text follows it
+    (boxed("(B) or (C)"), "B", COLOURS, 0.0),  # two options named: neither
+    (boxed("(A) or (B)"), "red", COLOURS, 0.0),
+    (boxed("B. green"), "B", COLOURS, 1.0),  # the letter and its own text
     (boxed("B"), "green", COLOURS, 1.0),  # gold given as the option's text
     (boxed("C"), "green", COLOURS, 0.0),
     (boxed("1"), "B", ["3", "1", "5", "2"], 1.0),
