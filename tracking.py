@@ -31,8 +31,8 @@ from distributed import UserError
 KINDS = ("tensorboard", "wandb", "trackio")  # --report-to's names; "none" for no logger
 PROJECT = "vlr"  # the W&B / trackio project (WANDB_PROJECT / TRACKIO_PROJECT override it)
 CUT, MODEL = "⟨cut⟩", "⟨model⟩"  # in a rethought sample: where the first response was cut; where the model goes on
-TEXTS = ("question", "response", "text")
-TRACKIO_SENT = "trackio_sent"  # tracking.json's key for the last step trackio was sent  # a sample's fields that are the model's or the task's words
+TEXTS = ("question", "response", "text")  # a sample's fields that are the model's or the task's words
+TRACKIO_SENT = "trackio_sent"  # tracking.json's key for the last step trackio was sent
 
 
 def kinds(flag: str) -> list[str]:
