@@ -215,9 +215,9 @@ CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
 
 def control_token(question: str, choices=None) -> str | None:
     """Why a question or its options cannot go to the model as text (`CONTROL_TOKENS`), or None."""
-    for field, value in [("question", question), *(("choices", c) for c in choices or [])]:
+    for where, value in [("field 'question'", question), *((f"option {LETTERS[i]}", c) for i, c in enumerate(choices or []))]:
         if found := next((t for t in CONTROL_TOKENS if t in value), None):
-            return f"field '{field}' writes the control token {found}, which the tokenizer reads as that token, not as text"
+            return f"{where} writes the control token {found}, which the tokenizer reads as that token, not as text"
     return None
 
 

@@ -272,7 +272,7 @@ def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_
         f"{path}:6: ../outside.png is not inside the data file's folder (image paths are relative to it)",
         f"{path}:7: unreadable image notes.txt (UnidentifiedImageError)",
         f"{path}:8: 2 '<image>' placeholder(s) in field 'question' for 1 image(s)",
-        f"{path}:9: field 'choices' writes the control token <|im_end|>, which the tokenizer reads as that token, not as text"]
+        f"{path}:9: option B writes the control token <|im_end|>, which the tokenizer reads as that token, not as text"]
     standard = mmmu_rows()[0][0]
     deep = "(" * 40_000 + ")" * 40_000  # Python's parser gives up: said, not a RecursionError
     one_image = dict(standard, question="Which painting is older?", image_1=base64.b64encode(png("red")).decode(),

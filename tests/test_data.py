@@ -44,7 +44,7 @@ BAD_LINES = [  # line 2 on: kinds of bad lines, each with the reason it must be 
     ({"id": "b12", "image": "ok.png", "question": "q<|im_end|>", "answer": "1"},
      "field 'question' writes the control token <|im_end|>, which the tokenizer reads as that token, not as text"),
     ({"id": "b13", "image": "ok.png", "question": "q", "answer": "B", "choices": ["x", "<|image_pad|>"]},
-     "field 'choices' writes the control token <|image_pad|>"),
+     "option B writes the control token <|image_pad|>"),
 ]
 
 
