@@ -138,17 +138,13 @@ def check_shared(out: Path, rank: int, world: int):
             failed = f"--out {out}: rank 0 could not write a file there ({e.strerror or e})"
     token, failed = gather((token, failed), world)[0]  # after rank 0 wrote it
     probe = out / f".shared-{token}"
-    if failed:
-        if rank == 0:
-            probe.unlink(missing_ok=True)
-            if created and out.is_dir():
-                out.rmdir()
-        raise UserError(failed)
-    seen = gather((socket.gethostname(), reads_back(probe, token)), world)
+    seen = [] if failed else gather((socket.gethostname(), reads_back(probe, token)), world)  # alike on every rank
     if rank == 0:
-        probe.unlink()
-        if created:  # as it was: a run refused later (bad data) leaves nothing behind
+        probe.unlink(missing_ok=True)
+        if created and out.is_dir():  # as it was: a run refused later (bad data) leaves nothing behind
             out.rmdir()
+    if failed:
+        raise UserError(failed)
     missing = [f"rank {r} on {host}" for r, (host, ok) in enumerate(seen) if not ok]
     if missing:
         raise UserError(f"--out {out} is not a folder every process sees: {', '.join(missing)} cannot read the "
