@@ -22,7 +22,9 @@ from distributed import UserError
 def built_once(out: Path, stamp: str, fingerprint: str, build) -> Path:
     """`out`, built by build(out) on first use and rebuilt when the fingerprint in its `stamp` file
     is not `fingerprint` (what determines the model changed). Several processes at once (torchrun
-    ranks) build it once: the first takes the lock and builds, the others wait and find it built."""
+    ranks) build it once: the first takes the lock and builds, the others wait and find it built.
+    Called before the processes' group exists (vlr.setup, eval.run): under one, transformers'
+    save_pretrained writes no weights on a rank other than 0, and the first may be any rank."""
     def fresh() -> bool:
         try:
             return json.loads((out / stamp).read_text()).get("fingerprint") == fingerprint

@@ -282,6 +282,7 @@ def logged_values(summary: dict) -> dict:
 
 def run(args, records) -> list[dict] | None:
     """Every process evaluates its shard; rank 0 gets all rows in file order, the others None."""
+    models.resolve(args.model)  # a built model is built before the processes meet (vlr.setup says why)
     rank, world, device = distributed.setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, processor = models.load_model(args.model, device, dtype, args.min_pixels, args.max_pixels)

@@ -282,9 +282,13 @@ def setup(cfg: Config) -> Run:
     """Processes, data (bad data stops here, before any model loads), model, optimizer, replay
     buffer; on --resume all of it as the checkpoint left it, so the run continues exactly."""
     out = check_flags(cfg)
+    train_set, test_set = load_data(cfg, rank_world()[0])
+    if uses_model(cfg):  # a built model (tiny, smoke) is built now, before the processes meet: the first
+        # to take the lock builds it, and under a process group transformers' save_pretrained writes no
+        # weights on a rank other than 0 (transformers/distributed/mixin.py, should_save_on_this_rank)
+        models.resolve(cfg.model)
     rank, world, device = setup_distributed()
     faults.prepare(out, rank, world)  # --out shared by every process; an interrupted save's leftovers gone
-    train_set, test_set = load_data(cfg, rank)
     state, ckpt = None, None
     if cfg.resume:
         ckpt = checkpoint.checkpoint_dir(out)
@@ -379,10 +383,15 @@ def check_flags(cfg: Config) -> Path:
     if cfg.auto_resume:  # this launch's choice, kept in config.json as if given
         cfg.resume, cfg.overwrite = faults.auto_resume(out, asdict(cfg))
     checkpoint.check_run_folder(out, asdict(cfg), cfg.resume, cfg.overwrite)
-    # a resumed policy loads from the checkpoint; the KL reference and LoRA's base from --model
-    if not cfg.resume or cfg.kl_coef or cfg.lora_rank:
+    if uses_model(cfg):
         models.check(cfg.model)
     return out
+
+
+def uses_model(cfg: Config) -> bool:
+    """Whether this launch loads --model: a resumed policy loads from its checkpoint, the KL
+    reference and LoRA's base from --model."""
+    return not cfg.resume or bool(cfg.kl_coef) or bool(cfg.lora_rank)
 
 
 def run_folder(cfg: Config) -> Path:
