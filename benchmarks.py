@@ -250,8 +250,7 @@ def load_bench(bench: str, path: str | None = None) -> list[data.Record]:
                 if not isinstance(r, dict):
                     raise DataError("expected an object")
                 rec = ADAPTERS[bench](r, path.parent)
-                if reason := (data.misplaced(rec.question, len(rec.images))  # said now, not after the model loads
-                              or data.control_token(rec.question, rec.choices)):
+                if reason := data.unfit_question(rec.question, len(rec.images), rec.choices):
                     raise DataError(reason)
                 records.append(rec)
             except DataError as e:

@@ -186,16 +186,21 @@ def _is_paths(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(p, str) and p for p in value)
 
 
-def _check_images(paths: list, question: str, base: Path):
+def _check_images(paths: list, base: Path):
     """The image paths resolved against `base`, each opened to check it, or the reason they are bad."""
-    if reason := misplaced(question, len(paths)):
-        return reason
     images = []
     for p in paths:
         if reason := bad_image(base, p):
             return f"field 'image': {reason}"
         images.append(str(base / p))
     return images
+
+
+def unfit_question(question: str, images: int, choices=None) -> str | None:
+    """Why a question and its options cannot go to the model as written, or None: its `<image>`
+    marks cannot place its images, or it writes a control token. Every reader asks it (jsonl,
+    parquet, benchmarks.load_bench), so that it is said before a model loads."""
+    return misplaced(question, images) or control_token(question, choices)
 
 
 def misplaced(question: str, images: int) -> str | None:
@@ -281,17 +286,17 @@ def _check_line(line: bytes, base: Path):
     paths = row["image"] if isinstance(row["image"], list) else [row["image"]]
     if not _is_paths(paths):
         return "field 'image' must be a path or a non-empty list of paths"
-    images = _check_images(paths, row["question"], base)
-    if isinstance(images, str):
-        return images
     choices, answer = row.get("choices"), text(row["answer"])
     if choices is not None:
         if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or None in map(text, choices):
             return f"field 'choices' must be a list of 2 to {len(LETTERS)} options, each a string or a number"
         if answer not in LETTERS[:len(choices)] or len(answer) != 1:  # Record.choices: the gold is a letter
             return f"field 'answer' must be the letter of an option, A to {LETTERS[len(choices) - 1]}, not {answer!r}"
-    if reason := control_token(row["question"], [text(c) for c in choices or []]):
+    if reason := unfit_question(row["question"], len(paths), [text(c) for c in choices or []]):
         return reason
+    images = _check_images(paths, base)
+    if isinstance(images, str):
+        return images
     return Record(id=text(row["id"]), images=images, question=row["question"], answer=answer,
                   choices=[text(c) for c in choices] if choices else None, category=row.get("category") or "")
 
@@ -332,11 +337,11 @@ def _check_row(row: dict, base: Path):
             return f"field '{key}' is empty or not a string"
     if not _is_paths(row["image"]):
         return "field 'image' must be a non-empty list of paths"
-    images = _check_images(row["image"], row["question"], base)
+    if reason := unfit_question(row["question"], len(row["image"])):
+        return reason
+    images = _check_images(row["image"], base)
     if isinstance(images, str):
         return images
-    if reason := control_token(row["question"]):
-        return reason
     meta = {k: v for k, v in row.items() if k not in PARQUET_COLUMNS + ("category",)}
     return Record(id=str(row["qid"]), images=images, question=row["question"], answer=row["answer"].strip(),
                   category=str(row.get("category") or ""), meta=meta)
