@@ -54,22 +54,38 @@ def write_atomically(out: Path, write) -> None:
     killed between the renames leaves it as `.<name>-old` (`checkpoint_dir` looks there too), a
     rename that fails puts it back, and a writer that fails (a full disk) leaves it untouched and
     stops with one sentence. Two processes writing the same folder at once (torchrun ranks
-    building a model) both end with a complete folder."""
+    building a model) both end with a complete folder. Its folder and files get the modes that
+    mkdir() and open() give under the process's umask (`umask`)."""
     try:  # a full disk can refuse the temporary folder itself
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
     except OSError as e:
         raise write_failed(out, e) from e
     try:
-        os.chmod(tmp, 0o755)  # a plain folder, not mkdtemp's private one
+        mask = umask()
+        os.chmod(tmp, 0o777 & ~mask)  # a plain folder, not mkdtemp's private one
         try:
             write(tmp)
+            for path in tmp.rglob("*"):  # plain files too: safetensors' are private (`umask`)
+                if path.is_file():
+                    os.chmod(path, 0o666 & ~mask)
             sync(tmp)
         except WRITE_ERRORS as e:
             raise write_failed(out, e) from e
         swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in
+
+
+def umask() -> int:
+    """The process's umask, which makes the modes of the files and folders it creates (read by
+    setting it, the one way there is, and put back at once). A folder written here gets the modes
+    that plain open() and mkdir() give: safetensors 0.8 writes through a temporary file of mode
+    0o600 whatever the umask (safetensors issue #782), so model.safetensors would be readable by
+    its writer alone: not by a teammate's eval on a shared disk, nor by a container's other user."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 # A full disk or a quota as the writers report it: the OS's OSError, torch.save's RuntimeError

@@ -38,6 +38,32 @@ def test_a_save_replaces_the_folder_whole_and_leaves_nothing_beside_it(tmp_path)
     assert contents(out) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_a_saved_folder_has_the_modes_the_umask_gives_safetensors_files_included(tmp_path, mask):
+    """safetensors 0.8 writes model.safetensors private (0o600) whatever the umask: a teammate on a
+    shared disk could read config.json but not the weights. Each mode is set against what mkdir
+    and open() make under the same umask."""
+    from safetensors.torch import save_file
+
+    def write(tmp):
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text("{}")
+
+    old = os.umask(mask)
+    try:
+        checkpoint.write_atomically(tmp_path / "ckpt", write)
+        (tmp_path / "plain").mkdir()
+        (tmp_path / "plain" / "file").write_text("")
+    finally:
+        os.umask(old)
+    def mode(path):
+        return path.stat().st_mode & 0o777
+
+    out = tmp_path / "ckpt"
+    assert mode(out) == mode(tmp_path / "plain") == 0o777 & ~mask
+    assert mode(out / "model.safetensors") == mode(out / "config.json") == mode(tmp_path / "plain" / "file")
+
+
 def test_a_writer_that_fails_leaves_the_previous_folder_whole_and_says_so_in_one_sentence(tmp_path, monkeypatch):
     """A full disk as each writer reports it: an OSError, torch.save's RuntimeError."""
     out = folder(tmp_path / "ckpt", "old")
