@@ -283,8 +283,13 @@ def mean_split(splits: list[dict]) -> dict:
     return {k: round(statistics.mean(s[k] for s in splits), 4) for k in splits[0]}
 
 
+def toy_config() -> vlr.Config:
+    """The toy runs of `toy_steps`: the default run's flags, TOY_STEPS steps."""
+    return vlr.Config(steps=TOY_STEPS)
+
+
 def toy_steps() -> tuple[dict, dict]:
-    cfg = vlr.Config(steps=TOY_STEPS)
+    cfg = toy_config()
     timed_steps(dataclasses.replace(cfg, steps=1), False)  # warm-up: the first run in a process pays for it
     runs = {True: [], False: []}
     for _ in range(TOY_RUNS):
@@ -306,13 +311,17 @@ def update_seconds(run, batch: list, share: bool) -> float:
     return seconds(lambda: grpo.policy_update(learner, batch, torch.zeros(len(batch)), 0)) - clock.s["optimizer"]
 
 
+def smoke_config() -> vlr.Config:
+    """The 3B-shaped run of `smoke_3b`: one step of one prompt x 8 with a 16-token cap."""
+    return vlr.Config(model="smoke-3b-2l", steps=1, prompts_per_step=1, group_size=8, micro_batch=8, max_new_tokens=16)
+
+
 def smoke_3b() -> dict:
     """The 3B-shaped step split, tower trained (the default), and the update per response, new over
     old, with the tower trained (from the split) and frozen (timed again, on G responses that the
-    last run's model samples for a training prompt). Every run at lr 0 on the same weights: both
-    paths sample the same tokens and do the same work (the optimizer does all its work at lr 0 too)."""
-    cfg = vlr.Config(model="smoke-3b-2l", steps=1, prompts_per_step=1, group_size=8, micro_batch=8, max_new_tokens=16,
-                     lr=0.0)
+    last run's model samples for a training prompt). Each run loads the same weights and samples
+    before its one update: both paths sample the same tokens and do the same work."""
+    cfg = smoke_config()
     new = timed_steps(cfg, False)[0]
     old, run = timed_steps(cfg, True, checkpoint=False)
     ro = rollout.sample(run.model, run.processor, [run.train_set[0]], cfg.group_size, run.decoding, run.gen)

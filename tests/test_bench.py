@@ -10,6 +10,7 @@ import bench
 import procs
 import rollout
 import smoke
+import vlr
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +23,13 @@ def test_help_says_what_it_measures_and_a_flag_is_refused_before_anything_runs()
         in shown.stdout, shown.stderr[-2000:]
     refused = procs.run([sys.executable, "bench.py", "--steps", "3"], 120, cwd=ROOT)
     assert refused.returncode == 2 and "unrecognized arguments: --steps 3" in refused.stderr
+
+
+def test_the_runs_it_times_pass_the_trainers_flag_checks():
+    """bench.py builds its runs' Config itself, past vlr's command line: at lr 0 (refused since
+    vlr.check_ranges) the 3B-shaped part stopped on a UserError after the toy part's minutes."""
+    for cfg in (bench.toy_config(), bench.smoke_config()):
+        vlr.check_ranges(cfg)
 
 
 def shapes():
