@@ -159,7 +159,7 @@ def replace_text(path: Path, text: str):
         tmp.write_text(text, encoding="utf-8")
         fsync(tmp)
         os.replace(tmp, path)
-    except OSError:  # a full disk: the old file stays, and no half-written temporary beside it
+    except BaseException:  # a full disk, text UTF-8 cannot write: the old file stays, no temporary beside it
         tmp.unlink(missing_ok=True)
         raise
     fsync(path.parent)

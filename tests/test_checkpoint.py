@@ -64,6 +64,16 @@ def test_a_saved_folder_has_the_modes_the_umask_gives_safetensors_files_included
     assert mode(out / "model.safetensors") == mode(out / "config.json") == mode(tmp_path / "plain" / "file")
 
 
+def test_text_that_cannot_be_written_leaves_the_old_file_and_no_temporary(tmp_path):
+    """eval.py writes its results at the end with replace_text: a row UTF-8 cannot write (a lone
+    surrogate) left an empty temporary beside the old results."""
+    path = tmp_path / "results.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(UnicodeEncodeError):
+        checkpoint.replace_text(path, "new \ud800\n")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
+
+
 def test_a_writer_that_fails_leaves_the_previous_folder_whole_and_says_so_in_one_sentence(tmp_path, monkeypatch):
     """A full disk as each writer reports it: an OSError, torch.save's RuntimeError."""
     out = folder(tmp_path / "ckpt", "old")
