@@ -109,8 +109,15 @@ def is_adapter_folder(path) -> bool:
 
 
 def base_of(folder) -> str:
-    """The base model an adapter folder names (peft's base_model_name_or_path)."""
-    return json.loads((Path(folder) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    """The base model an adapter folder names (peft's base_model_name_or_path), or a sentence."""
+    path = Path(folder) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not an object
+        raise UserError(f"{path}: not a readable adapter config ({type(e).__name__})") from None
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path}: names no base model (base_model_name_or_path)")
+    return base
 
 
 def merged(base_model, folder: Path):

@@ -57,7 +57,8 @@ def load_model(model: str, device="cpu", dtype=torch.float32, min_pixels: int = 
     processor, so a checkpoint evaluates at the budget it was trained at."""
     src = resolve(model)
     try:
-        processor = AutoProcessor.from_pretrained(src)  # first: a budget it cannot take is said before any weight loads
+        # first: a budget it cannot take is said before any weight loads; a folder's own code never runs
+        processor = AutoProcessor.from_pretrained(src, trust_remote_code=False)
         lo, hi = image_budget(processor.image_processor.size, min_pixels, max_pixels)
         if lora.is_adapter_folder(src):
             base = Qwen2_5_VLForConditionalGeneration.from_pretrained(adapters_base(model, src), dtype=torch.float32)

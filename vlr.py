@@ -385,6 +385,9 @@ def check_flags(cfg: Config) -> Path:
     checkpoint.check_run_folder(out, asdict(cfg), cfg.resume, cfg.overwrite)
     if uses_model(cfg):
         models.check(cfg.model)
+    if cfg.lora_rank and lora.is_adapter_folder(cfg.model):  # new adapters' base must be a model, not adapters
+        raise UserError(f"--model {cfg.model}: an adapter folder; --lora-rank trains adapters on a full model: give "
+                        f"the merged model folder saved beside it ({Path(cfg.model).resolve().parent})")
     return out
 
 

@@ -109,6 +109,16 @@ def test_another_base_is_refused_and_a_lost_base_is_one_sentence(trained, tmp_pa
     (adapters / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=f"base model {tmp_path / 'gone'} \\(adapter_config.json\\) cannot be found"):
         models.load_model(str(adapters))
+    (adapters / "adapter_config.json").write_text("{")
+    with pytest.raises(UserError, match="adapter_config.json: not a readable adapter config \\(JSONDecodeError\\)$"):
+        models.load_model(str(adapters))
+    (adapters / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(UserError, match="adapter_config.json: names no base model"):
+        models.load_model(str(adapters))
+    # adapters trained on adapters: their final merge found another base than the one trained (a whole run lost)
+    with pytest.raises(UserError, match=f"--model {adapters}: an adapter folder; .* merged model folder saved beside "
+                                        f"it \\({tmp_path}\\)"):
+        vlr.check_flags(vlr.parse_args(["--model", str(adapters), "--lora-rank", "4", "--out", str(tmp_path / "x")]))
 
 
 def adapters(folder):
