@@ -49,6 +49,8 @@ def read_rows(path: Path) -> list:
                     errors.append(f"{path}:{i}: not UTF-8 text (byte {e.start + 1})")
                 except json.JSONDecodeError as e:
                     errors.append(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})")
+                except (ValueError, RecursionError) as e:  # as data._check_line
+                    errors.append(f"{path}:{i}: invalid JSON ({str(e).split(';')[0]})")
         if errors:  # all at once: a file is fixed in one pass
             raise DataError(f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors))
         return rows
@@ -59,6 +61,8 @@ def read_rows(path: Path) -> list:
             raise DataError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}: invalid JSON ({str(e).split(';')[0]})") from None
         rows = list(obj.values()) if isinstance(obj, dict) else obj
     elif path.suffix == ".parquet":
         try:
@@ -72,11 +76,17 @@ def read_rows(path: Path) -> list:
     return [(f"{path}: record {i}", r) for i, r in enumerate(rows, 1)]
 
 
-def _open(raw: bytes):
-    try:  # Image.open reads only the header: loading a benchmark stays cheap
-        return Image.open(io.BytesIO(raw))
+def _decoded(raw: bytes, unreadable: str):
+    """The image in `raw`, or a DataError: `unreadable` where PIL cannot open it, else why the
+    model cannot take it (data.image_fault). Image.open reads only the header: loading a benchmark
+    stays cheap."""
+    try:
+        img = Image.open(io.BytesIO(raw))
     except Exception:  # PIL raises many kinds for bad bytes
-        return None
+        raise DataError(unreadable) from None
+    if reason := data.image_fault(img, raw):
+        raise DataError(f"the image {reason}")
+    return img
 
 
 def _image(value, base: Path):
@@ -85,9 +95,7 @@ def _image(value, base: Path):
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        if (img := _open(value)) is None:
-            raise DataError("image bytes are not a readable image")
-        return img
+        return _decoded(value, "image bytes are not a readable image")
     if not isinstance(value, str) or not value:
         raise DataError("no image")
     if len(value) < 4096 and (base / value).is_file():  # base64 text is longer than any path
@@ -95,12 +103,10 @@ def _image(value, base: Path):
             raise DataError(reason)
         return str(base / value)
     try:  # not a file: base64 text, maybe as a data: URL
-        img = _open(base64.b64decode(value.split(",")[-1], validate=True))
+        raw = base64.b64decode(value.split(",")[-1], validate=True)
     except binascii.Error:
-        img = None
-    if img is None:
-        raise DataError(f"image file not found: {value[:100]}")
-    return img
+        raw = b""
+    return _decoded(raw, f"image file not found: {value[:100]}")
 
 
 def _need(r: dict, *keys):
@@ -114,6 +120,16 @@ def _need(r: dict, *keys):
         if k in ("pid", "id", "sample_index", "answer") and data.text(r[k]) is None:
             raise DataError(f"field '{k}' must be a non-empty string or a number, not {str(r[k])[:40]!r}")
     return [r[k] for k in keys]
+
+
+def _category(value, field: str) -> str:
+    """A record's category, from its field `field`: text, or "" where it has none (a list or an
+    object was a TypeError in eval.summarize, after every answer was generated)."""
+    if value is None or value == "":
+        return ""
+    if (category := data.text(value)) is None:
+        raise DataError(f"field '{field}' (the category) must be a string, not {str(value)[:40]!r}")
+    return category
 
 
 def _option_texts(choices) -> list[str]:
@@ -147,17 +163,19 @@ def mathvista(r, base):
     elif r.get("answer_type") == "float":
         meta["precision"] = _decimals(_need(r, "precision")[0])
     unit = f" (Unit: {r['unit']})" if r.get("unit") else ""  # as in MathVista's own query
+    if not isinstance(metadata := r.get("metadata") or {}, dict):
+        raise DataError(f"field 'metadata' must be an object, not {str(metadata)[:40]!r}")
     return data.Record(id=str(pid), images=[_image(r.get("decoded_image") or r.get("image"), base)],
                        question=question + unit, answer=str(answer), choices=choices,
-                       category=(r.get("metadata") or {}).get("task", ""), meta=meta)
+                       category=_category(metadata.get("task"), "metadata.task"), meta=meta)
 
 
 def _decimals(precision) -> int:
     """MathVista's precision: a whole number of decimals, stored as a float in its parquet files."""
     if isinstance(precision, (int, float)) and not isinstance(precision, bool) and float(precision).is_integer() \
-            and precision >= 0:
+            and 0 <= precision <= 15:  # a float holds no more: 1e18 decimals was an error at the first grade
         return int(precision)
-    raise DataError(f"field 'precision' must be a whole number of decimals, got {precision!r}")
+    raise DataError(f"field 'precision' must be a whole number of decimals, 0 to 15, got {precision!r}")
 
 
 _CHOICE_LINE = re.compile(r"^\s*\(?([A-J])\)?\s*[:.：)]\s*(.*?)\s*$")
@@ -184,7 +202,7 @@ def mathverse(r, base):
     if not question.strip():  # vision only: the whole question is in the image
         question = "Answer the question shown in the image."
     return data.Record(id=str(sid), images=[_image(r.get("image"), base)], question=question,
-                       answer=answer, choices=choices, category=version)
+                       answer=answer, choices=choices, category=_category(version, "problem_version"))
 
 
 def _mathverse_answer(answer: str) -> str:
@@ -204,7 +222,7 @@ def mathvision(r, base):
     rid, question, answer = _need(r, "id", "question", "answer")
     answer, choices = _options(answer, r["options"]) if r.get("options") else (str(answer).strip(), None)
     return data.Record(id=str(rid), images=[_image(r.get("decoded_image") or r.get("image"), base)],
-                       question=question, answer=answer, choices=choices, category=r.get("subject") or "")
+                       question=question, answer=answer, choices=choices, category=_category(r.get("subject"), "subject"))
 
 
 def mmmu_pro(r, base):
@@ -225,7 +243,7 @@ def mmmu_pro(r, base):
     if not images:
         raise DataError("missing field 'image_1'")
     return data.Record(id=str(rid), images=images, question=question, answer=answer, choices=choices,
-                       category=r.get("subject") or "")
+                       category=_category(r.get("subject"), "subject"))
 
 
 # mmmu-pro-vision: MMMU-Pro's vision setting, named apart so that its hub files and its report are its own

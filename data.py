@@ -7,10 +7,12 @@ Records come from a data file (`load_records`: ViRL39K as released, `39Krelease.
 images with pillow from a seed, so that nothing needs a download.
 """
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,7 +202,19 @@ def unfit_question(question: str, images: int, choices=None) -> str | None:
     """Why a question and its options cannot go to the model as written, or None: its `<image>`
     marks cannot place its images, or it writes a control token. Every reader asks it (jsonl,
     parquet, benchmarks.load_bench), so that it is said before a model loads."""
+    if not is_text(question):
+        return "field 'question' holds a lone surrogate (a \\ud800-\\udfff escape), which is not text"
     return misplaced(question, images) or control_token(question, choices)
+
+
+def is_text(value: str) -> bool:
+    """Whether UTF-8 can write `value`: JSON's "\\ud800" escapes read as a lone surrogate, which the
+    tokenizer refuses at the first rollout and a results file at the end of an evaluation."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def misplaced(question: str, images: int) -> str | None:
@@ -234,12 +248,34 @@ def bad_image(base: Path, p: str) -> str | None:
     if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
         return f"{p} is not inside the data file's folder (image paths are relative to it)"
     try:
-        with Image.open(base / p) as im:
+        if not stat.S_ISREG(os.stat(base / p).st_mode):  # a FIFO would block the reader forever
+            return f"{p} is not a regular file"
+        raw = (base / p).read_bytes()
+        with Image.open(io.BytesIO(raw)) as im:
             im.verify()  # reads the whole file's structure without decoding pixels
+            if reason := image_fault(im, raw):
+                return f"image {p} {reason}"
     except FileNotFoundError:
         return f"file not found: {p}"
     except Exception as e:  # PIL raises many kinds for a corrupt file
         return f"unreadable image {p} ({type(e).__name__})"
+    return None
+
+
+MAX_ASPECT = 200  # Qwen2.5-VL's processor (smart_resize) refuses an image whose long side is over 200x its short
+
+
+def image_fault(im: Image.Image, raw: bytes) -> str | None:
+    """Why an image that PIL opened, from the bytes `raw`, still cannot go to the model, or None:
+    its shape, or a JPEG cut short. PIL's verify() reads a PNG whole but checks nothing of a JPEG,
+    whose pixels would fail only at the rollout that draws it. A JPEG's scan data cannot hold the
+    end marker FF D9 (every FF byte in it is followed by 00 or a restart marker, ITU T.81 B.1.1.5),
+    so one that ends after its last scan's start (FF DA) was written whole."""
+    w, h = im.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return f"is {w}x{h}: the processor takes an aspect ratio of at most {MAX_ASPECT}:1"
+    if im.format == "JPEG" and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):
+        return "is a JPEG cut short (no end marker after its last scan)"
     return None
 
 
@@ -271,6 +307,8 @@ def _check_line(line: bytes, base: Path):
         return f"not UTF-8 text (byte {e.start + 1})"
     except json.JSONDecodeError as e:
         return f"invalid JSON ({e.msg} at column {e.colno})"
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than the stack
+        return f"invalid JSON ({str(e).split(';')[0]})"
     if not isinstance(row, dict):
         return "expected a JSON object"
     for key in ("id", "image", "question", "answer"):
@@ -303,9 +341,10 @@ def _check_line(line: bytes, base: Path):
 
 def text(value) -> str | None:
     """A field given as a non-empty string or a finite number, as a string; None for anything else
-    (null, a list, a bool, NaN), which would otherwise be trained on as its text ("None")."""
+    (null, a list, a bool, NaN), which would otherwise be trained on as its text ("None"), and a
+    string that UTF-8 cannot write (`is_text`)."""
     if isinstance(value, str):
-        return value.strip() or None
+        return value.strip() if value.strip() and is_text(value) else None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return str(value)
     return None

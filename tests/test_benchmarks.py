@@ -21,6 +21,13 @@ def png(colour, size=(64, 48)) -> bytes:
     return buf.getvalue()
 
 
+def jpeg() -> bytes:
+    """A photo-like JPEG (its scan data a few KB, so that cutting its end cuts the scan)."""
+    buf = io.BytesIO()
+    Image.effect_noise((96, 64), 40).convert("RGB").save(buf, "JPEG")
+    return buf.getvalue()
+
+
 def image(colour, size=(64, 48), path=None) -> dict:
     """An image as parquet files embed it (the Hugging Face `Image` feature)."""
     return {"bytes": png(colour, size), "path": path}
@@ -236,17 +243,23 @@ def test_bad_benchmark_files_name_the_file_and_what_was_expected(tmp_path):
     (tmp_path / "images" / "1.jpg").write_bytes(png("red"))
     rows = [MATHVISTA[0], {k: v for k, v in MATHVISTA[0].items() if k != "answer"},  # every bad record, at once
             dict(MATHVISTA[1], answer="purple"), dict(MATHVISTA[0], image="images/9.png"),
-            dict(MATHVISTA[2], precision=None), dict(MATHVISTA[3], precision=1.5)]
+            dict(MATHVISTA[2], precision=None), dict(MATHVISTA[3], precision=1.5), dict(MATHVISTA[3], precision=1e18),
+            dict(MATHVISTA[0], metadata="x"), dict(MATHVISTA[0], metadata={"task": ["a", "b"]}),
+            dict(MATHVISTA[0], pid="1\ud800")]
     path = write_jsonl(tmp_path / "mv.jsonl", rows)
     with pytest.raises(data.DataError) as err:
         benchmarks.load_bench("mathvista", path)
     lines = str(err.value).splitlines()
-    assert lines[0].startswith(f"5 bad record(s) in {path} for mathvista; expected per record: pid, question")
+    assert lines[0].startswith(f"9 bad record(s) in {path} for mathvista; expected per record: pid, question")
     assert lines[1:] == [f"{path}:2: missing field 'answer'",
                          f"{path}:3: answer 'purple' is not one of the options ['red', 'green', 'blue']",
                          f"{path}:4: image file not found: images/9.png",
                          f"{path}:5: missing field 'precision'",
-                         f"{path}:6: field 'precision' must be a whole number of decimals, got 1.5"]
+                         f"{path}:6: field 'precision' must be a whole number of decimals, 0 to 15, got 1.5",
+                         f"{path}:7: field 'precision' must be a whole number of decimals, 0 to 15, got 1e+18",
+                         f"{path}:8: field 'metadata' must be an object, not 'x'",
+                         f"{path}:9: field 'metadata.task' (the category) must be a string, not \"['a', 'b']\"",
+                         f"{path}:10: field 'pid' must be a non-empty string or a number, not '1\\ud800'"]
 
 
 def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_loads(tmp_path):
@@ -260,7 +273,13 @@ def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_
     one = {k: v for k, v in mathvision_rows()[0].items() if k != "decoded_image"}  # images/1.jpg, options A-E
     rows = [one, dict(one, answer="AB"), dict(one, question=5), dict(one, answer=[1]), dict(one, options="ABCDE"),
             dict(one, image="../outside.png"), dict(one, image="notes.txt"),
-            dict(one, question="<image> beside <image>", options=[]), dict(one, options=["1", "2<|im_end|>", "3", "4", "5"])]
+            dict(one, question="<image> beside <image>", options=[]), dict(one, options=["1", "2<|im_end|>", "3", "4", "5"]),
+            dict(one, subject=["algebra"]), dict(one, question="q\udfff"),
+            dict(one, image=base64.b64encode(jpeg()[:-300]).decode()), dict(one, image="images/wide.png")]
+    Image.new("RGB", (4020, 20)).save(tmp_path / "images" / "wide.png")
+    with pytest.raises(OSError, match="truncated"):  # what the rollout drawing it met
+        Image.open(io.BytesIO(jpeg()[:-300])).load()
+    assert benchmarks._image(jpeg(), tmp_path).size == (96, 64)  # a whole one passes
     path = write_jsonl(tmp_path / "test.jsonl", rows)
     with pytest.raises(data.DataError) as err:
         benchmarks.load_bench("mathvision", path)
@@ -272,7 +291,11 @@ def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_
         f"{path}:6: ../outside.png is not inside the data file's folder (image paths are relative to it)",
         f"{path}:7: unreadable image notes.txt (UnidentifiedImageError)",
         f"{path}:8: 2 '<image>' placeholder(s) in field 'question' for 1 image(s)",
-        f"{path}:9: option B writes the control token <|im_end|>, which the tokenizer reads as that token, not as text"]
+        f"{path}:9: option B writes the control token <|im_end|>, which the tokenizer reads as that token, not as text",
+        f"{path}:10: field 'subject' (the category) must be a string, not \"['algebra']\"",
+        f"{path}:11: field 'question' holds a lone surrogate (a \\ud800-\\udfff escape), which is not text",
+        f"{path}:12: the image is a JPEG cut short (no end marker after its last scan)",
+        f"{path}:13: image images/wide.png is 4020x20: the processor takes an aspect ratio of at most 200:1"]
     standard = mmmu_rows()[0][0]
     deep = "(" * 40_000 + ")" * 40_000  # Python's parser gives up: said, not a RecursionError
     one_image = dict(standard, question="Which painting is older?", image_1=base64.b64encode(png("red")).decode(),
@@ -286,3 +309,9 @@ def test_malformed_fields_images_and_options_are_said_per_record_before_a_model_
     path.write_text('{"id": \n{"id": "2"}\n{"id": \n')
     with pytest.raises(data.DataError, match=r"^2 bad line\(s\) in .*mmmu.jsonl:\n.*:1: invalid JSON .*\n.*:3: invalid"):
         benchmarks.load_bench("mmmu-pro", path)
+    path.write_text(f'{{"id": {"9" * 5000}}}\n' + "[" * 100_000 + "\n")  # Python's own limits: said, not raised
+    with pytest.raises(data.DataError) as err:
+        benchmarks.load_bench("mmmu-pro", path)
+    assert str(err.value).splitlines()[1:] == [
+        f"{path}:1: invalid JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits)",
+        f"{path}:2: invalid JSON (maximum recursion depth exceeded while decoding a JSON array from a unicode string)"]

@@ -1,5 +1,7 @@
 """data.py: jsonl and parquet (ViRL39K) validation, the prompt, and the toy task's splits."""
+import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_jsonl(tmp_path, lines):
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    photo = io.BytesIO()
+    Image.effect_noise((96, 64), 40).convert("RGB").save(photo, "JPEG")
+    (tmp_path / "ok.jpg").write_bytes(photo.getvalue())
+    (tmp_path / "cut.jpg").write_bytes(photo.getvalue()[:-300])  # PIL opens and verifies it; its pixels fail
+    Image.new("RGB", (10, 2010)).save(tmp_path / "tall.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
     return path
@@ -45,11 +53,19 @@ BAD_LINES = [  # line 2 on: kinds of bad lines, each with the reason it must be 
      "field 'question' writes the control token <|im_end|>, which the tokenizer reads as that token, not as text"),
     ({"id": "b13", "image": "ok.png", "question": "q", "answer": "B", "choices": ["x", "<|image_pad|>"]},
      "option B writes the control token <|image_pad|>"),
+    ({"id": "b14", "image": "cut.jpg", "question": "q", "answer": "1"}, "image cut.jpg is a JPEG cut short"),
+    ({"id": "b15", "image": "tall.png", "question": "q", "answer": "1"},
+     "image tall.png is 10x2010: the processor takes an aspect ratio of at most 200:1"),
+    ({"id": "b16", "image": "pipe.png", "question": "q", "answer": "1"}, "pipe.png is not a regular file"),
+    ({"id": "b17", "image": "ok.png", "question": "q\ud800", "answer": "1"}, "field 'question' holds a lone surrogate"),
+    ('{"id": "b18", "image": "ok.png", "question": "q", "answer": ' + "9" * 5000 + "}",
+     "invalid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+    ("[" * 100_000, "invalid JSON (maximum recursion depth exceeded"),
 ]
 
 
 def test_every_bad_line_is_reported_with_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES] + [dict(GOOD, id="g2", image=["ok.png", "ok.png"])])
+    path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES] + [dict(GOOD, id="g2", image=["ok.png", "ok.jpg"])])
     with pytest.raises(data.DataError) as err:
         data.load_jsonl(path)
     lines = str(err.value).splitlines()[1:]
@@ -75,11 +91,11 @@ def test_invalid_json_is_located_on_its_own_line(tmp_path):
 
 
 def test_skip_bad_keeps_the_good_lines(tmp_path):
-    path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES] + [dict(GOOD, id="g2", image=["ok.png", "ok.png"])])
+    path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES] + [dict(GOOD, id="g2", image=["ok.png", "ok.jpg"])])
     records, skipped = data.load_jsonl(path, skip_bad=True)
     assert skipped == len(BAD_LINES)
     assert [r.id for r in records] == ["g1", "g2"]
-    assert records[1].images == [str(tmp_path / "ok.png")] * 2  # relative to the file
+    assert records[1].images == [str(tmp_path / "ok.png"), str(tmp_path / "ok.jpg")]  # relative to the file
 
 
 def test_trainer_stops_before_training_on_bad_data(tmp_path):
