@@ -116,7 +116,7 @@ def check_restarts(auto_resume: bool):
 # ---------------------------------------------------------------------------------------------
 
 def prepare(out: Path, rank: int, world: int):
-    """Once the processes have met, before anything is loaded: --out must be one folder for all of
+    """Once the processes have met, before the policy loads: --out must be one folder for all of
     them (on another node's own disk a resume would read another checkpoint, or none), and what an
     interrupted save left there goes (rank 0)."""
     if world > 1:

@@ -279,8 +279,8 @@ def rethink_config(cfg: Config):
 
 
 def setup(cfg: Config) -> Run:
-    """Processes, data (bad data stops here, before any model loads), model, optimizer, replay
-    buffer; on --resume all of it as the checkpoint left it, so the run continues exactly."""
+    """Data (bad data stops here, before any model is built or loads), processes, model, optimizer,
+    replay buffer; on --resume all of it as the checkpoint left it, so the run continues exactly."""
     out = check_flags(cfg)
     train_set, test_set = load_data(cfg, rank_world()[0])
     if uses_model(cfg):  # a built model (tiny, smoke) is built now, before the processes meet: the first
