@@ -25,11 +25,26 @@ def test_help_says_what_it_measures_and_a_flag_is_refused_before_anything_runs()
     assert refused.returncode == 2 and "unrecognized arguments: --steps 3" in refused.stderr
 
 
-def test_the_runs_it_times_pass_the_trainers_flag_checks():
+class Checked(Exception):
+    """The stand-in setup's stop, once the run's flags passed the trainer's checks."""
+
+
+def test_the_runs_it_times_pass_the_trainers_flag_checks(monkeypatch):
     """bench.py builds its runs' Config itself, past vlr's command line: at lr 0 (refused since
-    vlr.check_ranges) the 3B-shaped part stopped on a UserError after the toy part's minutes."""
-    for cfg in (bench.toy_config(), bench.smoke_config()):
-        vlr.check_ranges(cfg)
+    vlr.check_ranges) the 3B-shaped part stopped on a UserError after the toy part's minutes.
+    Each part's first run is handed to the trainer's own checks, as vlr.setup hands it."""
+    models = []
+
+    def setup(cfg):
+        vlr.check_flags(cfg)
+        models.append(cfg.model)
+        raise Checked
+
+    monkeypatch.setattr(vlr, "setup", setup)
+    for part in (bench.toy_steps, bench.smoke_3b):
+        with pytest.raises(Checked):
+            part()
+    assert models == ["tiny", "smoke-3b-2l"]
 
 
 def shapes():

@@ -48,6 +48,7 @@ def test_a_saved_folder_has_the_modes_the_umask_gives_safetensors_files_included
     def write(tmp):
         save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
         (tmp / "config.json").write_text("{}")
+        os.close(os.open(tmp / "private", os.O_CREAT | os.O_WRONLY, 0o600))  # whatever safetensors does next
 
     old = os.umask(mask)
     try:
@@ -61,7 +62,8 @@ def test_a_saved_folder_has_the_modes_the_umask_gives_safetensors_files_included
 
     out = tmp_path / "ckpt"
     assert mode(out) == mode(tmp_path / "plain") == 0o777 & ~mask
-    assert mode(out / "model.safetensors") == mode(out / "config.json") == mode(tmp_path / "plain" / "file")
+    assert mode(out / "model.safetensors") == mode(out / "config.json") == mode(out / "private") \
+        == mode(tmp_path / "plain" / "file")
 
 
 def test_text_that_cannot_be_written_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -90,16 +90,34 @@ def test_virl39k_by_its_hub_name_is_the_release_unpacked_once(cache, virl, capsy
 
 
 # each member takes a second to unpack: without the lock both processes would find no marker, and both unpack
-CHILD = ("import time, zipfile, data, hub; extract = zipfile.ZipFile.extract; "
-         "zipfile.ZipFile.extract = lambda self, *a: (time.sleep(1), extract(self, *a))[1]; "
-         "path = hub.data_file('TIGER-Lab/ViRL39K'); print(path, len(data.load_records(path)[0]))")
+CHILD = """
+import os, pathlib, time, zipfile
+import data, hub
+ready = pathlib.Path(os.environ["READY"])
+(ready / str(os.getpid())).touch()  # before it asks for the lock
+extract = zipfile.ZipFile.extract
 
 
-def test_processes_at_once_unpack_once_from_the_environments_cache(cache, virl):
+def extract_once_both_asked(self, *a):  # the other is then waiting on the lock; without one, unpacking too
+    deadline = time.monotonic() + 60
+    while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return extract(self, *a)
+
+
+zipfile.ZipFile.extract = extract_once_both_asked
+path = hub.data_file("TIGER-Lab/ViRL39K")
+print(path, len(data.load_records(path)[0]))
+"""
+
+
+def test_processes_at_once_unpack_once_from_the_environments_cache(cache, virl, tmp_path):
     """Two processes at once (as torchrun's on one node), told of the cache and of offline mode by
-    the environment alone: one unpacks, the other waits on the lock and uses the result."""
+    the environment alone: one unpacks, the other waits on the lock and uses the result. The one
+    unpacking waits until both have asked, so that without the lock both would unpack."""
     snapshot = cache_virl(cache, virl)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (tmp_path / "ready").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", READY=str(tmp_path / "ready"))
     with ThreadPoolExecutor(2) as pool:
         runs = list(pool.map(lambda _: procs.run([sys.executable, "-c", CHILD], 120, cwd=ROOT, env=env), range(2)))
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]

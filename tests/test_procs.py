@@ -24,7 +24,8 @@ def test_a_torchrun_that_times_out_leaves_no_worker_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]  # both workers were running
     assert marked(tag) == []
     message = str(failed.value)
-    assert re.match(r"timed out after 1[5-9] s \(limit 15 s\): ", message), message  # the kill may take seconds
+    took = re.match(r"timed out after (\d+) s \(limit 15 s\): ", message)
+    assert took and 15 <= int(took[1]) <= 30, message  # the kill may take seconds (a 5 s grace, the scans)
     assert "torch.distributed.run --standalone --nproc_per_node 2" in message and "--- last stderr ---" in message
 
 
