@@ -22,7 +22,6 @@ import ast
 import base64
 import binascii
 import io
-import json
 import re
 from pathlib import Path
 
@@ -43,26 +42,18 @@ def read_rows(path: Path) -> list:
         rows, errors = [], []
         for i, line in enumerate(path.read_bytes().splitlines(), 1):
             if line.strip():
-                try:
-                    rows.append((f"{path}:{i}", json.loads(line.decode("utf-8"))))
-                except UnicodeDecodeError as e:
-                    errors.append(f"{path}:{i}: not UTF-8 text (byte {e.start + 1})")
-                except json.JSONDecodeError as e:
-                    errors.append(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})")
-                except (ValueError, RecursionError) as e:  # as data._check_line
-                    errors.append(f"{path}:{i}: invalid JSON ({str(e).split(';')[0]})")
+                row, reason = data.parse_json(line)
+                if reason:
+                    errors.append(f"{path}:{i}: {reason}")
+                else:
+                    rows.append((f"{path}:{i}", row))
         if errors:  # all at once: a file is fixed in one pass
             raise DataError(f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors))
         return rows
     if path.suffix == ".json":
-        try:
-            obj = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        except (ValueError, RecursionError) as e:
-            raise DataError(f"{path}: invalid JSON ({str(e).split(';')[0]})") from None
+        obj, reason = data.parse_json(path.read_bytes(), "line")
+        if reason:
+            raise DataError(f"{path}: {reason}")
         rows = list(obj.values()) if isinstance(obj, dict) else obj
     elif path.suffix == ".parquet":
         try:

@@ -299,16 +299,25 @@ def _gather(path: Path, checked, skip_bad: bool, unit: str) -> tuple[list[Record
 
 # jsonl (ViRL39K-style): {"id", "image": path or [paths], "question", "answer", "choices"?, "category"?}
 
+def parse_json(raw: bytes, place: str = "column"):
+    """(the value of the JSON text `raw`, None), or (None, why it is not JSON text): an error's place
+    said as its `column` (a jsonl line) or its `line` (a whole file). Python's own limits (an
+    integer of over 4300 digits, nesting deeper than the stack) make invalid JSON too, not a traceback."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte {e.start + 1})"
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at {place} {e.colno if place == 'column' else e.lineno})"
+    except (ValueError, RecursionError) as e:
+        return None, f"invalid JSON ({str(e).split(';')[0]})"
+
+
 def _check_line(line: bytes, base: Path):
     """Parse one jsonl line into a Record, or return the reason it is bad."""
-    try:
-        row = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 text (byte {e.start + 1})"
-    except json.JSONDecodeError as e:
-        return f"invalid JSON ({e.msg} at column {e.colno})"
-    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than the stack
-        return f"invalid JSON ({str(e).split(';')[0]})"
+    row, reason = parse_json(line)
+    if reason:
+        return reason
     if not isinstance(row, dict):
         return "expected a JSON object"
     for key in ("id", "image", "question", "answer"):
