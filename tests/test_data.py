@@ -1,10 +1,8 @@
 """data.py: jsonl and parquet (ViRL39K) validation, the prompt, and the toy task's splits."""
-import contextlib
 import io
 import json
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from PIL import Image
 import data
 import helpers
 import procs
+import reward
 import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,23 +65,9 @@ BAD_LINES = [  # line 2 on: kinds of bad lines, each with the reason it must be 
 ]
 
 
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """A read that would wait forever (the FIFO, were it opened) fails the test instead of hanging the suite."""
-    def expired(*_):
-        raise TimeoutError(f"still loading after {seconds} s")
-    before = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, before)
-
-
 def test_every_bad_line_is_reported_with_file_and_line(tmp_path):
     path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES] + [dict(GOOD, id="g2", image=["ok.png", "ok.jpg"])])
-    with pytest.raises(data.DataError) as err, deadline(60):
+    with pytest.raises(data.DataError) as err, reward.time_limit(60):  # the FIFO, were it opened: a failure, not a hang
         data.load_jsonl(path)
     lines = str(err.value).splitlines()[1:]
     assert len(lines) == len(BAD_LINES)
@@ -108,7 +93,7 @@ def test_invalid_json_is_located_on_its_own_line(tmp_path):
 
 def test_skip_bad_keeps_the_good_lines(tmp_path):
     path = write_jsonl(tmp_path, [GOOD] + [l for l, _ in BAD_LINES] + [dict(GOOD, id="g2", image=["ok.png", "ok.jpg"])])
-    with deadline(60):
+    with reward.time_limit(60):
         records, skipped = data.load_jsonl(path, skip_bad=True)
     assert skipped == len(BAD_LINES)
     assert [r.id for r in records] == ["g1", "g2"]
