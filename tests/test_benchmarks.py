@@ -1,6 +1,6 @@
 """benchmarks.py: the adapters on files in each benchmark's published schema (MathVista,
 MathVerse, MathVision, MMMU-Pro), MathVista's precision, and bad files said with file and record.
-The fixtures here (write_parquet, image, MATHVISTA, mmmu_rows) are test_eval's too."""
+The fixtures here (write_parquet, image, MATHVISTA, mmmu_rows) are test_eval's too, jpeg test_data's."""
 import base64
 import io
 import json

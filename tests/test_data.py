@@ -1,5 +1,4 @@
 """data.py: jsonl and parquet (ViRL39K) validation, the prompt, and the toy task's splits."""
-import io
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import data
 import helpers
 import procs
 import reward
+import test_benchmarks
 import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,10 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_jsonl(tmp_path, lines):
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    photo = io.BytesIO()
-    Image.effect_noise((96, 64), 40).convert("RGB").save(photo, "JPEG")
-    (tmp_path / "ok.jpg").write_bytes(photo.getvalue())
-    (tmp_path / "cut.jpg").write_bytes(photo.getvalue()[:-300])  # PIL opens and verifies it; its pixels fail
+    (tmp_path / "ok.jpg").write_bytes(test_benchmarks.jpeg())
+    (tmp_path / "cut.jpg").write_bytes(test_benchmarks.jpeg()[:-300])  # PIL opens and verifies it; its pixels fail
     Image.new("RGB", (10, 2010)).save(tmp_path / "tall.png")
     os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
     path = tmp_path / "train.jsonl"
