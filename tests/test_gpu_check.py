@@ -199,7 +199,7 @@ def test_a_part_that_breaks_or_does_not_fit_costs_no_other_and_the_table_says_wh
     table = gpu_check.summary(report.values).splitlines()
     assert table[1] == "b  KeyError: 'steps'"
     assert table[2] == "c  peak GiB (allocated, reserved): " + skipped
-    assert table[3].startswith("d  sampler: {'lengths': [4]")
+    assert table[3].startswith("d  sampler: {'lengths': [16]")
     assert table[-2] == f"e  c's update did not run ({skipped})"
     assert table[-1] == "c  LoRA: " + lora["skipped"]
 
