@@ -54,6 +54,7 @@ import kv_cache
 import models
 import phases
 import rollout
+import toy
 import vlr
 
 PROMPTS, G, NEW_TOKENS, REPEATS = 8, 4, 64, 5
@@ -407,7 +408,7 @@ def main():
     torch.set_num_threads(1)
     model, processor = models.load_model("tiny")
     model.eval()
-    records = [data.ToyTask("test")[i] for i in range(PROMPTS)]
+    records = [toy.ToyTask("test")[i] for i in range(PROMPTS)]
     out = loop_vs_generate(model, processor, records)
     out.update(spread(model, processor, records))
     split_new, split_old = toy_steps()

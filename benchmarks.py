@@ -30,6 +30,7 @@ from PIL import Image
 
 import data
 import hub
+import toy
 from data import DataError
 
 
@@ -247,7 +248,7 @@ def load_bench(bench: str, path: str | None = None) -> list[data.Record]:
     (hub.BENCHMARKS: MMMU-Pro's comes in several files, read in order); every bad record is reported
     at once, with what was expected."""
     if bench == "toy":
-        task = data.ToyTask("test")
+        task = toy.ToyTask("test")
         return [task[i] for i in range(len(task))]
     if bench not in ADAPTERS:
         raise DataError(f"unknown benchmark '{bench}'; choose from toy, {', '.join(ADAPTERS)}")

@@ -65,7 +65,7 @@ LORA_CONFIGS = {
     "lora-r8": ["--lora-rank", "8", "--lr", "2e-3"],
 }
 # The paper's second claim (docs/lab.md, "A second look"): the same arms on the second-look tiers
-# (data.SECOND_LOOK), where the code of the code takes one lookup more than a pass has, with the
+# (toy.SECOND_LOOK), where the code of the code takes one lookup more than a pass has, with the
 # variant of the tiny model whose warm start primes the form "Wait, ... <first answer> > ...".
 # Forced Rethinking keeps the first answer (no cut before it: --rethink-cut-prob 0), so that a
 # continuation can start from it, and a rethought response gets the room it needs (64 tokens).

@@ -45,6 +45,7 @@ import checkpoint
 import data
 import rollout
 import tiny
+import toy
 
 HERE = Path(__file__).resolve().parent
 CACHE_ROOT = HERE / ".cache"
@@ -72,7 +73,7 @@ def tiktoken_file() -> Path:
 
 def fingerprint() -> str:
     """Changes whenever what determines the smoke model changes (this file, the hub config, the BPE
-    ranks, what it takes from tiny.py): then the cached model is rebuilt. Not data.py: the toy
+    ranks, what it takes from tiny.py): then the cached model is rebuilt. Not toy.py or data.py: the toy
     prompts only shape the warm start, and a rebuild of ~1 GB on every edit there would cost more
     than it tells."""
     h = hashlib.sha256()
@@ -225,17 +226,17 @@ def warm_records(n: int, seed: int) -> list[data.Record]:
     """n prompts like the real data's: toy pictures drawn at real sizes, math-style questions; the
     answers are drawn from the toy tier's answer space (random_response)."""
     rng = random.Random(seed)
-    task = data.ToyTask("train", n=2 * n)
+    task = toy.ToyTask("train", n=2 * n)
     records = []
     for i in range(n):
         question = QUESTIONS[i % len(QUESTIONS)]
         images = [task[2 * i + j].images[0].resize(SIZES[(i + j) % len(SIZES)]) for j in range(question.count("<image>"))]
-        records.append(data.Record(f"warm-{i}", images, question, "", category=rng.choice(list(data.TIERS)[:4])))
+        records.append(data.Record(f"warm-{i}", images, question, "", category=rng.choice(list(toy.TIERS)[:4])))
     return records
 
 
 def random_response(rec: data.Record, rng: random.Random) -> str:
-    space = data.LETTERS[:len(rec.choices)] if rec.choices else data.TIERS[rec.category][1]
+    space = data.LETTERS[:len(rec.choices)] if rec.choices else toy.TIERS[rec.category][1]
     return f"{rng.choice(tiny.REASONS)} The answer is \\boxed{{{rng.choice(space)}}}."
 
 

@@ -37,6 +37,7 @@ import checkpoint
 import data
 import rethink
 import rollout
+import toy
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "tiny-qwen2.5-vl"
@@ -74,7 +75,7 @@ def fingerprint() -> str:
     """Changes whenever what determines the tiny model changes (this file, the toy task, the
     triggers it learns to continue after): then the cached model is rebuilt."""
     h = hashlib.sha256()
-    for name in ("tiny.py", "data.py"):
+    for name in ("tiny.py", "toy.py", "data.py"):  # the task, and its prompt template
         h.update((HERE / name).read_bytes())
     h.update(repr(rethink.TRIGGERS).encode())
     return h.hexdigest()[:16]
@@ -104,12 +105,12 @@ def resolve_second_look() -> str:
 
 def corpus() -> list[str]:
     """All text the tiny model will read or write: prompts, options, answers, responses, triggers."""
-    task = data.ToyTask("train", n=400)
+    task = toy.ToyTask("train", n=400)
     lines = [CHAT_TEMPLATE, data.INSTRUCTION, "You are a helpful assistant.", "system", "user", "assistant"]
     for i in range(len(task)):
         rec = task[i]
         lines += [data.question_text(rec), rec.answer]
-    for q, space in data.TIERS.values():
+    for q, space in toy.TIERS.values():
         lines += [f"{r} The answer is \\boxed{{{a}}}." for r in REASONS for a in space]
     lines += list(rethink.TRIGGERS) + list(data.LETTERS) + [str(d) for d in range(10)]
     return lines * 4
@@ -155,7 +156,7 @@ def build_model(tokenizer):
 
 def random_response(rec: data.Record, rng: random.Random):
     """(segments, trained?) of a response with a random answer from the record's answer space."""
-    space = data.LETTERS[:len(rec.choices)] if rec.choices else data.ALL_TIERS[rec.category][1]
+    space = data.LETTERS[:len(rec.choices)] if rec.choices else toy.ALL_TIERS[rec.category][1]
 
     def answer():
         return f" The answer is \\boxed{{{rng.choice(space)}}}."
@@ -167,12 +168,12 @@ def random_response(rec: data.Record, rng: random.Random):
 
 
 def warm_start(model, processor, steps=WARM_STEPS, batch_size=WARM_BATCH, lr=WARM_LR, seed=0,
-               tiers=tuple(data.TIERS), respond=random_response):
+               tiers=tuple(toy.TIERS), respond=random_response):
     """Supervised steps on random-answer responses (`respond`) to questions of `tiers`; returns
     the final loss."""
     tok = processor.tokenizer
     banned = rollout.special_ids(tok, rollout.VISION_TOKENS)
-    task = data.ToyTask("train", tiers, n=steps * batch_size)
+    task = toy.ToyTask("train", tiers, n=steps * batch_size)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
@@ -232,7 +233,7 @@ def build(out: Path, second_look: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The second-look variant (docs/lab.md, "A second look"): `--model tiny-second-look`
 # ---------------------------------------------------------------------------------------------
-# The second-look lab asks questions the default model never read (data.SECOND_LOOK) and needs a
+# The second-look lab asks questions the default model never read (toy.SECOND_LOOK) and needs a
 # base that, after a forced trigger, continues from its first answer: "... \\boxed{red}. Wait,
 # let's double check. red > ..." So this variant is built as the default one (the same tokenizer,
 # the same initial weights) but warm-started on every tier, the second-look tiers included, and
@@ -240,7 +241,7 @@ def build(out: Path, second_look: bool = False) -> dict:
 # colour, then a box. The form is taught, not the answer: the first answer is a random colour
 # and so is the final one (READS_CODE says which). The default model stays as it is.
 SECOND_LOOK_CACHE = HERE / ".cache" / "tiny-second-look"
-SECOND_LOOK_TIERS = (*data.TIERS, *data.SECOND_LOOK)
+SECOND_LOOK_TIERS = (*toy.TIERS, *toy.SECOND_LOOK)
 # What follows "<first answer> >": the first answer's code as the question lists it (True: the
 # warm start teaches reading the code table, and the final answer, the code of a random colour,
 # is itself a random colour), or another random colour (False: the form alone).
@@ -256,9 +257,9 @@ def second_look_response(rec: data.Record, rng: random.Random):
     response to a second-look question restates its first answer after the trigger and continues
     from it: "<reason> The answer is \\boxed{X}." + trigger (not trained) + " X > Y. The answer is
     \\boxed{Y}." X is a random colour; Y the code of X (READS_CODE) or another random colour."""
-    if rec.category not in data.SECOND_LOOK:
+    if rec.category not in toy.SECOND_LOOK:
         return random_response(rec, rng)
-    space = data.ALL_TIERS[rec.category][1]
+    space = toy.ALL_TIERS[rec.category][1]
     first = rng.choice(space)
     if rng.random() >= RETHINK_SHAPED:
         return [(f"{rng.choice(REASONS)} The answer is \\boxed{{{first}}}.", True)]

@@ -36,6 +36,7 @@ import reward
 import rollout
 import shard
 import ssr
+import toy
 import tracking
 from distributed import UserError, exit_once, gather, once_per_run, rank_world, reduce, setup_distributed
 
@@ -229,7 +230,7 @@ def load_data(cfg: Config, rank: int):
     """(train records, eval records or None). Bad lines stop the run before any training."""
     if cfg.data == "toy":
         tiers = cfg.toy_tiers.split(",")
-        return data.ToyTask("train", tiers), data.ToyTask("test", data.test_tiers(tiers))
+        return toy.ToyTask("train", tiers), toy.ToyTask("test", toy.test_tiers(tiers))
     records, skipped = data.load_records(hub.data_file(cfg.data), skip_bad=cfg.skip_bad)
     if skipped and rank == 0:
         print(f"skipped {skipped} bad record(s) of {cfg.data}")

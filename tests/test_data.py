@@ -1,4 +1,4 @@
-"""data.py: jsonl and parquet (ViRL39K) validation, the prompt, and the toy task's splits."""
+"""data.py: jsonl and parquet (ViRL39K) validation and the prompt (the toy task: test_toy.py)."""
 import json
 import os
 import re
@@ -157,73 +157,6 @@ def test_messages_put_each_image_at_its_placeholder():
         {"type": "text", "text": f"Sum?\n\n{data.INSTRUCTION}"}]
     with pytest.raises(data.DataError, match=r"record odd: 2 '<image>' placeholder\(s\) in field 'question' for 1 "):
         data.messages(data.Record(id="odd", images=["a.png"], question="<image> or <image>?", answer="1"))
-
-
-def test_toy_splits_are_deterministic_and_disjoint():
-    train, test = data.ToyTask("train", n=3000), data.ToyTask("test")
-    assert len(test) == data.TOY_TEST_SIZE and len(train) == 3000
-    assert [s for s in data.ToyTask("test").specs] == test.specs  # same questions every time
-    assert train.specs[:50] == data.ToyTask("train", n=50).specs
-    question = lambda spec: repr(spec[1:4])  # tier, scene and format: what makes two questions the same
-    assert not {question(s) for s in test.specs} & {question(s) for s in train.specs}
-    # the same image pixels are drawn every time
-    assert list(test[3].images[0].tobytes()) == list(data.ToyTask("test")[3].images[0].tobytes())
-
-
-def test_toy_answers_follow_from_the_picture():
-    test = data.ToyTask("test")
-    for i in range(len(test)):
-        rec = test[i]
-        _, space = data.TIERS[rec.category]
-        assert bool(rec.choices) == (rec.category == "choice")  # multiple choice is a tier of its own
-        if rec.choices:
-            assert len(rec.choices) == 4 and rec.answer in data.LETTERS[:4]
-            assert set(rec.choices) <= set(space) and len(set(rec.choices)) == len(rec.choices)
-        else:
-            assert rec.answer in space
-    assert {t: sum(test[i].category == t for i in range(len(test))) for t in data.TIERS} == {t: 60 for t in data.TIERS}
-    # colour and choice tiers: the answer is the colour of most non-white pixels
-    for i in range(len(test)):
-        rec = test[i]
-        if rec.category in ("colour", "choice"):
-            colour = rec.choices[data.LETTERS.index(rec.answer)] if rec.choices else rec.answer
-            assert _top_colour(rec.images[0]) == data.COLOURS[colour]
-
-
-def _top_colour(img) -> tuple:
-    """The RGB of most non-white pixels."""
-    raw = img.tobytes()
-    pixels = [tuple(raw[k:k + 3]) for k in range(0, len(raw), 3) if raw[k:k + 3] != b"\xff\xff\xff"]
-    return max(set(pixels), key=pixels.count)
-
-
-def test_unseen_tier_asks_for_a_colour_no_other_tier_answers():
-    """The 'unseen' tier (pass rate 0 by construction): its answer is the shape's colour, read
-    back from the pixels, and is never an answer of a tier the model learns to name; it stays out
-    of the test split; trained beside 'colour', it is every second question."""
-    train = data.ToyTask("train", ("colour", "unseen"), n=200)
-    named = {a for _, space in data.TIERS.values() for a in space}
-    assert [train[i].category for i in range(6)] == ["colour", "unseen"] * 3
-    for i in range(len(train)):
-        rec = train[i]
-        top = _top_colour(rec.images[0])
-        if rec.category == "unseen":
-            assert rec.answer not in named and top == data.UNSEEN_COLOURS[rec.answer]
-            assert rec.question == data.TIERS["colour"][0]  # the same question as the learnable tier
-        else:
-            assert top == data.COLOURS[rec.answer]
-    assert {train[i].answer for i in range(1, 200, 2)} == set(data.UNSEEN_COLOURS)
-    mix = data.ToyTask("train", ("colour", "unseen", "unseen"), n=300)  # a tier named twice comes twice as often
-    assert [mix[i].category for i in range(300)] == ["colour", "unseen", "unseen"] * 100
-    assert "unseen" not in {r.category for r in data.ToyTask("test")}
-    with pytest.raises(ValueError, match="unknown toy tier 'mauve'.*'unseen'"):
-        data.ToyTask("train", ("mauve",))
-
-
-def test_toy_chance_groups_often_have_equal_rewards():
-    """At chance (1/6 on colours), a group of 8 is all-wrong with probability (5/6)^8 ~ 0.23."""
-    p_all_wrong = (1 - 1 / len(data.TIERS["colour"][1])) ** 8
-    assert 0.2 < p_all_wrong < 0.3
 
 
 # ---------------------------------------------------------------------------------------------

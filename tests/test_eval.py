@@ -16,6 +16,7 @@ import eval as ev
 import models
 import procs
 import reward
+import toy
 import vlr
 from test_benchmarks import MATHVISTA, image, mmmu_rows, write_parquet
 
@@ -89,7 +90,7 @@ def test_summary_against_hand_counted_values():
 def test_evaluate_grades_every_record_in_order(tiny_model, tmp_path):
     model, processor = tiny_model
     standard, vision = mmmu_rows()
-    recs = data.ToyTask("test")
+    recs = toy.ToyTask("test")
     recs = ([recs[i] for i in range(6)] + benchmarks.load_bench("mmmu-pro", write_parquet(tmp_path / "s.parquet", standard))
             + benchmarks.load_bench("mmmu-pro", write_parquet(tmp_path / "v.parquet", vision)))
     rows = ev.evaluate(model, processor, recs, max_new_tokens=24, batch_size=4)

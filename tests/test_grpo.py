@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import data
 import grpo
 import models
 import rollout
+import toy
 import vlr
 
 
@@ -130,7 +130,7 @@ def sample(model, processor, recs, g, seed):
 
 def test_policy_update_skips_a_non_finite_step_and_takes_a_finite_one(tiny_model):
     model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
-    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    recs = [toy.ToyTask("train", ["colour"])[i] for i in range(2)]
     rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
     cfg = vlr.Config(micro_batch=3)  # two micro-batches: accumulation is exercised too
     run = run_of(model, processor, cfg, torch.optim.AdamW(model.parameters(), lr=1e-2))
@@ -150,7 +150,7 @@ def test_clip_frac_is_the_share_of_the_step_s_tokens_that_the_clip_switched_off(
     policy's (rho = e > 1.2, a positive advantage: each of its tokens clipped), the others are on
     policy. The share is its tokens over all (a mean of the micro-batches' shares would be 0.5)."""
     model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
-    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    recs = [toy.ToyTask("train", ["colour"])[i] for i in range(2)]
     rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
     rows[3].logp = rows[3].logp - 1.0
     run = run_of(model, processor, vlr.Config(micro_batch=3), torch.optim.SGD(model.parameters(), lr=0.0))
@@ -166,7 +166,7 @@ def test_shared_vision_gives_the_per_row_gradients_with_replayed_rows(tiny_model
     step's rows and replayed ones in two micro-batches (a group split over both)."""
     model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
     model.model.visual.requires_grad_(not freeze_vision)
-    task = data.ToyTask("train", ["colour"])
+    task = toy.ToyTask("train", ["colour"])
     earlier = sample(model, processor, [task[0], task[1]], 2, 0)
     now = sample(model, processor, [task[1], task[2]], 2, 1)
     rows = rollout.split_rows(now, step=1) + [rollout.split_rows(earlier, step=0)[i] for i in (0, 3)]
@@ -191,7 +191,7 @@ def test_kl_term_uses_the_reference_and_pulls_the_policy_towards_it(tiny_model):
     with torch.no_grad():  # a reference that differs from the policy
         for p in ref.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    recs = [toy.ToyTask("train", ["colour"])[i] for i in range(2)]
     rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
     cfg = vlr.Config(micro_batch=3, kl_coef=1.0)
     banned = rollout.special_ids(processor.tokenizer, rollout.VISION_TOKENS)
@@ -220,7 +220,7 @@ def test_minibatches_the_first_is_on_policy_the_later_ones_are_clipped(tiny_mode
     """--minibatches 2: two optimizer steps; the ratio is 1 on every token of the first part and
     off 1 on the second, which meets the policy the first step moved."""
     model, processor = copy.deepcopy(tiny_model[0]), tiny_model[1]
-    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    recs = [toy.ToyTask("train", ["colour"])[i] for i in range(2)]
     rows = rollout.split_rows(sample(model, processor, recs, 4, 0))
     ratios, real_loss = [], grpo.grpo_loss
 
@@ -272,7 +272,7 @@ def test_two_processes_take_the_step_one_process_takes_on_their_rows_together(ti
     process with all 4. Each process's own token mean would weigh the second's row 3 times as much,
     and the SFT term half as much."""
     model, processor = tiny_model
-    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    recs = [toy.ToyTask("train", ["colour"])[i] for i in range(2)]
     rows = rollout.split_rows(sample(model, processor, recs, 2, 0))
     rows[0].reflects = rows[1].reflects = True
     adv = torch.tensor([1.0, 0.5, -1.0, 0.5])  # rows 0 and 1: positive advantage and a reflection, the SFT rows

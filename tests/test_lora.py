@@ -17,7 +17,6 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import benchmarks
 import checkpoint
-import data
 import eval as evaluation
 import grpo
 import lora
@@ -26,6 +25,7 @@ import procs
 import rollout
 import test_refusals
 import test_vlr
+import toy
 import vlr
 from distributed import UserError
 
@@ -73,7 +73,7 @@ def test_only_the_adapters_train_and_every_path_reaches_the_qwen_modules(trained
 
 def test_the_reference_is_the_base_with_the_adapters_off(trained, one_thread):
     run, _, base = trained
-    recs = [data.ToyTask("train", ["colour"])[i] for i in range(2)]
+    recs = [toy.ToyTask("train", ["colour"])[i] for i in range(2)]
     ro = rollout.sample(run.model, run.processor, recs, 2, rollout.Decoding(12), torch.Generator().manual_seed(0))
     mb = rollout.collate(rollout.split_rows(ro), run.processor.tokenizer.pad_token_id)
     learner = vlr.learner(run)

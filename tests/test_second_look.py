@@ -14,6 +14,7 @@ import lab
 import models
 import rethink
 import tiny
+import toy
 
 
 def _colour_of(img) -> str:
@@ -21,20 +22,20 @@ def _colour_of(img) -> str:
     raw = img.tobytes()
     pixels = [tuple(raw[k:k + 3]) for k in range(0, len(raw), 3) if raw[k:k + 3] != b"\xff\xff\xff"]
     rgb = max(set(pixels), key=pixels.count)
-    return next(name for name, c in data.COLOURS.items() if c == rgb)
+    return next(name for name, c in toy.COLOURS.items() if c == rgb)
 
 
 def test_code_tiers_answer_the_code_of_the_colour_and_leave_the_default_split_alone():
-    default = data.ToyTask("test")
-    test = data.ToyTask("test", data.test_tiers(["code", "colour"]))
-    assert data.test_tiers(["colour", "unseen"]) == list(data.TIERS)  # the default run's eval is unchanged
+    default = toy.ToyTask("test")
+    test = toy.ToyTask("test", toy.test_tiers(["code", "colour"]))
+    assert toy.test_tiers(["colour", "unseen"]) == list(toy.TIERS)  # the default run's eval is unchanged
     assert test.specs[:len(default)] == default.specs and len(test) == len(default) + 120
     looks = [test[i] for i in range(len(default), len(test))]
     assert [r.category for r in looks] == ["code", "code2"] * 60
     for rec in looks:
-        listed = re.fullmatch(r"Code: (.*)\. " + re.escape(data.SECOND_LOOK[rec.category][0]), rec.question)[1]
+        listed = re.fullmatch(r"Code: (.*)\. " + re.escape(toy.SECOND_LOOK[rec.category][0]), rec.question)[1]
         code = dict(pair.split(" > ") for pair in listed.split(", "))
-        assert sorted(code) == sorted(code.values()) == sorted(data.COLOURS)
+        assert sorted(code) == sorted(code.values()) == sorted(toy.COLOURS)
         ring, c = [], "red"
         while c not in ring:  # one cycle through all six colours: no colour is its own code or code of code
             ring.append(c)
@@ -45,8 +46,8 @@ def test_code_tiers_answer_the_code_of_the_colour_and_leave_the_default_split_al
         assert rec.answer == want and rec.meta["short"] == (colour if rec.category == "code" else code[colour])
     orders = {tuple(r.question.split(": ")[1].split(", ")[0].split(" > ")) for r in looks}
     assert len(orders) > 20  # the code and the order it is listed in change from question to question
-    train = data.ToyTask("train", ("code", "code2"), n=300)
-    assert not {data._key(s) for s in train.specs} & {data._key(s) for s in test.specs}
+    train = toy.ToyTask("train", ("code", "code2"), n=300)
+    assert not {toy._key(s) for s in train.specs} & {toy._key(s) for s in test.specs}
     assert {train[i].category for i in range(4)} == {"code", "code2"}
 
 
@@ -54,14 +55,14 @@ def test_the_warm_start_primes_the_form_with_random_answers():
     """The variant's warm-start responses to the second-look tiers: rethinking-shaped ones restate
     their first answer after the trigger (not trained) and go on "X > Y", and neither the first nor
     the final answer carries the gold: each is right about 1 time in 6, as a random colour is."""
-    task = data.ToyTask("train", ("code", "code2"), n=3000)
+    task = toy.ToyTask("train", ("code", "code2"), n=3000)
     rng, shaped, first_right, final_right, reads = random.Random(1), 0, 0, 0, 0
     for i in range(len(task)):
         rec = task[i]
         parts = tiny.second_look_response(rec, rng)
         texts = [t for t, _ in parts]
         answers = re.findall(r"\\boxed\{(\w+)\}", "".join(texts))
-        assert set(answers) <= set(data.COLOURS)
+        assert set(answers) <= set(toy.COLOURS)
         first_right += answers[0] == rec.answer
         final_right += answers[-1] == rec.answer
         if len(parts) > 1:

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import CheckpointException
 
 import checkpoint
-import data
 import procs
 import shard
 import test_refusals
 import test_vlr
+import toy
 import vlr
 from distributed import UserError
 
@@ -80,7 +80,7 @@ def test_two_processes_show_the_first_questions_of_the_test_split_as_one_process
     """The last eval's samples: the split's first --log-samples questions (4, the default), in order,
     though each process evaluates every other one: rank 0 holds questions 0 and 2, rank 1 holds 1 and 3."""
     tiers = vlr.parse_args([*test_vlr.SMALL, *STEPS]).toy_tiers.split(",")
-    split = data.ToyTask("test", data.test_tiers(tiers))
+    split = toy.ToyTask("test", toy.test_tiers(tiers))
     first = [(split[i].id, split[i].answer) for i in range(4)]
     for name in ("ddp", "shard"):
         shown = [json.loads(line) for line in (runs / name / "samples.jsonl").read_text().splitlines()]

@@ -18,6 +18,7 @@ import models
 import rollout
 import smoke
 import tiny
+import toy
 
 NAME = "smoke-3b-1l"
 
@@ -54,7 +55,7 @@ def test_it_is_a_plain_model_folder_with_the_hub_processor(smoke_model):
     # here every token of every response it could draw (a reason, an answer of the first four
     # tiers, the end of turn)
     tok = processor.tokenizer
-    could = {t for reason in tiny.REASONS for tier in list(data.TIERS)[:4] for answer in data.TIERS[tier][1]
+    could = {t for reason in tiny.REASONS for tier in list(toy.TIERS)[:4] for answer in toy.TIERS[tier][1]
              for t in tok.encode(f"{reason} The answer is \\boxed{{{answer}}}.", add_special_tokens=False)}
     assert info["warm_targets"] == len(could | {tok.convert_tokens_to_ids("<|im_end|>")}) == 37
     assert info["warm_trained_params"] == info["warm_targets"] * 11008 + 2048  # U (|T| x 11008) and the norm
@@ -163,7 +164,7 @@ def test_bpe_merges_follow_the_encoders_merge_order():
 
 def test_sampled_responses_stop_and_never_hold_vision_tokens(small_budget):
     model, processor = small_budget
-    test = data.ToyTask("test")
+    test = toy.ToyTask("test")
     recs = [test[0], test[4]]  # a colour question, and a multiple-choice one
     out = rollout.sample(model, processor, recs, 8, rollout.Decoding(24), torch.Generator().manual_seed(0))
     assert out.response_ids.shape[0] == 16

@@ -13,6 +13,7 @@ import procs
 import reward
 import rollout
 import tiny
+import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,13 +76,13 @@ def test_warm_base_follows_the_format_at_chance_accuracy(tiny_model):
     the question's answer space, right about as often as a uniform guess (the warm start never
     saw a true answer)."""
     model, processor = tiny_model
-    test = data.ToyTask("test")
+    test = toy.ToyTask("test")
     recs = [test[i] for i in range(len(test))]
     ro = rollout.sample(model, processor, recs, 2, rollout.Decoding(48), torch.Generator().manual_seed(0))
     n = len(ro.texts)
     boxed = sum(reward.has_boxed(t) for t in ro.texts) / n
     acc = sum(reward.accuracy(t, recs[i // 2].answer, recs[i // 2].choices) for i, t in enumerate(ro.texts)) / n
-    chance = sum(1 / (len(r.choices) if r.choices else len(data.TIERS[r.category][1])) for r in recs) / len(recs)
+    chance = sum(1 / (len(r.choices) if r.choices else len(toy.TIERS[r.category][1])) for r in recs) / len(recs)
     assert boxed >= 0.9
     assert abs(acc - chance) < 0.08, (acc, chance)  # 600 samples: a binomial std of about 0.017
     assert ro.truncated.float().mean() < 0.05  # the base stops after its answer
@@ -91,8 +92,8 @@ def test_warm_base_never_names_an_unseen_colour(tiny_model):
     """The 'unseen' tier's pass rate is 0 for the base: sampled answers to its questions name one
     of the six colours, never the shape's own (orange, pink or brown)."""
     model, processor = tiny_model
-    task = data.ToyTask("train", ("unseen",), n=64)
+    task = toy.ToyTask("train", ("unseen",), n=64)
     recs = [task[i] for i in range(len(task))]
     ro = rollout.sample(model, processor, recs, 8, rollout.Decoding(48), torch.Generator().manual_seed(0))
     assert sum(reward.has_boxed(t) for t in ro.texts) >= 0.9 * len(ro.texts)  # answers were given
-    assert not [t for t in ro.texts if any(c in t.lower() for c in data.UNSEEN_COLOURS)]
+    assert not [t for t in ro.texts if any(c in t.lower() for c in toy.UNSEEN_COLOURS)]
