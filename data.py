@@ -261,17 +261,22 @@ def bad_image(base: Path, p: str) -> str | None:
 
 
 MAX_ASPECT = 200  # Qwen2.5-VL's processor (smart_resize) refuses an image whose long side is over 200x its short
+# PIL's decompression-bomb limit (89.5M pixels): over it Image.open warns, over twice it refuses. One between the
+# two would be decoded whole every time it is drawn (docs/data.md), to be resized to 1280 * 28^2 pixels at most.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 def image_fault(im: Image.Image, raw: bytes) -> str | None:
     """Why an image that PIL opened, from the bytes `raw`, still cannot go to the model, or None:
-    its shape, or a JPEG cut short. PIL's verify() reads a PNG whole but checks nothing of a JPEG,
+    its shape or size, or a JPEG cut short. PIL's verify() reads a PNG whole but checks nothing of a JPEG,
     whose pixels would fail only at the rollout that draws it. A JPEG's scan data cannot hold the
     end marker FF D9 (every FF byte in it is followed by 00 or a restart marker, ITU T.81 B.1.1.5),
     so one that ends after its last scan's start (FF DA) was written whole."""
     w, h = im.size
     if max(w, h) > MAX_ASPECT * min(w, h):
         return f"is {w}x{h}: the processor takes an aspect ratio of at most {MAX_ASPECT}:1"
+    if w * h > MAX_IMAGE_PIXELS:
+        return f"is {w}x{h}, {w * h:,} pixels: over PIL's decompression-bomb limit of {MAX_IMAGE_PIXELS:,}"
     if im.format == "JPEG" and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):
         return "is a JPEG cut short (no end marker after its last scan)"
     return None
@@ -371,7 +376,17 @@ def load_jsonl(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
 # parquet: ViRL39K's 39Krelease.parquet. The question marks each image's place with `<image>`;
 # the answer is already wrapped (`\boxed{...}`) and kept so, since the grader unwraps golds.
 
-PARQUET_COLUMNS = ("qid", "question", "answer", "image")  # required; every other column goes to meta
+PARQUET_COLUMNS = ("qid", "question", "answer", "image")  # required; `category` and other scalar columns optional
+
+
+def _scalar(kind) -> bool:
+    """Whether a parquet column of this type holds a number, a flag or a string in each row: such a
+    column beyond PARQUET_COLUMNS (ViRL39K's source, pass rates) is kept in each Record's meta. Lists,
+    structs and bytes are not read: a few hundred KB of them can expand to gigabytes of Python objects."""
+    import pyarrow as pa
+
+    return any(is_kind(kind) for is_kind in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
+                                             pa.types.is_string, pa.types.is_large_string))
 
 
 def _check_row(row: dict, base: Path):
@@ -396,7 +411,8 @@ def _check_row(row: dict, base: Path):
 def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
     """Read and validate every row of a ViRL39K parquet (image paths are relative to the file);
     bad rows are reported as `file:row N: reason` (N from 1), or dropped and counted with skip_bad.
-    A missing column, or an image column that is not lists of paths, is said before any row is read."""
+    A missing column, or an image column that is not lists of paths, is said before any row is read;
+    only the columns a Record keeps are read (`_scalar`)."""
     import pyarrow.parquet as pq  # here, not at the top: most runs never read a parquet
 
     path = Path(path)
@@ -407,7 +423,8 @@ def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
         missing = [c for c in PARQUET_COLUMNS if c not in schema.names]
         kind = None if missing else schema.field("image").type
         paths = kind is not None and _lists_paths(kind)
-        rows = pq.read_table(path).to_pylist() if paths else []
+        columns = [f.name for f in schema if f.name in PARQUET_COLUMNS + ("category",) or _scalar(f.type)]
+        rows = pq.read_table(path, columns=columns).to_pylist() if paths else []
     except Exception as e:  # pyarrow's errors for a truncated or non-parquet file vary
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if missing:

@@ -73,6 +73,19 @@ def test_every_bad_line_is_reported_with_file_and_line(tmp_path):
         assert line.startswith(f"{path}:{lineno}: ") and reason in line, line
 
 
+def test_an_image_over_pils_bomb_limit_is_a_bad_line(tmp_path, monkeypatch):
+    """Between PIL's warning (89.5M pixels) and its error (twice that) an image opens; it is
+    refused at load. The limit is PIL's own; the test lowers it so as not to write 90M pixels."""
+    assert data.MAX_IMAGE_PIXELS == 1024 ** 3 // 4 // 3  # PIL's: a 1 GiB RGBA picture, a third of it
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
+    path = write_jsonl(tmp_path, [GOOD])  # ok.png is 40x30: one pixel over
+    said = f"{path}:1: field 'image': image ok.png is 40x30, 1,200 pixels: over PIL's decompression-bomb limit of 1,199"
+    with pytest.raises(data.DataError, match=re.escape(said)):
+        data.load_jsonl(path)
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 40 * 30)
+    assert data.load_jsonl(path)[0][0].id == "g1"
+
+
 def test_numbers_are_read_as_text_and_bytes_that_are_not_utf8_are_a_bad_line(tmp_path):
     path = write_jsonl(tmp_path, [dict(GOOD, id=7, answer=2.5), dict(GOOD, id="g2", answer="B", choices=[1, "two"])])
     (one, two), _ = data.load_jsonl(path)
@@ -203,6 +216,24 @@ def test_parquet_records_keep_placeholders_images_and_meta(tmp_path):
     assert two.meta == {"source": "Processed-geo", "PassRate_32BTrained": 0.25, "PassRate_7BBase": 0.0625}
     assert [c.get("image") or c["text"] for c in data.messages(two)[0]["content"]] == [
         "In ", two.images[0], " the angle is x. In ", two.images[1], f" it is y. Find x+y.\n\n{data.INSTRUCTION}"]
+
+
+def test_parquet_columns_of_lists_structs_and_bytes_are_not_read(tmp_path, monkeypatch):
+    """Extra columns reach Record.meta when they hold a number, a flag or a string; a list, struct
+    or bytes column is left in the file, not read and dropped (a 347 KB file of lists took 1.5 GB)."""
+    path = write_parquet(tmp_path, [virl_row("one", ["images/wide.jpg"])])
+    table = pq.read_table(path)
+    for name, value, kind in [("level", 3, pa.int32()), ("hard", True, pa.bool_()), ("scores", [1] * 1000, None),
+                              ("thumb", b"\x89PNG", pa.binary()), ("info", {"k": 1}, None)]:
+        table = table.append_column(name, pa.array([value], kind))
+    pq.write_table(table, path)
+    read, read_table = [], pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: read.append(k.get("columns")) or read_table(*a, **k))
+    [one], _ = data.load_records(str(path))
+    assert one.meta == {"source": "Processed-geo", "PassRate_32BTrained": 0.25, "PassRate_7BBase": 0.0625, "level": 3,
+                        "hard": True}
+    assert read == [["qid", "question", "answer", "image", "category", "source", "PassRate_32BTrained",
+                     "PassRate_7BBase", "level", "hard"]]
 
 
 def test_encoded_prompt_has_each_image_where_its_placeholder_was(tmp_path):
