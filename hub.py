@@ -13,6 +13,7 @@ the others find the files cached and each archive's done-marker written, and use
 """
 import re
 import shlex
+import shutil
 import stat
 import zipfile
 import zlib
@@ -224,7 +225,7 @@ def unpack(archive: Path, into: Path):
     """Unpack a zip archive into `into` once: a done-marker beside it says so, and an unpacking cut
     short (no marker) is done again from the start. Every member is checked before any is written:
     none may land outside `into` (an absolute path, a `..`, a link, or a path through a link, such
-    as the hub's own files, which are links into its blob store)."""
+    as the hub's own files, which are links into its blob store), and together they must fit the disk."""
     marker = unpacked(archive, into)
     if is_unpacked(archive, into):
         return
@@ -238,6 +239,12 @@ def unpack(archive: Path, into: Path):
                         or not (into / name).resolve().is_relative_to(root)):
                     raise UserError(f"{archive}: member {m.filename!r} would land outside {into} (an absolute path, "
                                     "'..', a link, or a path through one); nothing unpacked")
+            # zipfile writes no more of a member than its declared size (ZipExtFile._read1 cuts at it), so
+            # their sum bounds the unpacking: an archive that would fill the disk is said before it does
+            need, free = sum(m.file_size for m in members), shutil.disk_usage(into).free
+            if need > free:
+                raise UserError(f"{archive}: unpacked, its {len(members)} members take {need:,} bytes and {into} "
+                                f"has {free:,} bytes free; nothing unpacked")
             print(f"unpacking {archive.name} ({len(members)} members) into {into}", flush=True)
             for m in members:
                 z.extract(m, into)

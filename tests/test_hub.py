@@ -12,6 +12,7 @@ import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -173,6 +174,38 @@ def test_a_damaged_archive_is_a_sentence_and_leaves_no_marker(tmp_path):
     with pytest.raises(UserError, match=r"images.zip: not a readable zip archive \(NotImplementedError: "):
         hub.unpack(archive, folder)
     assert not hub.unpacked(archive, folder).exists()
+
+
+def test_an_archive_that_would_not_fit_the_disk_is_refused_before_any_member_is_written(tmp_path, monkeypatch):
+    """The members' declared sizes bound what zipfile writes (a member that says 1,000 bytes and holds
+    a million writes at most 1,000, and its CRC fails): their sum against the disk's free space is
+    said before any is unpacked."""
+    folder = tmp_path / "release"
+    folder.mkdir()
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("images/a.txt", b"\0" * 1_000_000)
+        z.writestr("images/b.txt", b"\0" * 2_000_000)
+    free = lambda n: lambda path: SimpleNamespace(free=n)
+    monkeypatch.setattr(hub.shutil, "disk_usage", free(2_999_999))
+    with pytest.raises(UserError, match=re.escape(f"{archive}: unpacked, its 2 members take 3,000,000 bytes and "
+                                                  f"{folder} has 2,999,999 bytes free; nothing unpacked")):
+        hub.unpack(archive, folder)
+    assert list(folder.iterdir()) == []
+    monkeypatch.setattr(hub.shutil, "disk_usage", free(3_000_000))
+    hub.unpack(archive, folder)
+    assert (folder / "images" / "b.txt").stat().st_size == 2_000_000 and hub.unpacked(archive, folder).exists()
+
+    raw = bytearray(archive.read_bytes())  # a.txt says 1,000 bytes, in its local header and the central directory
+    raw[22:26] = (1000).to_bytes(4, "little")
+    cd = raw.find(b"PK\x01\x02")
+    raw[cd + 24:cd + 28] = (1000).to_bytes(4, "little")
+    archive.write_bytes(bytes(raw))
+    lying = tmp_path / "lying"
+    lying.mkdir()
+    with pytest.raises(UserError, match="not a readable zip archive"):  # its CRC, over the 1,000 bytes
+        hub.unpack(archive, lying)
+    assert (lying / "images" / "a.txt").stat().st_size <= 1000  # none of it (the CRC fails on the read)
 
 
 def test_an_archive_member_onto_a_file_of_the_hub_is_refused(cache, virl):
