@@ -196,12 +196,24 @@ def _check_images(paths: list, base: Path):
     return images
 
 
+# A question's length, checked without a tokenizer: a byte-level BPE token (Qwen2.5's) is at least one byte
+# of UTF-8, so a text of n bytes is at most n tokens, and English runs ~4 bytes a token. The published code
+# cuts every prompt at 10,240 tokens (data_processor.py, Qwen2VLDataProcessor.__call__); ours refuses a
+# question that could be longer than 4 times that: for the 3B, up to 1.5 GB of KV cache (36.9 KB a token)
+# in each of its G samples, where docs/memory.md sizes a whole prompt, picture included, at ~1,400 tokens.
+MAX_QUESTION_BYTES = 4 * 10_240
+
+
 def unfit_question(question: str, images: int, choices=None) -> str | None:
     """Why a question and its options cannot go to the model as written, or None: its `<image>`
-    marks cannot place its images, or it writes a control token. Every reader asks it (jsonl,
-    parquet, benchmarks.load_bench), so that it is said before a model loads."""
+    marks cannot place its images, it writes a control token, or it is over MAX_QUESTION_BYTES.
+    Every reader asks it (jsonl, parquet, benchmarks.load_bench), so that it is said before a model loads."""
     if not is_text(question):
         return "field 'question' holds a lone surrogate (a \\ud800-\\udfff escape), which is not text"
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in [question, *(choices or [])])
+    if size > MAX_QUESTION_BYTES:
+        return (f"field 'question' and its options are {size:,} bytes of text, over the {MAX_QUESTION_BYTES:,} taken "
+                f"(up to as many tokens)")
     return misplaced(question, images) or control_token(question, choices)
 
 

