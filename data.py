@@ -397,8 +397,10 @@ def _scalar(kind) -> bool:
     structs and bytes are not read: a few hundred KB of them can expand to gigabytes of Python objects."""
     import pyarrow as pa
 
+    if pa.types.is_dictionary(kind):  # a categorical column (pandas writes one so): its values are what is read
+        kind = kind.value_type
     return any(is_kind(kind) for is_kind in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
-                                             pa.types.is_string, pa.types.is_large_string))
+                                             pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view))
 
 
 def _check_row(row: dict, base: Path):

@@ -239,17 +239,19 @@ def test_parquet_columns_of_lists_structs_and_bytes_are_not_read(tmp_path, monke
     or bytes column is left in the file, not read and dropped (a 347 KB file of lists took 1.5 GB)."""
     path = write_parquet(tmp_path, [virl_row("one", ["images/wide.jpg"])])
     table = pq.read_table(path)
-    for name, value, kind in [("level", 3, pa.int32()), ("hard", True, pa.bool_()), ("scores", [1] * 1000, None),
+    for name, value, kind in [("level", 3, pa.int32()), ("hard", True, pa.bool_()), ("subject", "geometry", None),
+                              ("scores", [1] * 1000, None),
                               ("thumb", b"\x89PNG", pa.binary()), ("info", {"k": 1}, None)]:
-        table = table.append_column(name, pa.array([value], kind))
+        column = pa.array([value], kind)
+        table = table.append_column(name, column.dictionary_encode() if name == "subject" else column)
     pq.write_table(table, path)
     read, read_table = [], pq.read_table
     monkeypatch.setattr(pq, "read_table", lambda *a, **k: read.append(k.get("columns")) or read_table(*a, **k))
     [one], _ = data.load_records(str(path))
     assert one.meta == {"source": "Processed-geo", "PassRate_32BTrained": 0.25, "PassRate_7BBase": 0.0625, "level": 3,
-                        "hard": True}
+                        "hard": True, "subject": "geometry"}
     assert read == [["qid", "question", "answer", "image", "category", "source", "PassRate_32BTrained",
-                     "PassRate_7BBase", "level", "hard"]]
+                     "PassRate_7BBase", "level", "hard", "subject"]]
 
 
 def test_encoded_prompt_has_each_image_where_its_placeholder_was(tmp_path):
