@@ -73,15 +73,16 @@ def tiktoken_file() -> Path:
 
 def fingerprint() -> str:
     """Changes whenever what determines the smoke model changes (this file, the hub config, the BPE
-    ranks, what it takes from tiny.py): then the cached model is rebuilt. Not toy.py or data.py: the toy
-    prompts only shape the warm start, and a rebuild of ~1 GB on every edit there would cost more
-    than it tells."""
+    ranks, what it takes from tiny.py, the tiers and instruction its warm start answers): then the
+    cached model is rebuilt. Not toy.py or data.py whole: the toy prompts only shape the warm start,
+    and a rebuild of ~1 GB on every edit there would cost more than it tells."""
     h = hashlib.sha256()
     h.update((HERE / "smoke.py").read_bytes())
     h.update(HUB_CONFIG_FILE.read_bytes())
     h.update(tiktoken_file().read_bytes())
     h.update(str(compute_dtype()).encode())
     h.update(repr((tiny.CHAT_TEMPLATE, tiny.SPECIAL_TOKENS, tiny.REASONS, tiny.MIN_PIXELS, tiny.MAX_PIXELS)).encode())
+    h.update(repr((toy.TIERS, data.INSTRUCTION)).encode())  # the answers it learns to box (warm_targets)
     return h.hexdigest()[:16]
 
 

@@ -197,3 +197,17 @@ def test_resolve_builds_once_when_several_processes_ask(tmp_path, monkeypatch):
     assert calls == ["smoke-3b-2l"] and got == [str(tmp_path / "smoke-3b-2l")] * 2
     with pytest.raises(ValueError):
         smoke.resolve("smoke-3b-7l")
+
+
+def test_a_change_to_the_tiers_it_answers_rebuilds_it(monkeypatch):
+    """The warm start teaches the toy tiers' answers (warm_targets counts their tokens): a cached
+    model built for other tiers or another instruction is stale, while an edit elsewhere is not."""
+    before = smoke.fingerprint()
+    monkeypatch.setattr(toy, "TIERS", {**toy.TIERS, "colour": ("What colour is it?", list(toy.COLOURS))})
+    assert smoke.fingerprint() != before
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "INSTRUCTION", data.INSTRUCTION + " ")
+    assert smoke.fingerprint() != before
+    monkeypatch.undo()
+    monkeypatch.setattr(toy, "TOY_TEST_SIZE", 301)
+    assert smoke.fingerprint() == before
