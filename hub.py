@@ -221,6 +221,11 @@ def is_unpacked(archive: Path, into: Path) -> bool:
         return False
 
 
+def _size(path: Path) -> int:
+    """The size of the file at `path`, 0 if there is none."""
+    return path.stat().st_size if path.is_file() else 0
+
+
 def unpack(archive: Path, into: Path):
     """Unpack a zip archive into `into` once: a done-marker beside it says so, and an unpacking cut
     short (no marker) is done again from the start. Every member is checked before any is written:
@@ -239,12 +244,14 @@ def unpack(archive: Path, into: Path):
                         or not (into / name).resolve().is_relative_to(root)):
                     raise UserError(f"{archive}: member {m.filename!r} would land outside {into} (an absolute path, "
                                     "'..', a link, or a path through one); nothing unpacked")
-            # zipfile writes no more of a member than its declared size (ZipExtFile._read1 cuts at it), so
-            # their sum bounds the unpacking: an archive that would fill the disk is said before it does
-            need, free = sum(m.file_size for m in members), shutil.disk_usage(into).free
-            if need > free:
-                raise UserError(f"{archive}: unpacked, its {len(members)} members take {need:,} bytes and {into} "
-                                f"has {free:,} bytes free; nothing unpacked")
+            # zipfile writes no more of a member than its declared size (ZipExtFile._read1 cuts at it): an archive
+            # whose sizes cannot fit is said before anything is written. A file left by an unpacking cut short is
+            # written over, so its bytes count as free; the disk's blocks, or another writer, can still fill it
+            # (the OSError below)
+            need = sum(max(0, m.file_size - _size(into / m.filename)) for m in members)
+            if need > (free := shutil.disk_usage(into).free):
+                raise UserError(f"{archive}: unpacked, its {len(members)} members take {need:,} more bytes and "
+                                f"{into} has {free:,} bytes free; nothing unpacked")
             print(f"unpacking {archive.name} ({len(members)} members) into {into}", flush=True)
             for m in members:
                 z.extract(m, into)

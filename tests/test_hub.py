@@ -188,11 +188,16 @@ def test_an_archive_that_would_not_fit_the_disk_is_refused_before_any_member_is_
         z.writestr("images/b.txt", b"\0" * 2_000_000)
     free = lambda n: lambda path: SimpleNamespace(free=n)
     monkeypatch.setattr(hub.shutil, "disk_usage", free(2_999_999))
-    with pytest.raises(UserError, match=re.escape(f"{archive}: unpacked, its 2 members take 3,000,000 bytes and "
-                                                  f"{folder} has 2,999,999 bytes free; nothing unpacked")):
+    with pytest.raises(UserError, match=re.escape(f"{archive}: unpacked, its 2 members take 3,000,000 more bytes "
+                                                  f"and {folder} has 2,999,999 bytes free; nothing unpacked")):
         hub.unpack(archive, folder)
     assert list(folder.iterdir()) == []
-    monkeypatch.setattr(hub.shutil, "disk_usage", free(3_000_000))
+    with zipfile.ZipFile(archive) as z:  # an unpacking cut short after a.txt: a.txt is written over, b.txt is new
+        z.extract("images/a.txt", folder)
+    monkeypatch.setattr(hub.shutil, "disk_usage", free(1_999_999))
+    with pytest.raises(UserError, match=re.escape("take 2,000,000 more bytes")):
+        hub.unpack(archive, folder)
+    monkeypatch.setattr(hub.shutil, "disk_usage", free(2_000_000))
     hub.unpack(archive, folder)
     assert (folder / "images" / "b.txt").stat().st_size == 2_000_000 and hub.unpacked(archive, folder).exists()
 
@@ -203,6 +208,7 @@ def test_an_archive_that_would_not_fit_the_disk_is_refused_before_any_member_is_
     archive.write_bytes(bytes(raw))
     lying = tmp_path / "lying"
     lying.mkdir()
+    monkeypatch.setattr(hub.shutil, "disk_usage", free(10**9))
     with pytest.raises(UserError, match="not a readable zip archive"):  # its CRC, over the 1,000 bytes
         hub.unpack(archive, lying)
     assert (lying / "images" / "a.txt").stat().st_size <= 1000  # none of it (the CRC fails on the read)
