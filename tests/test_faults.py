@@ -161,6 +161,12 @@ def test_two_nodes_preempted_by_sigusr1_save_and_continue_as_one_node(reference,
     out = tmp_path / "run"
     first = two_nodes([out, out], "SIGUSR1 step=2 rank=1")
     assert all(res.returncode == 0 for res in first), [res.stderr[-2000:] for res in first]
+    # the planned signal belongs to torchrun's first launch of the workers (faults.planned_fault): once (the suite
+    # at 71c472e, AVX-512 off) an agent restarted its worker, the signal was never sent and the run went on to its
+    # end, its cause unsaid. A restart is now said with the agents' own words
+    restarted = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("torchelastic/*/attempt_[1-9]*"))
+    assert not restarted, f"torchrun restarted workers ({restarted}):\n" + "\n".join(
+        procs.tail(res.stderr) for res in first)
     assert status(out)["state"] == "preempted" and step_of(out / "ckpt") == 3
     assert [m["step"] for m in test_vlr.metrics(out)] == [0, 1, 2]
     second = two_nodes([out, out])
